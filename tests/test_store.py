@@ -1,0 +1,263 @@
+"""The checkpoint store on real files: publish, ordering, crashes, validation, pins, gc."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import stat
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.support.crash import kill_publishes
+from tests.support.fake import write_lora
+from vllm_lora_hotswap.store import (
+    AdapterServing,
+    CheckpointStore,
+    InstanceRecord,
+    InvalidCheckpointError,
+    InvalidNameError,
+    NotFoundError,
+    UnsafePathError,
+)
+
+
+@pytest.fixture
+def lora(tmp_path: Path) -> Path:
+    return write_lora(tmp_path / "src")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> CheckpointStore:
+    return CheckpointStore(tmp_path / "store")
+
+
+def fixed_clock(*moments: datetime):
+    values = iter(moments)
+    return lambda: next(values)
+
+
+def test_publish_commits_a_complete_version(store: CheckpointStore, lora: Path) -> None:
+    version = store.publish("lora1", lora, {"reward": 0.85, "training_step": 100})
+    directory = store.version_dir("lora1", version)
+    assert sorted(os.listdir(directory)) == ["READY", "adapter_config.json", "adapter_model.safetensors", "metadata.json"]
+    ready = json.loads((directory / "READY").read_text())
+    assert set(ready["files"]) == {"adapter_config.json", "adapter_model.safetensors", "metadata.json"}
+    metadata = json.loads((directory / "metadata.json").read_text())
+    assert metadata["reward"] == 0.85 and metadata["version"] == version and metadata["adapter"] == "lora1"
+    assert metadata["lora"] == {"r": 8, "lora_alpha": 16.0, "target_modules": ["q_proj", "v_proj"], "base_model": "tiny-llama"}
+    assert metadata["source"] == str(lora.resolve()) and "created_at" in metadata
+    assert store.versions("lora1") == [version] and store.active_version("lora1") == version
+    assert (store.adapter_dir("lora1") / "LATEST").read_text() == version
+    info = store.validate("lora1", version)
+    assert info.config.r == 8 and info.metadata["reward"] == 0.85
+
+
+def test_same_second_publishes_get_ordered_distinct_names(tmp_path: Path, lora: Path) -> None:
+    second = datetime(2025, 8, 18, 10, 0, 0, tzinfo=UTC)
+    store = CheckpointStore(tmp_path / "store", clock=fixed_clock(second, second, second))
+    versions = [store.publish("lora1", lora) for _ in range(3)]
+    assert versions == ["2025-08-18T10-00-00Z", "2025-08-18T10-00-00Z-0001", "2025-08-18T10-00-00Z-0002"]
+    assert store.versions("lora1") == versions
+
+
+def test_clock_jumping_backwards_keeps_publication_order(tmp_path: Path, lora: Path) -> None:
+    now = datetime(2025, 8, 18, 10, 0, 0, tzinfo=UTC)
+    store = CheckpointStore(tmp_path / "store", clock=fixed_clock(now, now - timedelta(hours=1), now + timedelta(seconds=5)))
+    first, second, third = (store.publish("lora1", lora) for _ in range(3))
+    assert first < second < third
+    assert store.active_version("lora1") == third
+
+
+def _publish_many(root: str, src: str, count: int, queue: multiprocessing.Queue) -> None:
+    store = CheckpointStore(root)
+    queue.put([store.publish("lora1", src, {"pid": os.getpid()}) for _ in range(count)])
+
+
+def test_two_concurrent_publishers_of_one_adapter(store: CheckpointStore, lora: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_publish_many, args=(str(store.root), str(lora), 8, queue)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(30)
+    versions = store.versions("lora1")
+    assert sorted(results[0] + results[1]) == versions and len(set(versions)) == 16
+    for published in results:
+        assert published == sorted(published)
+    # Names sort in commit order: READY is written inside the commit's lock.
+    commit_order = sorted(versions, key=lambda v: (store.version_dir("lora1", v) / "READY").stat().st_mtime_ns)
+    assert commit_order == versions
+    for version in versions:
+        store.validate("lora1", version)
+
+
+def test_publisher_killed_mid_copy_leaves_no_ready_version(store: CheckpointStore, tmp_path: Path) -> None:
+    big = write_lora(tmp_path / "big", rank=16, hidden=4096, layers=16)  # ~30 MB: the copy takes a while
+    delays = kill_publishes(store, big, trials=10)
+    staging = store.adapter_dir("lora1") / ".staging"
+    assert any(staging.iterdir()), f"no kill landed during a copy: {delays} {os.listdir(store.adapter_dir('lora1'))}"
+    for version in store.versions("lora1"):
+        store.validate("lora1", version)  # every READY version is whole
+    report = store.gc(grace=0)
+    assert report.abandoned and not list(staging.iterdir())
+
+
+def test_checksum_mismatch_is_detected(store: CheckpointStore, lora: Path) -> None:
+    version = store.publish("lora1", lora)
+    weights = store.version_dir("lora1", version) / "adapter_model.safetensors"
+    os.chmod(weights, 0o644)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(InvalidCheckpointError, match="checksum mismatch"):
+        store.validate("lora1", version)
+    weights.write_bytes(bytes(data[:-10]))
+    with pytest.raises(InvalidCheckpointError, match="READY records"):
+        store.validate("lora1", version)
+
+
+def test_non_lora_config_is_refused_and_nothing_is_published(store: CheckpointStore, tmp_path: Path) -> None:
+    source = write_lora(tmp_path / "prefix", peft_type="PREFIX_TUNING")
+    with pytest.raises(InvalidCheckpointError, match="peft_type is 'PREFIX_TUNING'"):
+        store.publish("lora1", source)
+    assert store.versions("lora1") == []
+
+
+def test_bad_metadata_is_refused(store: CheckpointStore, lora: Path) -> None:
+    with pytest.raises(InvalidCheckpointError, match="reserved"):
+        store.publish("lora1", lora, {"version": "mine"})
+    with pytest.raises(InvalidCheckpointError, match="JSON"):
+        store.publish("lora1", lora, {"reward": float("nan")})
+    with pytest.raises(InvalidCheckpointError, match="over the"):
+        store.publish("lora1", lora, {"blob": "x" * (2 << 20)})
+
+
+@pytest.mark.parametrize("name", ["../outside", "/tmp/abs", "a/b", ".hidden", "lora1@v"])
+def test_path_traversal_names_write_nothing(store: CheckpointStore, lora: Path, tmp_path: Path, name: str) -> None:
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(InvalidNameError):
+        store.publish(name, lora)
+    assert set(tmp_path.rglob("*")) == before
+
+
+def test_escaping_symlinks_are_refused(store: CheckpointStore, lora: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    store.root.mkdir()
+    (store.root / "evil").symlink_to(outside)
+    with pytest.raises(UnsafePathError, match="outside the store root"):
+        store.publish("evil", lora)
+    assert list(outside.iterdir()) == []
+    version = store.publish("lora1", lora)
+    (store.adapter_dir("lora1") / "2030-01-01T00-00-00Z").symlink_to(outside)
+    with pytest.raises(UnsafePathError):
+        store.validate("lora1", "2030-01-01T00-00-00Z")
+    assert store.active_version("lora1") == version
+
+
+def test_pin_and_follow(store: CheckpointStore, lora: Path) -> None:
+    v1 = store.publish("lora1", lora)
+    v2 = store.publish("lora1", lora)
+    assert store.active_version("lora1") == v2
+    store.pin("lora1", v1)
+    assert store.active_version("lora1") == v1 and store.pinned_version("lora1") == v1
+    v3 = store.publish("lora1", lora)
+    assert store.active_version("lora1") == v1
+    store.follow("lora1")
+    assert store.active_version("lora1") == v3
+    with pytest.raises(NotFoundError):
+        store.pin("lora1", "2020-01-01T00-00-00Z")
+
+
+def test_failed_versions_are_skipped_and_change_the_poll_signature(store: CheckpointStore, lora: Path) -> None:
+    v1 = store.publish("lora1", lora)
+    v2 = store.publish("lora1", lora)
+    signature = store.poll_signature("lora1")
+    time.sleep(0.01)
+    store.record_failure("lora1", v2, "host-a:8000", "probe", "NaN logprobs")
+    assert store.poll_signature("lora1") != signature
+    assert store.active_version("lora1") == v1
+    (failure,) = store.failures("lora1", v2)
+    assert failure.instance_id == "host-a:8000" and failure.reason == "NaN logprobs"
+    assert [e.failed_on for e in store.entries("lora1")] == [(), ("host-a:8000",)]
+
+
+def test_poll_signature_is_cheap_and_changes_on_publish(store: CheckpointStore, lora: Path) -> None:
+    store.publish("lora1", lora)
+    before = store.poll_signature("lora1")
+    assert store.poll_signature("lora1") == before
+    store.publish("lora1", lora)
+    assert store.poll_signature("lora1") != before
+
+
+def test_gc_keeps_pinned_kept_served_and_newest(store: CheckpointStore, lora: Path) -> None:
+    versions = [store.publish("lora1", lora) for _ in range(6)]
+    store.pin("lora1", versions[0])
+    store.set_kept("lora1", versions[1], True)
+    store.write_instance_record(
+        InstanceRecord(
+            instance_id="host-a:8000",
+            heartbeat=time.time(),
+            adapters={"lora1": AdapterServing(served_version=versions[2], installed_versions=[versions[2]])},
+        )
+    )
+    # A stale instance protects nothing.
+    store.write_instance_record(
+        InstanceRecord(
+            instance_id="host-b:8000",
+            heartbeat=time.time() - 3600,
+            adapters={"lora1": AdapterServing(served_version=versions[3])},
+        )
+    )
+    report = store.gc(keep=1)
+    assert report.deleted == [f"lora1/{versions[3]}", f"lora1/{versions[4]}"]
+    assert store.versions("lora1") == [versions[0], versions[1], versions[2], versions[5]]
+    store.follow("lora1")
+    store.set_kept("lora1", versions[1], False)
+    store.gc(keep=1)
+    assert store.versions("lora1") == [versions[2], versions[5]]
+
+
+def test_gc_removes_abandoned_partial_versions_after_the_grace(store: CheckpointStore, lora: Path) -> None:
+    store.publish("lora1", lora)
+    partial = store.adapter_dir("lora1") / "2030-01-01T00-00-00Z"  # weights without READY
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"partial")
+    assert store.gc(grace=3600).abandoned == []
+    assert store.gc(grace=0).abandoned == [str(partial)]
+    assert not partial.exists() and len(store.versions("lora1")) == 1
+
+
+def test_retire_and_revive(store: CheckpointStore, lora: Path) -> None:
+    store.publish("lora1", lora)
+    store.retire("lora1")
+    assert store.is_retired("lora1")
+    store.publish("lora1", lora)
+    assert not store.is_retired("lora1")
+
+
+def test_instance_records_round_trip_and_damaged_ones_are_skipped(store: CheckpointStore) -> None:
+    store.write_instance_record(InstanceRecord(instance_id="host-a:8000", heartbeat=time.time()))
+    (store.root / ".instances" / "broken.json").write_text("{not json")
+    (store.root / ".instances" / "deep.json").write_text("[" * 10000 + "]" * 10000)
+    (record,) = store.instance_records()
+    assert record.instance_id == "host-a:8000" and not record.is_stale()
+
+
+def test_files_and_directories_are_not_group_or_world_writable(store: CheckpointStore, lora: Path) -> None:
+    old = os.umask(0)
+    try:
+        version = store.publish("lora1", lora, {"reward": 1})
+        store.pin("lora1", version)
+        store.write_instance_record(InstanceRecord(instance_id="host-a:8000"))
+    finally:
+        os.umask(old)
+    for path in [store.root, *store.root.rglob("*")]:
+        mode = path.lstat().st_mode
+        assert not mode & (stat.S_IWGRP | stat.S_IWOTH), f"{path} is {oct(mode)}"

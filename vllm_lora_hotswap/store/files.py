@@ -1,0 +1,157 @@
+"""Crash-safe file primitives: atomic writes, bounded JSON reads, contained paths.
+
+Files are created 0644 and directories 0755 whatever the umask allows beyond
+that: nothing the store writes is group- or world-writable.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidCheckpointError, UnsafePathError
+
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+MAX_JSON_BYTES = 1 << 20  # metadata, configs, records: 1 MiB is already generous
+MAX_JSON_DEPTH = 32
+_COPY_CHUNK = 8 << 20
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) with mode 0755; existing is fine."""
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        make_dir(path.parent)
+        make_dir(path)
+
+
+def write_new_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to a file that must not exist yet, and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        write_new_file(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    atomic_write(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+
+def copy_and_hash(src: Path, dst: Path) -> tuple[int, str]:
+    """Copy ``src`` to the new file ``dst`` (fsynced); return its size and sha256."""
+    digest = hashlib.sha256()
+    size = 0
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        with open(src, "rb") as reader:
+            while chunk := reader.read(_COPY_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size, digest.hexdigest()
+
+
+def hash_file(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as reader:
+        while chunk := reader.read(_COPY_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def read_small_text(path: Path, limit: int = 4096) -> str | None:
+    """Content of a small marker file, or None when it does not exist."""
+    try:
+        with open(path, "rb") as reader:
+            data = reader.read(limit + 1)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+    if len(data) > limit:
+        raise InvalidCheckpointError(f"{path}: larger than {limit} bytes")
+    return data.decode("utf-8", errors="replace").strip()
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    if level > MAX_JSON_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level + 1)
+    return level
+
+
+def parse_json_bounded(data: bytes, where: str, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parse JSON that came from outside: bounded in size and nesting."""
+    if len(data) > max_bytes:
+        raise InvalidCheckpointError(f"{where}: {len(data)} bytes, over the {max_bytes}-byte limit")
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise InvalidCheckpointError(f"{where}: JSON nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidCheckpointError(f"{where}: not valid JSON ({exc})") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise InvalidCheckpointError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def read_json_bounded(path: Path, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    with open(path, "rb") as reader:
+        data = reader.read(max_bytes + 1)
+    return parse_json_bounded(data, str(path), max_bytes=max_bytes)
+
+
+def ensure_inside(root: Path, path: Path) -> Path:
+    """Return ``path`` if it resolves (symlinks followed) inside ``root``, else raise."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if real != real_root and not real.startswith(real_root + os.sep):
+        raise UnsafePathError(f"{path} resolves to {real}, outside the store root {real_root}")
+    return path
+
+
+def is_missing_error(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOENT, errno.ENOTDIR)

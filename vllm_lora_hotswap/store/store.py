@@ -1,0 +1,511 @@
+"""The checkpoint store: the one source of truth trainers write and engines follow.
+
+Layout (a shared directory; CPFS or NFS in production)::
+
+    <root>/<adapter>/<version>/{adapter_config.json, adapter_model.safetensors, metadata.json, READY}
+    <root>/<adapter>/LATEST      newest version's name, rewritten by every publish
+    <root>/<adapter>/ACTIVE      optional pin (rollback); absent = follow the newest
+    <root>/<adapter>/RETIRED     optional: engines stop serving the adapter
+    <root>/<adapter>/<version>/KEEP, FAILED.<instance>.json
+    <root>/.instances/<instance-id>.json
+
+A publish copies into ``<adapter>/.staging/`` on the same file system, fsyncs,
+writes ``metadata.json`` and ``READY`` and renames the directory into place:
+the rename is the commit, so a reader never sees a READY version with missing
+or partial files. Version names are allocated under a per-adapter POSIX lock
+(released by the kernel if the publisher dies), so they sort in publication
+order even with concurrent publishers or a clock that jumps backwards.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import (
+    CONFIG_FILE,
+    METADATA_FILE,
+    READY_FILE,
+    AdapterConfig,
+    FileDigest,
+    ReadyManifest,
+    check_lora_shapes,
+    find_weight_file,
+    parse_ready,
+    read_adapter_config,
+    validate_checkpoint_dir,
+    verify_manifest,
+    weight_specs,
+)
+from .errors import InvalidCheckpointError, NotFoundError, StoreError
+from .files import (
+    atomic_write,
+    atomic_write_json,
+    copy_and_hash,
+    ensure_inside,
+    fsync_dir,
+    hash_file,
+    make_dir,
+    parse_json_bounded,
+    read_json_bounded,
+    read_small_text,
+)
+from .names import check_adapter_name, check_instance_id, check_version_name, is_version_name, next_version
+from .records import FailureRecord, InstanceRecord
+
+LATEST_FILE = "LATEST"
+PIN_FILE = "ACTIVE"
+RETIRED_FILE = "RETIRED"
+KEEP_FILE = "KEEP"
+FAILED_PREFIX = "FAILED."
+STAGING_DIR = ".staging"
+INSTANCES_DIR = ".instances"
+LOCK_FILE = ".lock"
+RESERVED_METADATA = frozenset({"adapter", "version", "created_at", "source", "publisher", "lora"})
+_thread_locks: dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+class StoreUnavailableError(StoreError):
+    """The store root is missing or unreadable (unmounted, renamed, permissions)."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    adapter: str
+    version: str
+    path: Path
+    config: AdapterConfig
+    weight_file: Path
+    metadata: Mapping[str, Any]
+    ready_at: float  # mtime of READY: when the version was committed
+
+    @property
+    def size_bytes(self) -> int:
+        return self.weight_file.stat().st_size
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    """A READY version as ``lora-hotswap list`` shows it."""
+
+    version: str
+    kept: bool
+    failed_on: tuple[str, ...]
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GcReport:
+    deleted: list[str] = field(default_factory=list)  # "adapter/version"
+    abandoned: list[str] = field(default_factory=list)  # paths of partial writes removed
+
+
+class CheckpointStore:
+    """Versioned LoRA checkpoints under one root directory."""
+
+    def __init__(self, root: str | os.PathLike[str], *, clock: Callable[[], datetime] | None = None):
+        self.root = Path(root)
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    # -- paths -------------------------------------------------------------------------
+    def adapter_dir(self, adapter: str) -> Path:
+        return ensure_inside(self.root, self.root / check_adapter_name(adapter))
+
+    def version_dir(self, adapter: str, version: str) -> Path:
+        return ensure_inside(self.root, self.adapter_dir(adapter) / check_version_name(version))
+
+    def _require_root(self) -> None:
+        if not self.root.is_dir():
+            raise StoreUnavailableError(f"store root {self.root} is not a readable directory")
+
+    # -- reading -----------------------------------------------------------------------
+    def adapters(self) -> list[str]:
+        """Adapter names in the store (directories with a valid name), sorted."""
+        self._require_root()
+        names = []
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                try:
+                    check_adapter_name(entry.name)
+                except StoreError:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    names.append(entry.name)
+        return sorted(names)
+
+    def _version_names(self, adapter: str) -> list[str]:
+        """Version directories, oldest first; symlinks are never versions."""
+        try:
+            with os.scandir(self.adapter_dir(adapter)) as entries:
+                return sorted(e.name for e in entries if is_version_name(e.name) and e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+
+    def is_ready(self, adapter: str, version: str) -> bool:
+        return (self.version_dir(adapter, version) / READY_FILE).is_file()
+
+    def versions(self, adapter: str) -> list[str]:
+        """READY versions of ``adapter``, oldest first (= publication order)."""
+        return [v for v in self._version_names(adapter) if self.is_ready(adapter, v)]
+
+    def pinned_version(self, adapter: str) -> str | None:
+        pin = read_small_text(self.adapter_dir(adapter) / PIN_FILE)
+        return pin or None
+
+    def is_retired(self, adapter: str) -> bool:
+        return (self.adapter_dir(adapter) / RETIRED_FILE).exists()
+
+    def failures(self, adapter: str, version: str) -> list[FailureRecord]:
+        directory = self.version_dir(adapter, version)
+        records = []
+        try:
+            names = sorted(n for n in os.listdir(directory) if n.startswith(FAILED_PREFIX))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            try:
+                records.append(FailureRecord.model_validate(read_json_bounded(directory / name)))
+            except (OSError, ValueError, StoreError):
+                instance = name.removeprefix(FAILED_PREFIX).removesuffix(".json")
+                records.append(FailureRecord(instance_id=instance, phase="?", reason="unreadable failure record"))
+        return records
+
+    def _is_failed(self, adapter: str, version: str) -> bool:
+        try:
+            return any(n.startswith(FAILED_PREFIX) for n in os.listdir(self.version_dir(adapter, version)))
+        except FileNotFoundError:
+            return False
+
+    def active_version(self, adapter: str) -> str | None:
+        """The pin if present, else the newest READY version no engine marked failed."""
+        pin = self.pinned_version(adapter)
+        if pin is not None:
+            return pin
+        for version in reversed(self._version_names(adapter)):
+            if self.is_ready(adapter, version) and not self._is_failed(adapter, version):
+                return version
+        return None
+
+    def poll_signature(self, adapter: str) -> tuple[str | None, str | None, int]:
+        """Cheap change detector: two small reads and one stat, whatever the version count.
+
+        Reading LATEST/ACTIVE (rather than only stat-ing the directory) gets
+        close-to-open freshness on NFS, where directory attributes are cached.
+        """
+        directory = self.adapter_dir(adapter)
+        latest = read_small_text(directory / LATEST_FILE)
+        pin = read_small_text(directory / PIN_FILE)
+        try:
+            mtime = os.stat(directory).st_mtime_ns
+        except FileNotFoundError:
+            raise NotFoundError(f"adapter {adapter!r} not found in {self.root}") from None
+        return latest, pin, mtime
+
+    def read_metadata(self, adapter: str, version: str) -> dict[str, Any]:
+        path = self.version_dir(adapter, version) / METADATA_FILE
+        try:
+            value = read_json_bounded(path)
+        except FileNotFoundError:
+            return {}
+        if not isinstance(value, dict):
+            raise InvalidCheckpointError(f"{path}: expected a JSON object")
+        return value
+
+    def entries(self, adapter: str) -> list[VersionEntry]:
+        """READY versions with their keep/failure marks and metadata, oldest first."""
+        result = []
+        for version in self.versions(adapter):
+            directory = self.version_dir(adapter, version)
+            try:
+                metadata = self.read_metadata(adapter, version)
+            except (OSError, StoreError):
+                metadata = {"error": "unreadable metadata.json"}
+            result.append(
+                VersionEntry(
+                    version=version,
+                    kept=(directory / KEEP_FILE).exists(),
+                    failed_on=tuple(r.instance_id for r in self.failures(adapter, version)),
+                    metadata=metadata,
+                )
+            )
+        return result
+
+    def validate(self, adapter: str, version: str) -> VersionInfo:
+        """Everything the store can check before an engine loads a version.
+
+        READY present and well-formed, every listed file with its size and
+        sha256, a PEFT LoRA config, and weight shapes consistent with it.
+        """
+        directory = self.version_dir(adapter, version)
+        ready = directory / READY_FILE
+        try:
+            with open(ready, "rb") as reader:
+                manifest = parse_ready(reader.read(1 << 20), str(ready))
+            ready_at = os.stat(ready).st_mtime
+        except FileNotFoundError:
+            raise NotFoundError(f"{adapter}@{version}: no READY version at {directory}") from None
+        except PermissionError:
+            raise InvalidCheckpointError(f"{ready}: permission denied") from None
+        verify_manifest(directory, manifest)
+        config = read_adapter_config(directory)
+        weights = find_weight_file(directory)
+        if manifest.files and weights.name not in manifest.files:
+            raise InvalidCheckpointError(f"{weights}: not listed in READY")
+        try:
+            check_lora_shapes(weight_specs(weights), config, str(weights))
+        except PermissionError:
+            raise InvalidCheckpointError(f"{weights}: permission denied") from None
+        return VersionInfo(adapter, version, directory, config, weights, self.read_metadata(adapter, version), ready_at)
+
+    # -- writing -----------------------------------------------------------------------
+    @contextmanager
+    def _publish_lock(self, adapter_dir: Path, timeout: float = 60.0) -> Iterator[None]:
+        # lockf serialises processes (and is dropped by the kernel when one dies);
+        # POSIX locks are per process, so threads also take a process-local lock.
+        with _thread_locks_guard:
+            local = _thread_locks.setdefault(str(adapter_dir), threading.Lock())
+        with local:
+            fd = os.open(adapter_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                deadline = time.monotonic() + timeout
+                while True:
+                    try:
+                        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except OSError as exc:
+                        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                            raise
+                        if time.monotonic() > deadline:
+                            raise StoreError(f"timed out after {timeout:.0f}s waiting for the publish lock of {adapter_dir}") from None
+                        time.sleep(0.01)
+                yield
+            finally:
+                os.close(fd)  # closing releases the lock
+
+    def publish(
+        self, adapter: str, src_dir: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None
+    ) -> str:
+        """Copy the PEFT LoRA in ``src_dir`` into the store as a new READY version.
+
+        Returns the new version's name. Nothing is visible to readers unless
+        the whole version (files, metadata, READY) was committed.
+        """
+        adapter_dir = self.adapter_dir(adapter)
+        src = Path(src_dir)
+        if not src.is_dir():
+            raise NotFoundError(f"source {src} is not a directory")
+        config, weights = validate_checkpoint_dir(src)
+        extra = self._check_metadata(metadata)
+        make_dir(adapter_dir)
+        ensure_inside(self.root, adapter_dir)
+        make_dir(adapter_dir / STAGING_DIR)
+        staging = adapter_dir / STAGING_DIR / f"{uuid.uuid4().hex}"
+        os.mkdir(staging, 0o755)
+        try:
+            digests = {name: FileDigest(*copy_and_hash(src / name, staging / name)) for name in (CONFIG_FILE, weights.name)}
+            with self._publish_lock(adapter_dir):
+                version = self._commit(adapter_dir, staging, adapter, src, config, extra, digests)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return version
+
+    def _commit(
+        self,
+        adapter_dir: Path,
+        staging: Path,
+        adapter: str,
+        src: Path,
+        config: AdapterConfig,
+        extra: dict[str, Any],
+        digests: dict[str, FileDigest],
+    ) -> str:
+        newest = max(self._version_names(adapter), default=None)
+        for _ in range(100):  # a non-cooperating writer may take a name between listing and rename
+            version = next_version(self._clock(), newest)
+            metadata = {
+                **extra,
+                "adapter": adapter,
+                "version": version,
+                "created_at": datetime.now(UTC).isoformat(),
+                "source": str(src.resolve()),
+                "publisher": f"{socket.gethostname()}:{os.getpid()}",
+                "lora": config.summary(),
+            }
+            for name in (METADATA_FILE, READY_FILE):
+                (staging / name).unlink(missing_ok=True)
+            atomic_write_json(staging / METADATA_FILE, metadata)
+            digests[METADATA_FILE] = FileDigest(*hash_file(staging / METADATA_FILE))
+            atomic_write(staging / READY_FILE, ReadyManifest(files=digests).to_json())
+            fsync_dir(staging)
+            try:
+                os.rename(staging, adapter_dir / version)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    newest = version
+                    continue
+                raise
+            fsync_dir(adapter_dir)
+            atomic_write(adapter_dir / LATEST_FILE, version.encode())
+            (adapter_dir / RETIRED_FILE).unlink(missing_ok=True)
+            return version
+        raise StoreError(f"could not allocate a version name under {adapter_dir}")
+
+    @staticmethod
+    def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+        if metadata is None:
+            return {}
+        if not isinstance(metadata, Mapping):
+            raise InvalidCheckpointError(f"metadata must be a JSON object, got {type(metadata).__name__}")
+        reserved = RESERVED_METADATA & set(metadata)
+        if reserved:
+            raise InvalidCheckpointError(f"metadata keys {sorted(reserved)} are reserved for the store")
+        try:
+            encoded = json.dumps(dict(metadata), allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise InvalidCheckpointError(f"metadata is not JSON-serialisable: {exc}") from None
+        return parse_json_bounded(encoded, "metadata")
+
+    def pin(self, adapter: str, version: str) -> None:
+        """Roll back (or forward): every engine serves ``version`` until :meth:`follow`."""
+        if not self.is_ready(adapter, version):
+            raise NotFoundError(f"{adapter}@{version}: no READY version to pin")
+        atomic_write(self.adapter_dir(adapter) / PIN_FILE, version.encode())
+
+    def follow(self, adapter: str) -> None:
+        """Remove the pin: engines follow the newest READY version again."""
+        if not self.adapter_dir(adapter).is_dir():
+            raise NotFoundError(f"adapter {adapter!r} not found in {self.root}")
+        (self.adapter_dir(adapter) / PIN_FILE).unlink(missing_ok=True)
+
+    def set_kept(self, adapter: str, version: str, kept: bool) -> None:
+        """Mark a version kept (gc never deletes it) or clear the mark."""
+        if not self.is_ready(adapter, version):
+            raise NotFoundError(f"{adapter}@{version}: no READY version")
+        marker = self.version_dir(adapter, version) / KEEP_FILE
+        if kept:
+            atomic_write(marker, b"")
+        else:
+            marker.unlink(missing_ok=True)
+
+    def retire(self, adapter: str) -> None:
+        """Engines stop serving ``adapter`` and free its slots; its versions stay on disk."""
+        if not self.adapter_dir(adapter).is_dir():
+            raise NotFoundError(f"adapter {adapter!r} not found in {self.root}")
+        atomic_write(self.adapter_dir(adapter) / RETIRED_FILE, b"")
+
+    def record_failure(self, adapter: str, version: str, instance_id: str, phase: str, reason: str) -> None:
+        """Mark ``version`` failed on ``instance_id`` so no engine retries it in a loop."""
+        check_instance_id(instance_id)
+        record = FailureRecord(instance_id=instance_id, phase=phase, reason=reason[:4000], at=time.time())
+        directory = self.version_dir(adapter, version)
+        try:
+            atomic_write(directory / f"{FAILED_PREFIX}{instance_id}.json", record.model_dump_json(indent=2).encode())
+            # Failure records live in the version directory; touch the adapter
+            # directory so every engine's poll signature sees the change.
+            os.utime(self.adapter_dir(adapter))
+        except FileNotFoundError:
+            pass  # the version was deleted meanwhile: nothing left to mark
+
+    # -- instances ---------------------------------------------------------------------
+    def write_instance_record(self, record: InstanceRecord) -> None:
+        directory = self.root / INSTANCES_DIR
+        make_dir(directory)
+        atomic_write(directory / f"{check_instance_id(record.instance_id)}.json", record.model_dump_json(indent=2).encode())
+
+    def instance_records(self) -> list[InstanceRecord]:
+        """Every readable instance record; damaged ones are skipped."""
+        self._require_root()
+        records = []
+        try:
+            names = sorted(os.listdir(self.root / INSTANCES_DIR))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            try:
+                records.append(InstanceRecord.model_validate(read_json_bounded(self.root / INSTANCES_DIR / name)))
+            except (OSError, ValueError, StoreError):
+                continue
+        return records
+
+    def remove_instance_record(self, instance_id: str) -> None:
+        (self.root / INSTANCES_DIR / f"{check_instance_id(instance_id)}.json").unlink(missing_ok=True)
+
+    # -- retention ---------------------------------------------------------------------
+    def gc(self, keep: int | None = None, grace: float = 3600.0) -> GcReport:
+        """Delete old versions and abandoned partial writes.
+
+        Keeps the newest ``keep`` READY versions (all when None), the pinned
+        and active versions, versions marked kept, and every version an alive
+        instance has installed. Partial writes older than ``grace`` seconds go.
+        """
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        report = GcReport()
+        in_use: dict[str, set[str]] = {}
+        for record in self.instance_records():
+            if not record.is_stale():
+                for adapter, serving in record.adapters.items():
+                    in_use.setdefault(adapter, set()).update(serving.installed_versions)
+                    if serving.served_version:
+                        in_use[adapter].add(serving.served_version)
+        now = time.time()
+        for adapter in self.adapters():
+            adapter_dir = self.adapter_dir(adapter)
+            self._clean_staging(adapter_dir / STAGING_DIR, now, grace, report)
+            ready = self.versions(adapter)
+            protected = set(ready if keep is None else ready[-keep:])
+            protected |= {self.pinned_version(adapter), self.active_version(adapter)} | in_use.get(adapter, set())
+            for version in self._version_names(adapter):
+                directory = adapter_dir / version
+                if version in ready:
+                    if version in protected or (directory / KEEP_FILE).exists():
+                        continue
+                    self._delete_tree(adapter_dir, directory)
+                    report.deleted.append(f"{adapter}/{version}")
+                elif _older_than(directory, now, grace):
+                    self._delete_tree(adapter_dir, directory)
+                    report.abandoned.append(str(directory))
+        return report
+
+    def _clean_staging(self, staging_root: Path, now: float, grace: float, report: GcReport) -> None:
+        try:
+            entries = list(os.scandir(staging_root))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith(".trash-") or _older_than(path, now, grace):
+                shutil.rmtree(path, ignore_errors=True)
+                report.abandoned.append(str(path))
+
+    @staticmethod
+    def _delete_tree(adapter_dir: Path, directory: Path) -> None:
+        # Move out of sight first (atomic), then delete at leisure.
+        make_dir(adapter_dir / STAGING_DIR)
+        trash = adapter_dir / STAGING_DIR / f".trash-{directory.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(directory, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _older_than(path: Path, now: float, grace: float) -> bool:
+    try:
+        return now - os.stat(path).st_mtime > grace
+    except FileNotFoundError:
+        return False
