@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny real model, PEFT adapters, HF+PEFT references and a real vLLM engine."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.server import VllmServer
+from vllm_lora_hotswap.toy_models import ReferenceModel, make_adapter, make_model
+
+PROMPTS = ("the quick brown fox", "hello world hello", "rewards go up when the policy")
+MAX_TOKENS = 8
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def toy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("toy-model") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def make_lora(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``make_lora(seed, rank=8, targets=("q_proj", "v_proj"))``: a cached random PEFT adapter."""
+    root = tmp_path_factory.mktemp("adapters")
+
+    @functools.cache
+    def factory(seed: int, rank: int = 8, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+        return make_adapter(toy_model, root / f"seed{seed}-r{rank}-{'-'.join(targets)}", seed, rank, targets)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def reference(toy_model: Path) -> Callable[..., list[int]]:
+    """``reference(adapter_dir, prompt, max_tokens=8)``: HF + PEFT greedy token ids (the oracle)."""
+    models = functools.cache(lambda adapter: ReferenceModel(toy_model, adapter))
+
+    @functools.cache
+    def lookup(adapter: Path | None, prompt: str, max_tokens: int = MAX_TOKENS) -> list[int]:
+        return models(adapter).greedy(prompt, max_tokens)
+
+    return lookup
+
+
+@pytest.fixture(scope="session")
+def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="session")
+def engine(toy_model: Path, shared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """One real vLLM CPU engine with the plugin (versioned mode, prefix caching, probe on),
+    shared by the tests; each test uses its own adapter names."""
+    log = tmp_path_factory.mktemp("logs") / "shared-engine.log"
+    server = VllmServer(toy_model, shared_root, log, args=["--enable-prefix-caching"]).start()
+    yield server
+    server.stop()
