@@ -1,0 +1,228 @@
+"""Worker-side half of a swap: stage off the engine loop, install between steps.
+
+Runs in every vLLM worker process (each tensor-parallel rank). The methods
+reach the worker through ``collective_rpc("hotswap_*")``, which the engine
+core executes between two model steps on every rank at once; the LoRA
+manager is only ever touched from those calls (it is not thread-safe). The
+staging thread reads and prepares weights but never touches manager state.
+
+Staged adapters stay in host memory for as long as they are installed, and
+``WorkerLoRAManager._load_adapter`` is patched to return them: whenever vLLM
+would lazily re-read an adapter from disk inside a step (LRU eviction, the
+``reset_lora_state`` that ends a base-weight update), it gets the staged copy
+instead, so no step ever reads the store.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.lora.request import LoRARequest
+from vllm.lora.worker_manager import WorkerLoRAManager
+
+_original_load_adapter = WorkerLoRAManager._load_adapter
+_by_manager: weakref.WeakKeyDictionary[Any, WorkerHotSwap] = weakref.WeakKeyDictionary()
+
+
+def _load_adapter(manager: WorkerLoRAManager, lora_request: LoRARequest):
+    hotswap = _by_manager.get(manager)
+    if hotswap is not None:
+        entry = hotswap.installed.get(lora_request.lora_int_id)
+        if entry is not None and entry.lora is not None:
+            return entry.lora
+    return _original_load_adapter(manager, lora_request)
+
+
+WorkerLoRAManager._load_adapter = _load_adapter  # type: ignore[method-assign]
+
+
+@dataclass
+class _Staged:
+    lora_id: int
+    name: str
+    path: str
+    state: str = "pending"  # pending | ready | failed
+    error: str | None = None
+    lora: Any = None  # vllm LoRAModel, merged and scaled, ready for set_lora copies
+    nbytes: int = 0
+    cancelled: bool = False
+
+
+class WorkerHotSwap:
+    """Per-worker state: adapters being staged, adapters installed (by slot id)."""
+
+    def __init__(self, worker: Any):
+        self.worker_manager = worker.model_runner.lora_manager
+        if self.worker_manager is None:
+            raise RuntimeError("vllm-lora-hotswap needs --enable-lora")
+        self.staging: dict[tuple[int, str], _Staged] = {}
+        self.installed: dict[int, _Staged] = {}
+        self.previous: dict[int, _Staged | None] = {}  # in-place installs, kept for restore
+        self._lock = threading.Lock()
+        _by_manager[self.worker_manager] = self
+
+    @property
+    def manager(self) -> Any:  # LRUCacheLoRAModelManager
+        return self.worker_manager._adapter_manager
+
+    # -- staging (returns at once; a thread does the work) -----------------------------
+    def stage(self, lora_id: int, name: str, path: str) -> None:
+        with self._lock:
+            existing = self.staging.get((lora_id, path))
+            if existing is not None and existing.state != "failed":
+                return
+            entry = self.staging[(lora_id, path)] = _Staged(lora_id, name, path)
+        threading.Thread(target=self._stage, args=(entry,), name=f"hotswap-stage-{lora_id}", daemon=True).start()
+
+    def _stage(self, entry: _Staged) -> None:
+        try:
+            request = LoRARequest(lora_name=entry.name, lora_int_id=entry.lora_id, lora_path=entry.path)
+            # vLLM's own loader: rank vs --max-lora-rank, bias, target modules the model has.
+            lora = _original_load_adapter(self.worker_manager, request)
+            self._check_finite(lora)
+            self._check_fits(lora)
+            # Pack q/k/v (etc.), fold in the scaling and pin host memory now, off the
+            # loop; add_adapter in the install step then finds nothing left to do.
+            self.manager._create_merged_loras_inplace(lora)
+            nbytes = sum(_nbytes(w.lora_a) + _nbytes(w.lora_b) for w in lora.loras.values())
+        except BaseException as exc:  # noqa: BLE001 - reported to the controller, never raised here
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            entry.error = f"{type(exc).__name__}: {message}"
+            entry.state = "failed"
+            return
+        with self._lock:
+            if entry.cancelled:
+                return
+            entry.lora, entry.nbytes, entry.state = lora, nbytes, "ready"
+
+    def status(self, lora_id: int, path: str) -> dict[str, Any]:
+        entry = self.staging.get((lora_id, path))
+        if entry is None:
+            return {"state": "failed", "error": "not staged on this worker", "nbytes": 0}
+        return {"state": entry.state, "error": entry.error, "nbytes": entry.nbytes}
+
+    @staticmethod
+    def _check_finite(lora: Any) -> None:
+        for module, weights in lora.loras.items():
+            for tensor in (weights.lora_a, weights.lora_b):
+                if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(f"LoRA weights of {module} hold NaN or inf")
+
+    def _check_fits(self, lora: Any) -> None:
+        """Shapes against the model's layers, so an adapter for another base model
+        is refused here instead of being copied half into a slot."""
+        manager = self.manager
+        packed = {sub: (name, i) for name, subs in manager.packed_modules.items() for i, sub in enumerate(subs)}
+        for module_name, weights in lora.loras.items():
+            target, index = packed.get(module_name, (module_name, None))
+            layer = getattr(manager.modules.get(target), "base_layer", None)
+            if layer is None or weights.lora_a is None or weights.lora_b is None:
+                continue
+            in_size = getattr(layer, "input_size", None)
+            if isinstance(in_size, int) and weights.lora_a.shape[-1] != in_size:
+                raise ValueError(
+                    f"{module_name}: lora_A takes {weights.lora_a.shape[-1]} inputs, the model's layer {in_size} "
+                    "(adapter made for a different base model?)"
+                )
+            sizes = getattr(layer, "output_sizes", None) if index is not None else [getattr(layer, "output_size", None)]
+            if getattr(layer, "num_kv_head_replicas", 1) == 1 and sizes and isinstance(sizes[index or 0], int):
+                if weights.lora_b.shape[0] != sizes[index or 0]:
+                    raise ValueError(
+                        f"{module_name}: lora_B gives {weights.lora_b.shape[0]} outputs, the model's layer "
+                        f"{sizes[index or 0]} (adapter made for a different base model?)"
+                    )
+
+    # -- between steps (collective RPCs) -----------------------------------------------
+    def install(self, lora_id: int, path: str, replace: bool) -> dict[str, Any]:
+        """Register, activate and pin a staged adapter; with ``replace`` take over its slot id."""
+        start = time.perf_counter()
+        entry = self.staging.get((lora_id, path))
+        if entry is None or entry.state != "ready":
+            return {"ok": False, "error": f"adapter {lora_id} at {path} is not staged", "seconds": 0.0}
+        manager = self.manager
+        if replace:
+            self.previous[lora_id] = self.installed.get(lora_id)
+            manager.remove_adapter(lora_id)
+        elif lora_id not in manager.list_adapters() and len(manager) >= manager.capacity:
+            return {
+                "ok": False,
+                "capacity": True,
+                "error": f"all {manager.capacity} LoRA slots (--max-cpu-loras) are in use",
+                "seconds": 0.0,
+            }
+        try:
+            manager.add_adapter(entry.lora)
+            manager.activate_adapter(lora_id)
+            manager._registered_adapters.pin(lora_id)
+        except Exception as exc:  # e.g. a tensor that does not fit its slot
+            manager.remove_adapter(lora_id)
+            if replace:
+                self.restore(lora_id)
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - start}
+        self.installed[lora_id] = entry
+        self.staging.pop((lora_id, path), None)
+        return {"ok": True, "error": None, "seconds": time.perf_counter() - start}
+
+    def _register(self, entry: _Staged) -> None:
+        manager = self.manager
+        manager.add_adapter(entry.lora)
+        manager._registered_adapters.pin(entry.lora_id)
+
+    def restore(self, lora_id: int) -> None:
+        """Undo an in-place install: the replaced weights take the slot back."""
+        previous = self.previous.pop(lora_id, None)
+        self.manager.remove_adapter(lora_id)
+        self.installed.pop(lora_id, None)
+        if previous is not None:
+            self._register(previous)
+            self.manager.activate_adapter(lora_id)
+            self.installed[lora_id] = previous
+
+    def commit(self, lora_id: int) -> None:
+        self.previous.pop(lora_id, None)
+
+    def remove(self, lora_id: int, path: str) -> None:
+        """Free the slot of ``lora_id`` (if it holds ``path``) and forget staged copies."""
+        with self._lock:
+            staged = self.staging.pop((lora_id, path), None)
+            if staged is not None:
+                staged.cancelled = True
+        entry = self.installed.get(lora_id)
+        if entry is not None and entry.path == path:
+            self.manager.remove_adapter(lora_id)
+            del self.installed[lora_id]
+
+    def reinstall(self) -> int:
+        """Register every installed adapter again after vLLM dropped them all
+        (``reset_lora_state`` at the end of a base-weight update)."""
+        registered = self.manager.list_adapters()
+        for lora_id, entry in self.installed.items():
+            if lora_id not in registered:
+                self._register(entry)
+        return len(self.installed)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "registered": sorted(self.manager.list_adapters()),
+            "installed": {str(i): e.path for i, e in self.installed.items()},
+            "staging": len(self.staging),
+            "staged_bytes": sum(e.nbytes for e in self.installed.values()),
+        }
+
+
+def _nbytes(tensor: Any) -> int:
+    if isinstance(tensor, list):
+        return sum(_nbytes(t) for t in tensor)
+    return tensor.numel() * tensor.element_size() if tensor is not None else 0
+
+
+def hotswap_of(worker: Any) -> WorkerHotSwap:
+    hotswap = getattr(worker, "_lora_hotswap", None)
+    if hotswap is None:
+        hotswap = worker._lora_hotswap = WorkerHotSwap(worker)
+    return hotswap
