@@ -56,8 +56,9 @@ class HotSwapMetrics:
             self._served[adapter] = version
             self.served_version.labels(adapter, version).set(1)
 
-    def installed(self, count: int) -> None:
-        self.installed_versions.set(count)
+    def installed(self, versions: int, staged_bytes: int) -> None:
+        self.installed_versions.set(versions)
+        self.staged_bytes.set(staged_bytes)
 
     def weights(self, version: str) -> None:
         if self._weights is not None:

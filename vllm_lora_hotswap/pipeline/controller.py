@@ -55,6 +55,7 @@ class _AdapterState:
     installed: dict[str, LoraHandle] = field(default_factory=dict)  # version -> handle
     idle_since: dict[str, float] = field(default_factory=dict)  # non-current versions
     failed: dict[str, str] = field(default_factory=dict)  # version -> reason, not retried
+    nbytes: dict[str, int] = field(default_factory=dict)  # staged host bytes per installed version
     state: str = "waiting"
     last_swap: SwapRecord | None = None
     last_error: str | None = None
@@ -201,6 +202,7 @@ class SwapController:
         handle: LoraHandle | None = None
         replace: LoraHandle | None = None
         installed = False
+        staged_bytes: int | None = None
         info: VersionInfo | None = None
         state.state = "swapping"
         try:
@@ -225,11 +227,11 @@ class SwapController:
                             "hot-swap: %s: no spare LoRA slot for a versioned swap; swapping %s in place "
                             "(raise --max-cpu-loras to keep versioned semantics)", adapter, version,
                         )
-                handle = self._handle_for(adapter, version, replace)
+                handle = self._handle_for(adapter, version, replace, make_current)
                 lap("validate")
                 phase = "stage"
                 self.engine.stage(handle)
-                self._wait_staged(handle)
+                staged_bytes = self._wait_staged(handle)
                 lap("stage")
                 phase = "install"
                 self.engine.install(handle, replace)
@@ -248,7 +250,10 @@ class SwapController:
                 if replace.version != version:
                     self.engine.unroute(adapter, replace.version)
                 state.installed.pop(replace.version, None)
+                state.nbytes.pop(replace.version, None)
             state.installed[version] = handle
+            if staged_bytes is not None:
+                state.nbytes[version] = staged_bytes
             state.idle_since.pop(version, None)
             if make_current:
                 previous, state.current = state.current, handle
@@ -265,8 +270,10 @@ class SwapController:
         except (NoCapacity, VersionBusy, NotFoundError) as exc:  # not the version's fault: retry later
             self._undo(handle, replace, installed)
             state.state = "no-slot" if isinstance(exc, NoCapacity) else "waiting"
-            state.last_error = f"{adapter}@{version} waits: {exc}"
-            logger.warning("hot-swap: %s", state.last_error)
+            message = f"{adapter}@{version} waits: {exc}"
+            if state.last_error != message:  # retried every poll: say it once
+                logger.warning("hot-swap: %s", message)
+            state.last_error = message
             self.watcher.invalidate(adapter)
             return self._record_swap(adapter, state, SwapRecord(version=version, result="waiting", phase=phase, error=str(exc), timings=timings, finished_at=time.time()))
         except Exception as exc:  # engine or store trouble: not the version's fault, retry later
@@ -294,8 +301,13 @@ class SwapController:
         state.last_swap = record
         if self.metrics is not None:
             self.metrics.swap(adapter, record)
-            self.metrics.installed(sum(len(s.installed) for s in self._adapters.values()))
+        self._update_slot_metrics()
         return record
+
+    def _update_slot_metrics(self) -> None:
+        if self.metrics is not None:
+            states = list(self._adapters.values())
+            self.metrics.installed(sum(len(s.installed) for s in states), sum(sum(s.nbytes.values()) for s in states))
 
     def _failed(
         self, adapter: str, version: str, state: _AdapterState, phase: str, reason: str,
@@ -348,13 +360,14 @@ class SwapController:
                     f"trained on base model {config.base_model!r}; this engine serves {self.limits.base_models[0]!r}",
                 )
 
-    def _wait_staged(self, handle: LoraHandle) -> None:
+    def _wait_staged(self, handle: LoraHandle) -> int:
+        """Wait for every worker to stage ``handle``; returns the staged bytes."""
         deadline = time.monotonic() + self.settings.stage_timeout
         delay = 0.002
         while True:
             status = self.engine.stage_status(handle)
             if status.state == "ready":
-                return
+                return status.nbytes
             if status.state == "failed":
                 raise CheckpointRejected("stage", status.error or "staging failed")
             if time.monotonic() > deadline:
@@ -362,14 +375,15 @@ class SwapController:
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-    def _handle_for(self, adapter: str, version: str, replace: LoraHandle | None) -> LoraHandle:
+    def _handle_for(self, adapter: str, version: str, replace: LoraHandle | None, current: bool) -> LoraHandle:
         path = str(self.store.version_dir(adapter, version))
+        # In-place mode serves the current weights under the adapter's own name (one
+        # slot id for all its versions); every other version has a name of its own.
+        name = adapter if self.settings.mode == "inplace" and current else f"{adapter}@{version}"
         if replace is not None:
-            name = adapter if self.settings.mode == "inplace" else f"{adapter}@{version}"
             self._ids.pop((adapter, replace.version), None)  # that id no longer holds the old weights
             self._ids[(adapter, version)] = replace.lora_id
             return LoraHandle(adapter, version, replace.lora_id, name, path)
-        name = f"{adapter}@{version}"
         lora_id = self._ids.get((adapter, version))
         if lora_id is None:
             probe = LoraHandle(adapter, version, 0, name, path)
@@ -409,10 +423,10 @@ class SwapController:
     def _remove_version(self, adapter: str, state: _AdapterState, version: str) -> None:
         handle = state.installed.pop(version)
         state.idle_since.pop(version, None)
+        state.nbytes.pop(version, None)
         self.engine.unroute(adapter, version)
         self.engine.remove(handle)
-        if self.metrics is not None:
-            self.metrics.installed(sum(len(s.installed) for s in self._adapters.values()))
+        self._update_slot_metrics()
         logger.info("hotswap retired adapter=%s version=%s", adapter, version)
 
     def _retire_adapter(self, adapter: str, state: _AdapterState) -> None:
@@ -459,17 +473,18 @@ class SwapController:
         return state.current if state else None
 
     def status(self) -> InstanceRecord:
-        with self._lock:
-            adapters = {
-                name: AdapterServing(
-                    served_version=s.current.version if s.current else None,
-                    installed_versions=sorted(s.installed),
-                    state=s.state,
-                    last_swap=s.last_swap,
-                    last_error=s.last_error,
-                )
-                for name, s in sorted(self._adapters.items())
-            }
+        """A snapshot of every adapter's state. Never waits for a swap in progress
+        (``list()`` copies under the GIL), so it can answer while one is stuck."""
+        adapters = {
+            name: AdapterServing(
+                served_version=s.current.version if s.current else None,
+                installed_versions=sorted(list(s.installed)),
+                state=s.state,
+                last_swap=s.last_swap,
+                last_error=s.last_error,
+            )
+            for name, s in sorted(list(self._adapters.items()))
+        }
         return self._record.model_copy(
             update={
                 "heartbeat": time.time(),
