@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.server import VllmServer
+from vllm_lora_hotswap.store import CheckpointStore
 from vllm_lora_hotswap.toy_models import ReferenceModel, make_adapter, make_model
 
 PROMPTS = ("the quick brown fox", "hello world hello", "rewards go up when the policy")
@@ -58,6 +59,16 @@ def reference(toy_model: Path) -> Callable[..., list[int]]:
 @pytest.fixture(scope="session")
 def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture
+def shared_store(shared_root: Path) -> Iterator[CheckpointStore]:
+    """The shared engine's store; adapters a test creates are retired afterwards (freeing slots)."""
+    store = CheckpointStore(shared_root)
+    before = set(store.adapters())
+    yield store
+    for adapter in set(store.adapters()) - before:
+        store.retire(adapter)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,9 +26,9 @@ def assert_serves(engine: VllmServer, model: str, adapter_dir: Path, reference: 
         assert tokens == reference(adapter_dir, prompt), f"{model} on {prompt!r} is not {version}'s PEFT output"
 
 
-def test_a_published_version_is_served_exactly(engine: VllmServer, shared_root: Path, make_lora, reference) -> None:
+def test_a_published_version_is_served_exactly(engine: VllmServer, shared_store: CheckpointStore, make_lora, reference) -> None:
     """Foundation: greedy output of a published store version equals HF + PEFT."""
-    store = CheckpointStore(shared_root)
+    store = shared_store
     lora = make_lora(1)
     version = store.publish("basic", lora, {"reward": 0.5})
     engine.wait_served("basic", version)
@@ -35,8 +36,22 @@ def test_a_published_version_is_served_exactly(engine: VllmServer, shared_root: 
     assert engine.tokens(str(engine.model), PROMPTS[0])[1] == reference(None, PROMPTS[0])
 
 
-def test_swap_rollback_follow_and_pinned_versions(engine: VllmServer, shared_root: Path, make_lora, reference) -> None:
-    store = CheckpointStore(shared_root)
+def test_swaps_show_in_metrics_and_one_log_line_each(engine: VllmServer, shared_store: CheckpointStore, make_lora) -> None:
+    version = shared_store.publish("observed", make_lora(3))
+    engine.wait_served("observed", version)
+    metrics = engine.client.get("/metrics").text
+    assert 'vllm_hotswap_swaps_total{adapter="observed",result="served"} 1.0' in metrics
+    assert f'vllm_hotswap_served_version{{adapter="observed",version="{version}"}} 1.0' in metrics
+    for phase in ("validate", "stage", "install", "probe", "switch"):
+        assert f'vllm_hotswap_phase_seconds_count{{adapter="observed",phase="{phase}"}} 1.0' in metrics
+    staged = [x for x in metrics.splitlines() if x.startswith("vllm_hotswap_staged_bytes ")]
+    assert staged and float(staged[0].split()[-1]) > 0
+    (line,) = [x for x in engine.log_path.read_text().splitlines() if "hotswap swap adapter=observed" in x]
+    assert f"version={version} result=served mode=versioned" in line and "stage_ms=" in line and "probe_ms=" in line
+
+
+def test_swap_rollback_follow_and_pinned_versions(engine: VllmServer, shared_store: CheckpointStore, make_lora, reference) -> None:
+    store = shared_store
     lora_v1, lora_v2 = make_lora(11), make_lora(12)
     v1 = store.publish("lora1", lora_v1, {"reward": 0.1})
     engine.wait_served("lora1", v1)
@@ -63,8 +78,8 @@ def test_swap_rollback_follow_and_pinned_versions(engine: VllmServer, shared_roo
     assert not any("@" in name for name in models)
 
 
-def test_unknown_pinned_version_is_a_clear_404(engine: VllmServer, shared_root: Path, make_lora) -> None:
-    store = CheckpointStore(shared_root)
+def test_unknown_pinned_version_is_a_clear_404(engine: VllmServer, shared_store: CheckpointStore, make_lora) -> None:
+    store = shared_store
     version = store.publish("lora404", make_lora(1))
     engine.wait_served("lora404", version)
     response = engine.client.post(
@@ -75,8 +90,8 @@ def test_unknown_pinned_version_is_a_clear_404(engine: VllmServer, shared_root: 
     assert engine.adapters()["lora404"]["last_error"] is None
 
 
-def test_new_adapter_is_listed_and_servable_within_the_poll_interval(engine: VllmServer, shared_root: Path, make_lora) -> None:
-    store = CheckpointStore(shared_root)
+def test_new_adapter_is_listed_and_servable_within_the_poll_interval(engine: VllmServer, shared_store: CheckpointStore, make_lora) -> None:
+    store = shared_store
     version = store.publish("fresh", make_lora(2))
     engine.wait_until(
         lambda: "fresh" in {m["id"] for m in engine.client.get("/v1/models").json()["data"]}, 30, "fresh in /v1/models"
@@ -84,10 +99,10 @@ def test_new_adapter_is_listed_and_servable_within_the_poll_interval(engine: Vll
     assert engine.tokens("fresh", PROMPTS[0])[0] == f"fresh@{version}"
 
 
-def test_prefix_cache_never_serves_the_old_version(engine: VllmServer, shared_root: Path, make_lora, reference) -> None:
+def test_prefix_cache_never_serves_the_old_version(engine: VllmServer, shared_store: CheckpointStore, make_lora, reference) -> None:
     """A prompt longer than a KV block (128 tokens on CPU) is cached under v1; after the
     swap the same prompt must get v2's output, never v1's cached blocks."""
-    store = CheckpointStore(shared_root)
+    store = shared_store
     lora_v1, lora_v2 = make_lora(21), make_lora(22)
     long_prompt = " ".join(["the store is the one source of truth that engines follow"] * 9)  # ~160 tokens
     v1 = store.publish("cached", lora_v1)
@@ -121,9 +136,9 @@ def _stream(engine: VllmServer, model: str, prompt: str, max_tokens: int) -> tup
 
 
 def test_streaming_clients_during_30_swaps_each_get_exactly_one_version(
-    engine: VllmServer, shared_root: Path, make_lora, reference
+    engine: VllmServer, shared_store: CheckpointStore, make_lora, reference
 ) -> None:
-    store = CheckpointStore(shared_root)
+    store = shared_store
     loras = [make_lora(31), make_lora(32)]
     prompt = PROMPTS[1]
     expected = [reference(lora, prompt, 16) for lora in loras]
@@ -165,3 +180,63 @@ def test_streaming_clients_during_30_swaps_each_get_exactly_one_version(
         versions_seen.add(version)
         assert tokens == expected[weights_of[version]], f"response from {version} mixes versions"
     assert len(versions_seen) >= 5
+
+
+def _commit_with_fifo_config(store: CheckpointStore, adapter: str, src: Path) -> tuple[str, Path]:
+    """A seed-style version (empty READY) whose adapter_config.json is a FIFO: every read
+    of it blocks until the test writes the config, so the test controls how slow the store is."""
+    from datetime import UTC, datetime
+
+    from vllm_lora_hotswap.store import next_version
+
+    version = next_version(datetime.now(UTC), store.versions(adapter)[-1])
+    staging = store.adapter_dir(adapter) / ".staging" / f"fifo-{version}"
+    staging.mkdir(parents=True)
+    (staging / "adapter_model.safetensors").write_bytes((src / "adapter_model.safetensors").read_bytes())
+    os.mkfifo(staging / "adapter_config.json")
+    (staging / "READY").write_bytes(b"")
+    os.rename(staging, store.adapter_dir(adapter) / version)
+    (store.adapter_dir(adapter) / "LATEST").write_text(version)
+    return version, store.version_dir(adapter, version) / "adapter_config.json"
+
+
+def _feed(fifo: Path, data: bytes) -> None:
+    with open(fifo, "wb") as writer:  # blocks until a reader opens the FIFO
+        writer.write(data)
+
+
+@pytest.mark.parametrize("deleted", [False, True], ids=["slow", "deleted-while-staging"])
+def test_slow_store_reads_never_block_the_engine_loop(
+    engine: VllmServer, shared_store: CheckpointStore, make_lora, reference, deleted: bool
+) -> None:
+    store = shared_store
+    adapter = "slow-deleted" if deleted else "slow"
+    lora_v1, lora_v2 = make_lora(81), make_lora(82)
+    v1 = store.publish(adapter, lora_v1)
+    engine.wait_served(adapter, v1)
+    v2, fifo = _commit_with_fifo_config(store, adapter, lora_v2)
+    config = (lora_v2 / "adapter_config.json").read_bytes()
+
+    _feed(fifo, config)  # the API server's validation reads it once...
+    engine.wait_until(lambda: engine.adapters()[adapter]["state"] == "swapping", 10, "staging to start")
+    # ...and the worker's staging thread is now blocked reading it. The engine keeps serving.
+    expected = (f"{adapter}@{v1}", reference(lora_v1, PROMPTS[0]))
+    latencies = []
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        start = time.monotonic()
+        assert engine.tokens(adapter, PROMPTS[0]) == expected
+        latencies.append(time.monotonic() - start)
+    assert len(latencies) >= 10 and max(latencies) < 2.0, latencies
+    assert engine.adapters()[adapter]["state"] == "swapping"
+
+    if deleted:
+        moved = store.adapter_dir(adapter) / ".staging" / "deleted"
+        os.rename(store.version_dir(adapter, v2), moved)
+        _feed(moved / "adapter_config.json", config)
+        engine.wait_until(lambda: engine.adapters()[adapter]["last_swap"]["result"] == "failed", 30, "the failure")
+        assert engine.tokens(adapter, PROMPTS[0]) == (f"{adapter}@{v1}", reference(lora_v1, PROMPTS[0]))
+    else:
+        _feed(fifo, config)
+        engine.wait_served(adapter, v2)
+        assert engine.tokens(adapter, PROMPTS[0]) == (f"{adapter}@{v2}", reference(lora_v2, PROMPTS[0]))

@@ -233,3 +233,7 @@ def serve(ctx: typer.Context, model: str) -> None:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -22,13 +22,14 @@ def write_lora(
     base_model: str = "tiny-llama",
     value: float | None = None,
     extra_config: dict | None = None,
+    modules: tuple[str, ...] = MODULES,
 ) -> Path:
     """A PEFT LoRA for a Llama with ``hidden`` size; ``value`` fills every weight (e.g. NaN)."""
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(layers):
-        for module in MODULES:
+        for module in modules:
             prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
             a = torch.randn(rank, hidden, generator=generator)
             b = torch.randn(hidden, rank, generator=generator)
@@ -42,7 +43,7 @@ def write_lora(
         "peft_type": peft_type,
         "r": rank,
         "lora_alpha": 2 * rank,
-        "target_modules": list(MODULES),
+        "target_modules": list(modules),
         "base_model_name_or_path": base_model,
         "bias": "none",
         "task_type": "CAUSAL_LM",

@@ -1,0 +1,108 @@
+"""Bad checkpoints never reach the engine loop: not served, the reason visible, the engine answering."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROMPTS
+from tests.support.fake import write_lora
+from tests.support.inject import inject_version
+from tests.support.server import VllmServer
+from vllm_lora_hotswap.store import CheckpointStore
+
+pytestmark = pytest.mark.engine
+
+
+def _truncated(src: Path) -> None:
+    weights = src / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+
+
+def _corrupt(src: Path) -> None:
+    (src / "adapter_model.safetensors").write_bytes(os.urandom(4096))
+
+
+def _replace(make: Callable[[Path], Path]) -> Callable[[Path], None]:
+    def apply(src: Path) -> None:
+        for child in src.iterdir():
+            child.unlink()
+        make(src)
+
+    return apply
+
+
+def _no_config(src: Path) -> None:
+    (src / "adapter_config.json").unlink()
+
+
+def _no_weights(src: Path) -> None:
+    (src / "adapter_model.safetensors").unlink()
+
+
+CASES = {
+    "truncated": (_truncated, "truncated"),
+    "corrupt": (_corrupt, "corrupt"),
+    "nan": (_replace(lambda d: write_lora(d, value=float("nan"))), "NaN or inf"),
+    "inf": (_replace(lambda d: write_lora(d, value=float("inf"))), "NaN or inf"),
+    "rank": (_replace(lambda d: write_lora(d, rank=32)), "exceeds the engine's --max-lora-rank 16"),
+    "modules": (_replace(lambda d: write_lora(d, modules=("nonexistent_proj",))), "nonexistent_proj"),
+    "base-name": (_replace(lambda d: write_lora(d, base_model="meta-llama/Llama-3-8B")), "trained on base model"),
+    "base-shape": (_replace(lambda d: write_lora(d, hidden=256, base_model="tiny-llama")), "different base model"),
+    "no-config": (_no_config, "adapter_config.json: missing"),
+    "ready-without-weights": (_no_weights, "no weight file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_version_is_refused_and_the_last_good_one_keeps_serving(
+    engine: VllmServer, shared_store: CheckpointStore, make_lora, reference, tmp_path: Path, case: str
+) -> None:
+    store = shared_store
+    adapter = f"bad-{case}"
+    good = make_lora(41)
+    v1 = store.publish(adapter, good)
+    engine.wait_served(adapter, v1)
+
+    damage, reason = CASES[case]
+    src = tmp_path / "bad"
+    subprocess.run(["cp", "-r", str(good), str(src)], check=True)
+    damage(src)
+    v2 = inject_version(store, adapter, src)
+
+    def refused() -> bool:
+        swap = engine.adapters()[adapter]["last_swap"]
+        return swap is not None and swap["version"] == v2 and swap["result"] == "failed"
+
+    engine.wait_until(refused, 30, f"{adapter}@{v2} to be refused")
+    record = engine.adapters()[adapter]
+    assert record["served_version"] == v1 and reason in record["last_error"]
+    for prompt in PROMPTS:
+        assert engine.tokens(adapter, prompt) == (f"{adapter}@{v1}", reference(good, prompt))
+    assert any(reason in f.reason for f in store.failures(adapter, v2))  # no engine retries it
+
+    status = subprocess.run(
+        [sys.executable, "-m", "vllm_lora_hotswap.cli", "status", "--root", str(store.root), "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    (entry,) = [a for a in json.loads(status.stdout)["adapters"] if a["adapter"] == adapter]
+    assert entry["active_version"] == v1  # the failure record makes v1 active again for everyone
+    assert any(reason in error for error in entry["errors"].values())
+
+
+def test_weights_without_ready_are_never_considered(engine: VllmServer, shared_store: CheckpointStore, make_lora, reference) -> None:
+    store = shared_store
+    good = make_lora(42)
+    v1 = store.publish("half-written", good)
+    engine.wait_served("half-written", v1)
+    partial = inject_version(store, "half-written", make_lora(43), ready=False)
+    assert store.active_version("half-written") == v1
+    engine.wait_until(lambda: engine.adapters()["half-written"]["last_swap"]["version"] == v1, 5, "no swap")
+    assert engine.tokens("half-written", PROMPTS[0]) == (f"half-written@{v1}", reference(good, PROMPTS[0]))
+    assert partial not in engine.adapters()["half-written"]["installed_versions"]

@@ -1,0 +1,105 @@
+"""Engines in other configurations: offline LLM, in-place mode, tight slots, slow stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROMPTS
+from tests.support.server import VllmServer
+from vllm_lora_hotswap.store import CheckpointStore
+
+pytestmark = pytest.mark.engine
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def test_offline_llm_follows_the_store(toy_model: Path, make_lora, reference, tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "store")
+    lora_v1, lora_v2 = make_lora(51), make_lora(52)
+    v1 = store.publish("lora1", lora_v1)
+    out = tmp_path / "out.json"
+    env = {**os.environ, "VLLM_HOTSWAP_ROOT": str(store.root), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    run = subprocess.run(
+        [sys.executable, str(SCRIPTS / "offline_colocated.py"), str(toy_model), str(store.root), str(lora_v2), str(out), PROMPTS[0]],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    v2 = results["v2_name"]
+    assert results["first_sync"] == ["served"] and results["second_sync"] == ["served"]
+    assert results["v1"] == [f"lora1@{v1}", reference(lora_v1, PROMPTS[0])]
+    assert results["v2"] == [f"lora1@{v2}", reference(lora_v2, PROMPTS[0])]
+    assert results["pinned_v1"] == [f"lora1@{v1}", reference(lora_v1, PROMPTS[0])]
+
+
+@pytest.fixture(scope="module")
+def tight_engine(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """Two LoRA slots in all (--max-cpu-loras 2): versioned swaps have no spare slot."""
+    root = tmp_path_factory.mktemp("tight-store")
+    server = VllmServer(
+        toy_model, root, tmp_path_factory.mktemp("logs") / "tight.log", args=["--max-cpu-loras", "2"]
+    ).start()
+    yield server
+    server.stop()
+
+
+def test_no_spare_slot_falls_back_to_in_place_and_no_slot_is_reported(
+    tight_engine: VllmServer, make_lora, reference
+) -> None:
+    store = CheckpointStore(tight_engine.root)
+    a1, a2, b1, c1 = make_lora(61), make_lora(62), make_lora(63), make_lora(64)
+    va1 = store.publish("a", a1)
+    vb1 = store.publish("b", b1)
+    tight_engine.wait_served("a", va1)
+    tight_engine.wait_served("b", vb1)
+
+    va2 = store.publish("a", a2)  # both slots taken: swapped in place
+    tight_engine.wait_served("a", va2)
+    assert tight_engine.adapters()["a"]["last_swap"]["mode"] == "inplace"
+    for prompt in PROMPTS:
+        assert tight_engine.tokens("a", prompt) == (f"a@{va2}", reference(a2, prompt))
+        assert tight_engine.tokens("b", prompt) == (f"b@{vb1}", reference(b1, prompt))
+
+    vc1 = store.publish("c", c1)  # a third adapter does not fit: the reason is in the status
+    tight_engine.wait_until(lambda: tight_engine.adapters().get("c", {}).get("state") == "no-slot", 30, "c no-slot")
+    assert "--max-cpu-loras" in tight_engine.adapters()["c"]["last_error"]
+    assert "waits: all 2 LoRA slots" in tight_engine.log_path.read_text()
+
+    store.retire("b")  # frees a slot: c is served within the poll interval
+    tight_engine.wait_served("c", vc1)
+    assert tight_engine.tokens("c", PROMPTS[0]) == (f"c@{vc1}", reference(c1, PROMPTS[0]))
+    assert tight_engine.client.post("/v1/completions", json={"model": "b", "prompt": "hi", "max_tokens": 2}).status_code == 404
+
+
+@pytest.fixture(scope="module")
+def inplace_engine(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    root = tmp_path_factory.mktemp("inplace-store")
+    server = VllmServer(
+        toy_model, root, tmp_path_factory.mktemp("logs") / "inplace.log",
+        env={"VLLM_HOTSWAP_MODE": "inplace"}, args=["--enable-prefix-caching"],
+    ).start()  # fmt: skip
+    yield server
+    server.stop()
+
+
+def test_inplace_mode_swaps_in_the_same_slot_and_invalidates_its_prefix_cache(
+    inplace_engine: VllmServer, make_lora, reference
+) -> None:
+    store = CheckpointStore(inplace_engine.root)
+    lora_v1, lora_v2 = make_lora(71), make_lora(72)
+    long_prompt = " ".join(["hot swapping adapters keeps every engine in step with the trainer"] * 8)
+    v1 = store.publish("live", lora_v1)
+    inplace_engine.wait_served("live", v1)
+    assert inplace_engine.tokens("live", long_prompt) == ("live", reference(lora_v1, long_prompt))
+    v2 = store.publish("live", lora_v2)
+    inplace_engine.wait_served("live", v2)
+    record = inplace_engine.adapters()["live"]
+    assert record["installed_versions"] == [v2] and record["last_swap"]["mode"] == "inplace"
+    for prompt in (long_prompt, *PROMPTS):
+        assert inplace_engine.tokens("live", prompt) == ("live", reference(lora_v2, prompt))
