@@ -57,8 +57,6 @@ def register() -> None:
     import vllm
 
     check_vllm_version(vllm.__version__)
-    from .engine.endpoints import enable_endpoint_plugin
-    from .engine.rpc import install_worker_rpcs
+    from .engine import install_hooks
 
-    install_worker_rpcs()
-    enable_endpoint_plugin()
+    install_hooks()

@@ -54,7 +54,10 @@ class HotSwapEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        from . import weights_api
+
         app.include_router(router)
+        weights_api.attach(app)
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         if engine_client is None:

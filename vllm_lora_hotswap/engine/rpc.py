@@ -50,6 +50,26 @@ def hotswap_state(self: Any) -> dict[str, Any]:
     return _hotswap(self).state()
 
 
+def _reinstall(wrapper: Any) -> None:
+    hotswap = getattr(wrapper.worker, "_lora_hotswap", None)
+    if hotswap is not None:
+        hotswap.reinstall()
+
+
+def finish_weight_update(self: Any) -> None:
+    """vLLM drops every adapter at the end of a base-weight update (``reset_lora_state``);
+    ours are registered again at once, from their staged copies, not re-read from disk."""
+    self.worker.finish_weight_update()
+    _reinstall(self)
+
+
+def reload_weights(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """Same as :func:`finish_weight_update` for vLLM's other base-weight path."""
+    result = self.worker.reload_weights(*args, **kwargs)
+    _reinstall(self)
+    return result
+
+
 RPC_METHODS = {
     f.__name__: f
     for f in (
@@ -61,6 +81,8 @@ RPC_METHODS = {
         hotswap_remove,
         hotswap_reinstall,
         hotswap_state,
+        finish_weight_update,
+        reload_weights,
     )
 }
 

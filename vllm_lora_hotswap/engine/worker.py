@@ -200,10 +200,13 @@ class WorkerHotSwap:
     def reinstall(self) -> int:
         """Register every installed adapter again after vLLM dropped them all
         (``reset_lora_state`` at the end of a base-weight update)."""
-        registered = self.manager.list_adapters()
+        manager = self.manager
+        registered = manager.list_adapters()
         for lora_id, entry in self.installed.items():
             if lora_id not in registered:
                 self._register(entry)
+        for lora_id in list(self.installed)[: manager.lora_slots]:
+            manager.activate_adapter(lora_id)  # into device slots now, not at the next request
         return len(self.installed)
 
     def state(self) -> dict[str, Any]:

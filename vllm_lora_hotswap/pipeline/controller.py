@@ -468,6 +468,14 @@ class SwapController:
         if state is not None and version in state.idle_since:
             state.idle_since[version] = time.monotonic()
 
+    def record_weight_version(self, version: str | None) -> None:
+        """The engine's base weights were replaced (the served adapters stay installed)."""
+        self.weight_version = version
+        if self.metrics is not None and version is not None:
+            self.metrics.weights(version)
+        logger.info("hotswap base weights updated version=%s", version)
+        self._heartbeat()
+
     def current(self, adapter: str) -> LoraHandle | None:
         state = self._adapters.get(adapter)
         return state.current if state else None
