@@ -38,6 +38,7 @@ class VllmServer:
         env: dict[str, str] | None = None,
         args: Sequence[str] = (),
         port: int | None = None,
+        api_key: str | None = None,
     ):
         self.model = model
         self.root = root
@@ -52,9 +53,11 @@ class VllmServer:
             **({"VLLM_HOTSWAP_ROOT": str(root)} if root is not None else {}),
             **(env or {}),
         }
-        self.args = [*BASE_ARGS, *args]
+        self.args = [*BASE_ARGS, *args, *(["--api-key", api_key] if api_key else [])]
+        self.api_key = api_key
         self.process: subprocess.Popen[bytes] | None = None
-        self.client = httpx.Client(base_url=self.url, timeout=120)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=self.url, timeout=120, headers=headers)
 
     def start(self, timeout: float = 300) -> VllmServer:
         command = [
