@@ -261,3 +261,12 @@ def test_files_and_directories_are_not_group_or_world_writable(store: Checkpoint
     for path in [store.root, *store.root.rglob("*")]:
         mode = path.lstat().st_mode
         assert not mode & (stat.S_IWGRP | stat.S_IWOTH), f"{path} is {oct(mode)}"
+
+
+def test_gc_can_be_limited_to_some_adapters(store: CheckpointStore, lora: Path) -> None:
+    for adapter in ("a", "b"):
+        for _ in range(3):
+            store.publish(adapter, lora)
+    report = store.gc(keep=1, adapters=["a"])
+    assert len(report.deleted) == 2 and all(name.startswith("a/") for name in report.deleted)
+    assert len(store.versions("a")) == 1 and len(store.versions("b")) == 3

@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -199,6 +199,16 @@ class CheckpointStore:
             if self.is_ready(adapter, version) and not self._is_failed(adapter, version):
                 return version
         return None
+
+    def failed_versions_after(self, adapter: str, version: str | None) -> dict[str, list[FailureRecord]]:
+        """READY versions newer than ``version`` that an engine marked failed, newest first."""
+        failed = {}
+        for candidate in reversed(self._version_names(adapter)):
+            if version is not None and candidate <= version:
+                break
+            if self.is_ready(adapter, candidate) and (records := self.failures(adapter, candidate)):
+                failed[candidate] = records
+        return failed
 
     def poll_signature(self, adapter: str) -> tuple[str | None, str | None, int]:
         """Cheap change detector: two small reads and one stat, whatever the version count.
@@ -448,8 +458,8 @@ class CheckpointStore:
         (self.root / INSTANCES_DIR / f"{check_instance_id(instance_id)}.json").unlink(missing_ok=True)
 
     # -- retention ---------------------------------------------------------------------
-    def gc(self, keep: int | None = None, grace: float = 3600.0) -> GcReport:
-        """Delete old versions and abandoned partial writes.
+    def gc(self, keep: int | None = None, grace: float = 3600.0, adapters: Iterable[str] | None = None) -> GcReport:
+        """Delete old versions and abandoned partial writes (of ``adapters``, default all).
 
         Keeps the newest ``keep`` READY versions (all when None), the pinned
         and active versions, versions marked kept, and every version an alive
@@ -466,7 +476,7 @@ class CheckpointStore:
                     if serving.served_version:
                         in_use[adapter].add(serving.served_version)
         now = time.time()
-        for adapter in self.adapters():
+        for adapter in self.adapters() if adapters is None else [check_adapter_name(a) for a in adapters]:
             adapter_dir = self.adapter_dir(adapter)
             self._clean_staging(adapter_dir / STAGING_DIR, now, grace, report)
             ready = self.versions(adapter)
