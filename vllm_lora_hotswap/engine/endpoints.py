@@ -42,9 +42,15 @@ async def list_adapters(request: Request) -> JSONResponse:
 
 @router.get("/v1/lora/events")
 async def list_events(request: Request, since: int = 0) -> JSONResponse:
-    """Swap events after sequence number ``since`` (bounded history)."""
-    events = _controller(request).bus.since(since)
-    return JSONResponse([e.model_dump(mode="json") for e in events])
+    """Swap events after sequence number ``since`` (bounded history). ``started_at``
+    changes when the instance restarts (its sequence numbers start again at 1)."""
+    controller = _controller(request)
+    events = controller.bus.since(since)
+    return JSONResponse({
+        "instance_id": controller.instance_id,
+        "started_at": controller.started_at,
+        "events": [e.model_dump(mode="json") for e in events],
+    })
 
 
 class HotSwapEndpoints:
@@ -75,7 +81,7 @@ class HotSwapEndpoints:
         loop = asyncio.get_running_loop()
         models = state.openai_serving_models
         engine = ServerEngine(engine_client, models, loop, settings)
-        host = args.host or socket.gethostname()
+        host = args.host if args.host not in (None, "", "0.0.0.0", "::") else socket.gethostname()
         instance_id = settings.instance_id or f"{socket.gethostname()}:{args.port}"
         assert settings.root is not None
         controller = SwapController(

@@ -174,10 +174,18 @@ class SwapController:
                     self._retire_adapter(adapter, state)
                     return None
                 target = self.store.active_version(adapter)
+                newest_seen = max(filter(None, (target, state.current.version if state.current else None)), default=None)
+                known_bad = self.store.failed_versions_after(adapter, newest_seen)
             except StoreError as exc:
                 state.last_error = str(exc)
                 self.watcher.invalidate(adapter)
                 return None
+            for version, records in known_bad.items():
+                # Refused elsewhere already: not retried here, but reported here too.
+                if version not in state.failed:
+                    record = records[0]
+                    self._failed(adapter, version, state, record.phase,
+                                 f"refused by {record.instance_id}: {record.reason}", {}, remember=True, record_in_store=False)  # fmt: skip
             if target is None or target in state.failed:
                 state.state = "serving" if state.current else "waiting"
                 return None
@@ -266,7 +274,7 @@ class SwapController:
             reason = exc.reason if isinstance(exc, CheckpointRejected) else str(exc)
             phase = exc.phase if isinstance(exc, CheckpointRejected) else phase
             self._undo(handle, replace, installed)
-            return self._failed(adapter, version, state, phase, reason, timings, record_in_store=True)
+            return self._failed(adapter, version, state, phase, reason, timings, remember=True, record_in_store=True)
         except (NoCapacity, VersionBusy, NotFoundError) as exc:  # not the version's fault: retry later
             self._undo(handle, replace, installed)
             state.state = "no-slot" if isinstance(exc, NoCapacity) else "waiting"
@@ -279,7 +287,7 @@ class SwapController:
         except Exception as exc:  # engine or store trouble: not the version's fault, retry later
             self._undo(handle, replace, installed)
             self.watcher.invalidate(adapter)
-            return self._failed(adapter, version, state, phase, f"{type(exc).__name__}: {exc}", timings, record_in_store=False)
+            return self._failed(adapter, version, state, phase, f"{type(exc).__name__}: {exc}", timings, remember=False, record_in_store=False)
         state.state = "serving" if state.current else "waiting"
         state.last_error = None
         record = SwapRecord(
@@ -311,12 +319,15 @@ class SwapController:
 
     def _failed(
         self, adapter: str, version: str, state: _AdapterState, phase: str, reason: str,
-        timings: dict[str, float], *, record_in_store: bool,
+        timings: dict[str, float], *, remember: bool, record_in_store: bool,
     ) -> SwapRecord:
+        """A swap failed. ``remember``: never try this version again here; ``record_in_store``:
+        mark it failed for every engine (a fault of the version, not of this engine)."""
         state.state = "serving" if state.current else "failed"
         state.last_error = f"{adapter}@{version} rejected at {phase}: {reason}"
-        if record_in_store:
+        if remember:
             state.failed[version] = reason
+        if record_in_store:
             try:
                 self.store.record_failure(adapter, version, self.instance_id, phase, reason)
             except (StoreError, OSError) as exc:
@@ -467,6 +478,10 @@ class SwapController:
         state = self._adapters.get(adapter)
         if state is not None and version in state.idle_since:
             state.idle_since[version] = time.monotonic()
+
+    @property
+    def started_at(self) -> float:
+        return self._record.started_at
 
     def record_weight_version(self, version: str | None) -> None:
         """The engine's base weights were replaced (the served adapters stay installed)."""
