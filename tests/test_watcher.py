@@ -1,0 +1,113 @@
+"""Change detection: polling cost is O(adapters), whatever the number of retained versions."""
+
+from __future__ import annotations
+
+import builtins
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.support.fake import write_lora
+from vllm_lora_hotswap.store import CheckpointStore
+from vllm_lora_hotswap.watcher import StoreWatcher
+
+
+@pytest.fixture
+def lora(tmp_path: Path) -> Path:
+    return write_lora(tmp_path / "src", hidden=32, layers=1)
+
+
+class FsOps:
+    """Counts the file-system calls made while active (real calls, just counted)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.counts: Counter[str] = Counter()
+        for module, name in ((os, "stat"), (os, "scandir"), (os, "listdir"), (os, "open"), (builtins, "open")):
+            original = getattr(module, name)
+
+            def counted(*args, __original=original, __name=name, **kwargs):
+                self.counts[__name] += 1
+                return __original(*args, **kwargs)
+
+            monkeypatch.setattr(module, name, counted)
+
+    def measure(self, action) -> int:
+        self.counts.clear()
+        action()
+        return sum(self.counts.values())
+
+
+def test_poll_cost_does_not_grow_with_retained_versions(
+    tmp_path: Path, lora: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = CheckpointStore(tmp_path / "store")
+    adapters = [f"lora{i}" for i in range(20)]
+    for adapter in adapters:
+        store.publish(adapter, lora)
+    watcher = StoreWatcher(store, lambda _: True, poll_interval=5.0, events=False)
+    assert watcher.poll() == set(adapters)
+    ops = FsOps(monkeypatch)
+    few = ops.measure(watcher.poll)
+    start = time.perf_counter()
+    for _ in range(20):
+        watcher.poll()
+    few_seconds = (time.perf_counter() - start) / 20
+
+    monkeypatch.undo()  # create 10,000 retained versions of one adapter, uncounted
+    heavy = store.adapter_dir("lora0")
+    for i in range(10_000):
+        (heavy / f"2020-01-01T00-00-00Z-{i:04d}").mkdir()
+    assert watcher.poll() == {"lora0"}  # the directory changed once
+    ops = FsOps(monkeypatch)
+    many = ops.measure(watcher.poll)
+    start = time.perf_counter()
+    for _ in range(20):
+        watcher.poll()
+    many_seconds = (time.perf_counter() - start) / 20
+
+    # the root: a stat and a listing; each adapter: LATEST and ACTIVE read, its directory stat-ed
+    assert many == few == 2 + 3 * len(adapters), ops.counts
+    with capsys.disabled():
+        print(f"\npoll of 20 adapters: {few} fs calls, {1e3 * few_seconds:.2f} ms; with 10,000 retained versions: "
+              f"{many} fs calls, {1e3 * many_seconds:.2f} ms")  # fmt: skip
+
+
+def test_poll_sees_new_changed_pinned_and_vanished_adapters(tmp_path: Path, lora: Path) -> None:
+    store = CheckpointStore(tmp_path / "store")
+    v1 = store.publish("a", lora)
+    watcher = StoreWatcher(store, lambda name: name != "ignored", poll_interval=5.0, events=False)
+    assert watcher.poll() == {"a"}
+    assert watcher.poll() == set()
+    store.publish("b", lora)
+    store.publish("ignored", lora)
+    assert watcher.poll() == {"b"}
+    store.pin("a", v1)
+    assert watcher.poll() == {"a"}
+    os.rename(store.adapter_dir("b"), tmp_path / "b-moved")
+    assert watcher.poll() == {"b"}
+    watcher.invalidate("a")
+    assert watcher.poll() == {"a"}
+
+
+def test_file_system_events_wake_the_watcher_before_the_poll(tmp_path: Path, lora: Path) -> None:
+    store = CheckpointStore(tmp_path / "store")
+    store.publish("a", lora)
+    watcher = StoreWatcher(store, lambda _: True, poll_interval=60.0, events=True)
+    watcher.poll()
+    stop = threading.Event()
+    watcher.start_events(stop)
+    try:
+        time.sleep(0.5)  # the inotify watch is set up
+        start = time.monotonic()
+        threading.Timer(0.2, store.publish, args=("a", lora)).start()
+        hinted = set()
+        while "a" not in hinted and time.monotonic() - start < 10:
+            hinted |= watcher.wait(10)
+        assert "a" in hinted and time.monotonic() - start < 2.0
+        assert watcher.poll({"a"}) == {"a"}
+    finally:
+        stop.set()
