@@ -242,9 +242,10 @@ class SwapController:
                 staged_bytes = self._wait_staged(handle)
                 lap("stage")
                 phase = "install"
-                self.engine.install(handle, replace)
+                stall = self.engine.install(handle, replace)
                 installed = True
                 lap("install")
+                timings["engine_stall"] = stall  # the part of install that held the engine loop
                 if self.settings.probe:
                     phase = "probe"
                     self.engine.probe(handle)

@@ -26,7 +26,8 @@ class SwapRecord(_Record):
     mode: str = "versioned"
     phase: str | None = None  # where it failed
     error: str | None = None
-    timings: dict[str, float] = Field(default_factory=dict)  # phase -> seconds
+    # phase -> seconds, plus "engine_stall": how long the install held the engine loop (worker side)
+    timings: dict[str, float] = Field(default_factory=dict)
     finished_at: float = 0.0
 
 
