@@ -94,6 +94,25 @@ def make_model(path: Path, spec: ToyModelSpec = TEST_MODEL, seed: int = 0) -> Pa
     return path
 
 
+def pretrain(model_dir: Path, steps: int = 25, learning_rate: float = 3e-3, corpus: Sequence[str] = CORPUS) -> Path:
+    """A few steps of next-token training on ``corpus``, in place: the model then writes
+    corpus-like text (so an RL reward on its words has something to start from)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    batch = tokenizer(list(corpus), return_tensors="pt", padding=True)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    for _ in range(steps):
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return model_dir
+
+
 def make_adapter(
     base_model: Path,
     out: Path,

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +67,7 @@ class Launcher:
         log_dir: Path = Path("lora-hotswap-logs"),
         extra_args: Sequence[str] = (),
         restart: bool = True,
+        env: Mapping[str, str] | None = None,
     ):
         if instances < 1:
             raise ValueError(f"--instances must be at least 1, got {instances}")
@@ -80,6 +81,7 @@ class Launcher:
         self.root = root
         self.extra_args = list(extra_args)
         self.restart = restart
+        self.extra_env = dict(env or {})
         self.gpus_per_instance = gpus_per_instance
         log_dir.mkdir(parents=True, exist_ok=True)
         self.instances = [
@@ -106,6 +108,7 @@ class Launcher:
     def _env(self, instance: Instance) -> dict[str, str]:
         env = {
             **os.environ,
+            **self.extra_env,
             "VLLM_HOTSWAP_ROOT": self.root,
             "VLLM_HOTSWAP_INSTANCE_ID": instance.instance_id,
             "VLLM_HOTSWAP_ADAPTERS": instance.adapters,
@@ -155,6 +158,8 @@ class Launcher:
                 on_progress(self.instances)
             if all(i.state == "healthy" for i in self.instances):
                 return True
+            if any(i.state == "exited" for i in self.instances):
+                return False  # died and not restarted: waiting longer cannot help
             time.sleep(0.5)
         return False
 
