@@ -46,7 +46,9 @@ class HotSwapSettings(BaseSettings):
     probe_prompt: str = Field(
         default="Hello", min_length=1, description="Prompt text of the probe generation."
     )
-    probe_max_tokens: int = Field(default=4, ge=1, le=64, description="Tokens the probe generates.")
+    probe_max_tokens: int = Field(
+        default=1, ge=1, le=64, description="Tokens the probe generates (one is a full prefill and a sampled token)."
+    )
     mode: Literal["versioned", "inplace"] = Field(
         default="versioned",
         description="versioned: each request runs on one version; inplace: new weights take "

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 
 from ..events import EventBus, SwapEvent
 from ..metrics import HotSwapMetrics
@@ -37,28 +36,15 @@ from ..store import (
     StoreError,
     StoreUnavailableError,
     SwapRecord,
+    UnreadableError,
     VersionInfo,
 )
 from ..watcher import StoreWatcher
+from .compat import check_compatible
 from .engine_api import CheckpointRejected, EngineAdapter, LoraHandle, NoCapacity
+from .slots import AdapterState, SlotTable, VersionBusy
 
 logger = logging.getLogger("vllm.lora_hotswap")
-
-
-class VersionBusy(Exception):
-    """A version's LoRA name still has requests in flight under an older slot id."""
-
-
-@dataclass
-class _AdapterState:
-    current: LoraHandle | None = None
-    installed: dict[str, LoraHandle] = field(default_factory=dict)  # version -> handle
-    idle_since: dict[str, float] = field(default_factory=dict)  # non-current versions
-    failed: dict[str, str] = field(default_factory=dict)  # version -> reason, not retried
-    nbytes: dict[str, int] = field(default_factory=dict)  # staged host bytes per installed version
-    state: str = "waiting"
-    last_swap: SwapRecord | None = None
-    last_error: str | None = None
 
 
 class SwapController:
@@ -94,8 +80,7 @@ class SwapController:
             poll_interval=settings.poll_interval,
             mode=settings.mode,
         )
-        self._adapters: dict[str, _AdapterState] = {}
-        self._ids: dict[tuple[str, str], int] = {}
+        self.slots = SlotTable(engine, self.limits, settings)
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -121,7 +106,7 @@ class SwapController:
         while not self._stop.is_set():
             now = time.monotonic()
             timeout = max(0.0, next_poll - now)
-            if any(s.idle_since for s in self._adapters.values()):
+            if self.slots.has_idle:
                 timeout = min(timeout, 0.5)  # versions to retire: look again soon
             hinted = self.watcher.wait(timeout)
             if self._stop.is_set():
@@ -131,7 +116,7 @@ class SwapController:
                     next_poll = time.monotonic() + self.settings.poll_interval
                     self.sync_once()
                 else:
-                    self.sync_once(only=hinted) if hinted else self._housekeeping()
+                    self.sync_once(only=hinted) if hinted or self.slots.slot_freed else self._housekeeping()
             except Exception:  # the loop must survive anything; the next poll retries
                 logger.exception("hot-swap controller iteration failed")
 
@@ -149,6 +134,7 @@ class SwapController:
                 logger.error("hot-swap: %s; still serving the last good versions", exc)
             self._store_error = str(exc)
             changed = set()
+        changed |= self.slots.take_waiting()
         for adapter in sorted(changed):
             record = self._sync_adapter(adapter)
             if record is not None:
@@ -157,13 +143,16 @@ class SwapController:
         return records
 
     def _housekeeping(self, force_heartbeat: bool = False) -> None:
-        retired = self._retire_idle()
+        with self._lock:
+            retired = self.slots.retire_idle()
+        if retired:
+            self._update_slot_metrics()
         if force_heartbeat or retired or time.time() - self._last_heartbeat >= self.settings.poll_interval:
             self._heartbeat()
 
     def _sync_adapter(self, adapter: str) -> SwapRecord | None:
         with self._lock:
-            state = self._adapters.setdefault(adapter, _AdapterState())
+            state = self.slots.state(adapter)
             try:
                 if not self.store.adapter_dir(adapter).is_dir():
                     if state.current is not None:
@@ -195,7 +184,7 @@ class SwapController:
             return self._swap(adapter, target, state, make_current=True)
 
     # -- the pipeline ------------------------------------------------------------------
-    def _swap(self, adapter: str, version: str, state: _AdapterState, *, make_current: bool) -> SwapRecord:
+    def _swap(self, adapter: str, version: str, state: AdapterState, *, make_current: bool) -> SwapRecord:
         started = time.time()
         lap_start = time.perf_counter()
         timings: dict[str, float] = {}
@@ -214,28 +203,17 @@ class SwapController:
         info: VersionInfo | None = None
         state.state = "swapping"
         try:
+            handle = state.installed.get(version)
+            # The slot first: an adapter waiting for one must not re-read its files at every poll.
+            if handle is None:
+                replace = self.slots.slot_for(adapter, version, make_current=make_current)
             info = self.store.validate(adapter, version)
             if make_current:  # since the store changed: a publish, or a pin/follow of an older version
                 changed_at = max(info.ready_at, self.store.adapter_dir(adapter).stat().st_mtime)
                 timings["detect"] = max(0.0, started - changed_at)
-            self._check_compatible(info)
-            handle = state.installed.get(version)
+            check_compatible(info.config, self.limits)
             if handle is None:
-                if make_current and state.current is not None and self.settings.mode == "inplace":
-                    replace = state.current
-                elif not self._has_capacity():
-                    self._evict_one_idle()
-                    if not self._has_capacity():
-                        if not (make_current and state.current is not None):
-                            raise NoCapacity(
-                                f"all {self.limits.max_cpu_loras} LoRA slots (--max-cpu-loras) are in use"
-                            )
-                        replace = state.current
-                        logger.warning(
-                            "hot-swap: %s: no spare LoRA slot for a versioned swap; swapping %s in place "
-                            "(raise --max-cpu-loras to keep versioned semantics)", adapter, version,
-                        )
-                handle = self._handle_for(adapter, version, replace, make_current)
+                handle = self.slots.handle_for(adapter, version, str(self.store.version_dir(adapter, version)), replace, make_current)
                 lap("validate")
                 phase = "stage"
                 self.engine.stage(handle)
@@ -276,14 +254,17 @@ class SwapController:
             phase = exc.phase if isinstance(exc, CheckpointRejected) else phase
             self._undo(handle, replace, installed)
             return self._failed(adapter, version, state, phase, reason, timings, remember=True, record_in_store=True)
-        except (NoCapacity, VersionBusy, NotFoundError) as exc:  # not the version's fault: retry later
+        except (NoCapacity, VersionBusy, NotFoundError, UnreadableError) as exc:  # not the version's fault: retry later
             self._undo(handle, replace, installed)
             state.state = "no-slot" if isinstance(exc, NoCapacity) else "waiting"
             message = f"{adapter}@{version} waits: {exc}"
-            if state.last_error != message:  # retried every poll: say it once
+            if state.last_error != message:  # retried later: say it once
                 logger.warning("hot-swap: %s", message)
             state.last_error = message
-            self.watcher.invalidate(adapter)
+            if isinstance(exc, NoCapacity):
+                self.slots.wait_for_slot(adapter)  # tried again when a slot frees, not at every poll
+            else:
+                self.watcher.invalidate(adapter)
             return self._record_swap(adapter, state, SwapRecord(version=version, result="waiting", phase=phase, error=str(exc), timings=timings, finished_at=time.time()))
         except Exception as exc:  # engine or store trouble: not the version's fault, retry later
             self._undo(handle, replace, installed)
@@ -306,7 +287,7 @@ class SwapController:
                 self.metrics.served(adapter, version)
         return self._record_swap(adapter, state, record)
 
-    def _record_swap(self, adapter: str, state: _AdapterState, record: SwapRecord) -> SwapRecord:
+    def _record_swap(self, adapter: str, state: AdapterState, record: SwapRecord) -> SwapRecord:
         state.last_swap = record
         if self.metrics is not None:
             self.metrics.swap(adapter, record)
@@ -315,11 +296,10 @@ class SwapController:
 
     def _update_slot_metrics(self) -> None:
         if self.metrics is not None:
-            states = list(self._adapters.values())
-            self.metrics.installed(sum(len(s.installed) for s in states), sum(sum(s.nbytes.values()) for s in states))
+            self.metrics.installed(self.slots.installed_count, self.slots.installed_bytes)
 
     def _failed(
-        self, adapter: str, version: str, state: _AdapterState, phase: str, reason: str,
+        self, adapter: str, version: str, state: AdapterState, phase: str, reason: str,
         timings: dict[str, float], *, remember: bool, record_in_store: bool,
     ) -> SwapRecord:
         """A swap failed. ``remember``: never try this version again here; ``record_in_store``:
@@ -357,21 +337,6 @@ class SwapController:
         logger.log(level, "hotswap swap adapter=%s version=%s result=%s mode=%s %s%s",
                    adapter, record.version, record.result, record.mode, fields, extra)
 
-    def _check_compatible(self, info: VersionInfo) -> None:
-        config = info.config
-        rank = max([config.r, *config.rank_pattern.values()])
-        if rank > self.limits.max_lora_rank:
-            raise CheckpointRejected("validate", f"rank {rank} exceeds the engine's --max-lora-rank {self.limits.max_lora_rank}")
-        if config.bias != "none":
-            raise CheckpointRejected("validate", f"bias={config.bias!r}: vLLM serves LoRA adapters only with bias='none'")
-        if config.base_model and self.limits.base_models:
-            wanted = {_model_key(m) for m in self.limits.base_models}
-            if _model_key(config.base_model) not in wanted:
-                raise CheckpointRejected(
-                    "validate",
-                    f"trained on base model {config.base_model!r}; this engine serves {self.limits.base_models[0]!r}",
-                )
-
     def _wait_staged(self, handle: LoraHandle) -> int:
         """Wait for every worker to stage ``handle``; returns the staged bytes."""
         deadline = time.monotonic() + self.settings.stage_timeout
@@ -387,61 +352,7 @@ class SwapController:
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-    def _handle_for(self, adapter: str, version: str, replace: LoraHandle | None, current: bool) -> LoraHandle:
-        path = str(self.store.version_dir(adapter, version))
-        # In-place mode serves the current weights under the adapter's own name (one
-        # slot id for all its versions); every other version has a name of its own.
-        name = adapter if self.settings.mode == "inplace" and current else f"{adapter}@{version}"
-        if replace is not None:
-            self._ids.pop((adapter, replace.version), None)  # that id no longer holds the old weights
-            self._ids[(adapter, version)] = replace.lora_id
-            return LoraHandle(adapter, version, replace.lora_id, name, path)
-        lora_id = self._ids.get((adapter, version))
-        if lora_id is None:
-            probe = LoraHandle(adapter, version, 0, name, path)
-            if self.engine.in_flight(probe):
-                raise VersionBusy(f"requests for {name} under an older slot are still running")
-            lora_id = self._ids[(adapter, version)] = self.engine.new_lora_id()
-        return LoraHandle(adapter, version, lora_id, name, path)
-
-    # -- capacity and retirement -------------------------------------------------------
-    def _has_capacity(self) -> bool:
-        return sum(len(s.installed) for s in self._adapters.values()) < self.limits.max_cpu_loras
-
-    def _evict_one_idle(self) -> bool:
-        candidates = [
-            (since, adapter, version)
-            for adapter, s in self._adapters.items()
-            for version, since in s.idle_since.items()
-        ]
-        for _, adapter, version in sorted(candidates):
-            state = self._adapters[adapter]
-            if self.engine.in_flight(state.installed[version]) == 0:
-                self._remove_version(adapter, state, version)
-                return True
-        return False
-
-    def _retire_idle(self) -> bool:
-        retired = False
-        with self._lock:
-            now = time.monotonic()
-            for adapter, state in self._adapters.items():
-                for version, since in list(state.idle_since.items()):
-                    if now - since >= self.settings.retire_grace and self.engine.in_flight(state.installed[version]) == 0:
-                        self._remove_version(adapter, state, version)
-                        retired = True
-        return retired
-
-    def _remove_version(self, adapter: str, state: _AdapterState, version: str) -> None:
-        handle = state.installed.pop(version)
-        state.idle_since.pop(version, None)
-        state.nbytes.pop(version, None)
-        self.engine.unroute(adapter, version)
-        self.engine.remove(handle)
-        self._update_slot_metrics()
-        logger.info("hotswap retired adapter=%s version=%s", adapter, version)
-
-    def _retire_adapter(self, adapter: str, state: _AdapterState) -> None:
+    def _retire_adapter(self, adapter: str, state: AdapterState) -> None:
         """The store retired ``adapter``: stop routing it, free slots as requests finish."""
         if state.current is None:
             return
@@ -458,7 +369,7 @@ class SwapController:
     def ensure(self, adapter: str, version: str) -> LoraHandle:
         """Install ``adapter@version`` (a retained, non-active version) for a request that pins it."""
         with self._lock:
-            state = self._adapters.setdefault(adapter, _AdapterState())
+            state = self.slots.state(adapter)
             handle = state.installed.get(version)
             if handle is not None:
                 self.touch(adapter, version)
@@ -476,7 +387,7 @@ class SwapController:
 
     def touch(self, adapter: str, version: str) -> None:
         """A request used a non-current version: restart its idle clock."""
-        state = self._adapters.get(adapter)
+        state = self.slots.adapters.get(adapter)
         if state is not None and version in state.idle_since:
             state.idle_since[version] = time.monotonic()
 
@@ -493,7 +404,7 @@ class SwapController:
         self._heartbeat()
 
     def current(self, adapter: str) -> LoraHandle | None:
-        state = self._adapters.get(adapter)
+        state = self.slots.adapters.get(adapter)
         return state.current if state else None
 
     def status(self) -> InstanceRecord:
@@ -507,7 +418,7 @@ class SwapController:
                 last_swap=s.last_swap,
                 last_error=s.last_error,
             )
-            for name, s in sorted(list(self._adapters.items()))
+            for name, s in sorted(list(self.slots.adapters.items()))
         }
         return self._record.model_copy(
             update={
@@ -526,6 +437,3 @@ class SwapController:
         except (StoreError, OSError) as exc:
             logger.debug("hot-swap: heartbeat not written: %s", exc)
 
-
-def _model_key(name: str) -> str:
-    return name.rstrip("/").rsplit("/", 1)[-1].lower()

@@ -1,7 +1,14 @@
 """The versioned checkpoint store (the on-disk protocol; no vLLM import)."""
 
 from .checkpoint import AdapterConfig, ReadyManifest, validate_checkpoint_dir
-from .errors import InvalidCheckpointError, InvalidNameError, NotFoundError, StoreError, UnsafePathError
+from .errors import (
+    InvalidCheckpointError,
+    InvalidNameError,
+    NotFoundError,
+    StoreError,
+    UnreadableError,
+    UnsafePathError,
+)
 from .names import check_adapter_name, next_version, split_served_name
 from .records import AdapterServing, FailureRecord, InstanceRecord, SwapRecord
 from .store import CheckpointStore, GcReport, StoreUnavailableError, VersionEntry, VersionInfo
@@ -20,6 +27,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailableError",
     "SwapRecord",
+    "UnreadableError",
     "UnsafePathError",
     "VersionEntry",
     "VersionInfo",

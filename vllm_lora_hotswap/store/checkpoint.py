@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidCheckpointError
+from .errors import InvalidCheckpointError, UnreadableError
 from .files import hash_file, parse_json_bounded
 
 CONFIG_FILE = "adapter_config.json"
@@ -127,7 +127,7 @@ def read_adapter_config(directory: Path) -> AdapterConfig:
     except FileNotFoundError:
         raise InvalidCheckpointError(f"{path}: missing (a PEFT LoRA needs adapter_config.json)") from None
     except OSError as exc:
-        raise InvalidCheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+        raise UnreadableError(f"{path}: cannot read ({exc.strerror})") from None
     return parse_adapter_config(data, str(path))
 
 
@@ -165,7 +165,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorSpec]:
                 )
             header_bytes = reader.read(header_len)
     except OSError as exc:
-        raise InvalidCheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+        raise UnreadableError(f"{path}: cannot read ({exc.strerror})") from None
     header = parse_json_bounded(header_bytes, str(path), max_bytes=MAX_HEADER_BYTES)
     if not isinstance(header, dict):
         raise InvalidCheckpointError(f"{path}: corrupt safetensors header")
@@ -333,6 +333,6 @@ def verify_manifest(directory: Path, manifest: ReadyManifest) -> None:
         try:
             _, sha = hash_file(path)
         except OSError as exc:
-            raise InvalidCheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+            raise UnreadableError(f"{path}: cannot read ({exc.strerror})") from None
         if sha != digest.sha256:
             raise InvalidCheckpointError(f"{path}: checksum mismatch (sha256 {sha[:12]}…, READY says {digest.sha256[:12]}…)")

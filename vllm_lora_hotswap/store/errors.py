@@ -17,5 +17,10 @@ class InvalidCheckpointError(StoreError, ValueError):
     """An adapter checkpoint (config, weights, READY, metadata) fails validation."""
 
 
+class UnreadableError(StoreError):
+    """A file exists but cannot be read here (permissions, an I/O error): a fault of
+    this reader, not of the checkpoint, so no engine records the version as failed."""
+
+
 class NotFoundError(StoreError, LookupError):
     """An adapter or version does not exist (or is not READY)."""

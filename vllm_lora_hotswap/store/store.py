@@ -329,6 +329,9 @@ class CheckpointStore:
             digests = {name: FileDigest(*copy_and_hash(src / name, staging / name)) for name in (CONFIG_FILE, weights.name)}
             with self._publish_lock(adapter_dir):
                 version = self._commit(adapter_dir, staging, adapter, src, config, extra, digests)
+        except OSError as exc:  # e.g. the file system is full: nothing was committed
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StoreError(f"publishing {adapter} from {src} into {self.root} failed: {exc.strerror or exc}; nothing was published") from exc
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
