@@ -10,6 +10,8 @@ TORCH_INDEX_URL ?=
 PIP_INDEX := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+# make bench QUICK=1: fewer repetitions, shorter phases (a few minutes instead of ~40).
+QUICK ?=
 
 .PHONY: install test demo bench soak clean
 
@@ -30,6 +32,13 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m vllm_lora_hotswap.demo $(DEMO_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks $(if $(QUICK),--quick)
+
+# The soak test in full: 1,000 swaps under 16 streaming clients (CI runs 100).
+soak: $(STAMP)
+	HOTSWAP_SOAK_SWAPS=1000 $(PY) -m pytest tests/test_soak.py --timeout 5400 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

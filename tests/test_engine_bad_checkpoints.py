@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from collections.abc import Callable
@@ -46,7 +47,48 @@ def _no_weights(src: Path) -> None:
     (src / "adapter_model.safetensors").unlink()
 
 
-CASES = {
+def _flip_last_byte(src: Path) -> None:
+    weights = src / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+
+PWNED = Path("/tmp/lora-hotswap-engine-pwned")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {PWNED}",))
+
+
+def _pickle_that_runs_code(src: Path) -> None:
+    (src / "adapter_model.safetensors").unlink()
+    with open(src / "adapter_model.bin", "wb") as out:
+        pickle.dump({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": _RunsCode()}, out)
+
+
+def _huge_config(src: Path) -> None:
+    config = json.loads((src / "adapter_config.json").read_text())
+    config["padding"] = "x" * (2 << 20)
+    (src / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _deep_config(src: Path) -> None:
+    config = json.loads((src / "adapter_config.json").read_text())
+    nested: object = 1
+    for _ in range(64):
+        nested = [nested]
+    config["nested"] = nested
+    (src / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _no_change(src: Path) -> None:
+    pass
+
+
+# case: (damage before commit, reason in the error, damage after READY recorded the checksums)
+CASES: dict[str, tuple[Callable[[Path], None], str] | tuple[Callable[[Path], None], str, Callable[[Path], None]]] = {
     "truncated": (_truncated, "truncated"),
     "corrupt": (_corrupt, "corrupt"),
     "nan": (_replace(lambda d: write_lora(d, value=float("nan"))), "NaN or inf"),
@@ -57,6 +99,10 @@ CASES = {
     "base-shape": (_replace(lambda d: write_lora(d, hidden=256, base_model="tiny-llama")), "different base model"),
     "no-config": (_no_config, "adapter_config.json: missing"),
     "ready-without-weights": (_no_weights, "no weight file"),
+    "checksum-mismatch": (_no_change, "checksum mismatch", _flip_last_byte),
+    "pickle-that-runs-code": (_pickle_that_runs_code, "weights_only=True"),
+    "oversized-config": (_huge_config, "over the"),
+    "deeply-nested-config": (_deep_config, "nested deeper"),
 }
 
 
@@ -70,11 +116,12 @@ def test_bad_version_is_refused_and_the_last_good_one_keeps_serving(
     v1 = store.publish(adapter, good)
     engine.wait_served(adapter, v1)
 
-    damage, reason = CASES[case]
+    damage, reason, *after_ready = CASES[case]
     src = tmp_path / "bad"
     subprocess.run(["cp", "-r", str(good), str(src)], check=True)
     damage(src)
-    v2 = inject_version(store, adapter, src)
+    PWNED.unlink(missing_ok=True)
+    v2 = inject_version(store, adapter, src, after_ready=after_ready[0] if after_ready else None)
 
     def refused() -> bool:
         swap = engine.adapters()[adapter]["last_swap"]
@@ -86,6 +133,7 @@ def test_bad_version_is_refused_and_the_last_good_one_keeps_serving(
     for prompt in PROMPTS:
         assert engine.tokens(adapter, prompt) == (f"{adapter}@{v1}", reference(good, prompt))
     assert any(reason in f.reason for f in store.failures(adapter, v2))  # no engine retries it
+    assert not PWNED.exists()
 
     status = subprocess.run(
         [sys.executable, "-m", "vllm_lora_hotswap.cli", "status", "--root", str(store.root), "--json"],

@@ -199,14 +199,35 @@ def test_system_status_custom_configs_and_blue_green(fleet: Fleet, make_lora, re
     assert CheckpointStore(fleet.root).is_retired("custom_lora7-green")
 
 
-def test_killed_instance_is_restarted_marked_stale_meanwhile_and_converges(fleet: Fleet, make_lora, reference) -> None:
+def _vllm_process(server: psutil.Process, title: str) -> psutil.Process:
+    """The descendant of ``server`` whose process title (vLLM sets them) contains ``title``."""
+    for process in server.children(recursive=True):
+        if title in process.name() or title in " ".join(process.cmdline()):
+            return process
+    raise AssertionError(f"no {title} under {server.pid}: {[p.name() for p in server.children(recursive=True)]}")
+
+
+@pytest.mark.parametrize("victim_process", ["worker", "api-server"])
+def test_killed_instance_is_restarted_marked_stale_meanwhile_and_converges(
+    fleet: Fleet, make_lora, reference, victim_process: str
+) -> None:
+    """SIGKILL of the worker (the engine dies, vLLM's watchdog stops the API server) or of
+    the API server alone (its engine core and worker are left behind): the launcher
+    clears what is left and restarts the instance, which converges on the store."""
     store = CheckpointStore(fleet.root)
-    lora = make_lora(106)
-    version = store.publish("restart", lora)
+    lora = make_lora(106 if victim_process == "worker" else 107)
+    adapter = f"restart-{victim_process}"
+    version = store.publish(adapter, lora)
     victim_url = fleet.urls[1]
     server = next(p for p in psutil.Process(fleet.process.pid).children()
                   if f"--port {fleet.base_port + 1}" in " ".join(p.cmdline()))  # fmt: skip
-    os.killpg(server.pid, signal.SIGKILL)  # API server, engine core and worker at once
+    left_behind = server.children(recursive=True)
+    if victim_process == "worker":
+        _vllm_process(server, "Worker").kill()
+    else:
+        server.kill()
+    _, alive = psutil.wait_procs([server, *left_behind], timeout=30)
+    assert not alive, f"left running after the kill: {[p.name() for p in alive]}"
     victim = f"{os.uname().nodename}:{fleet.base_port + 1}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -222,16 +243,16 @@ def test_killed_instance_is_restarted_marked_stale_meanwhile_and_converges(fleet
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{victim_url}/v1/lora/adapters", timeout=2).json()["adapters"]["restart"]["served_version"] == version:
+            if httpx.get(f"{victim_url}/v1/lora/adapters", timeout=2).json()["adapters"][adapter]["served_version"] == version:
                 break
         except (httpx.HTTPError, KeyError, json.JSONDecodeError):
             pass
         time.sleep(1)
     else:
         raise AssertionError("the restarted instance did not converge")
-    assert fleet.tokens(victim_url, "restart", PROMPTS[0]) == (f"restart@{version}", reference(lora, PROMPTS[0]))
+    assert fleet.tokens(victim_url, adapter, PROMPTS[0]) == (f"{adapter}@{version}", reference(lora, PROMPTS[0]))
     converged = {a.adapter: a.converged for a in fleet_status(store).adapters}
-    assert converged["restart"]
+    assert converged[adapter]
 
 
 def test_ctrl_c_stops_a_starting_fleet_without_orphans(toy_model: Path, tmp_path: Path) -> None:

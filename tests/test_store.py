@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import stat
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -97,13 +98,39 @@ def test_two_concurrent_publishers_of_one_adapter(store: CheckpointStore, lora: 
         store.validate("lora1", version)
 
 
-def test_publisher_killed_mid_copy_leaves_no_ready_version(store: CheckpointStore, tmp_path: Path) -> None:
-    big = write_lora(tmp_path / "big", rank=16, hidden=4096, layers=16)  # ~30 MB: the copy takes a while
-    delays = kill_publishes(store, big, trials=10)
+def test_publisher_killed_at_random_points_never_leaves_a_partial_ready_version(
+    store: CheckpointStore, tmp_path: Path
+) -> None:
+    """100 publishers SIGKILLed at random moments while a reader validates every
+    READY version it sees; gc then removes what the killed ones left behind."""
+    source = write_lora(tmp_path / "big", rank=16, hidden=2048, layers=8)  # ~4 MB: a copy worth interrupting
+    seen: set[str] = set()
+    partial: list[str] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            for version in store.versions("lora1"):
+                try:
+                    store.validate("lora1", version)
+                    seen.add(version)
+                except InvalidCheckpointError as exc:
+                    partial.append(f"{version}: {exc}")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        delays = kill_publishes(store, source, trials=100)
+    finally:
+        stop.set()
+        thread.join()
+    assert not partial
     staging = store.adapter_dir("lora1") / ".staging"
-    assert any(staging.iterdir()), f"no kill landed during a copy: {delays} {os.listdir(store.adapter_dir('lora1'))}"
+    assert any(staging.iterdir()), f"no kill landed during a copy: {delays}"
+    assert len(store.versions("lora1")) < 101, "no kill landed before a commit"
+    assert seen, "the reader never saw a READY version"
     for version in store.versions("lora1"):
-        store.validate("lora1", version)  # every READY version is whole
+        store.validate("lora1", version)
     report = store.gc(grace=0)
     assert report.abandoned and not list(staging.iterdir())
 

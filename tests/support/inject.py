@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,9 +19,16 @@ from vllm_lora_hotswap.store.files import atomic_write, hash_file
 
 
 def inject_version(
-    store: CheckpointStore, adapter: str, src: Path, *, manifest: bool = True, ready: bool = True
+    store: CheckpointStore,
+    adapter: str,
+    src: Path,
+    *,
+    manifest: bool = True,
+    ready: bool = True,
+    after_ready: Callable[[Path], None] | None = None,
 ) -> str:
-    """Commit ``src``'s files as a new version of ``adapter`` without validating them."""
+    """Commit ``src``'s files as a new version of ``adapter`` without validating them
+    (``after_ready`` changes the files once READY has recorded their checksums)."""
     adapter_dir = store.adapter_dir(adapter)
     adapter_dir.mkdir(parents=True, exist_ok=True)
     newest = max(store._version_names(adapter), default=None)
@@ -33,6 +41,8 @@ def inject_version(
             p.name: FileDigest(*hash_file(p)) for p in sorted(staging.iterdir()) if manifest and p.is_file()
         }
         atomic_write(staging / "READY", ReadyManifest(files=digests).to_json() if manifest else b"")
+    if after_ready is not None:
+        after_ready(staging)
     os.rename(staging, adapter_dir / version)
     atomic_write(adapter_dir / "LATEST", version.encode())
     return version

@@ -112,6 +112,10 @@ class VllmServer:
         data = self.complete(model, prompt, max_tokens, **extra)
         return data["model"], data["choices"][0]["token_ids"]
 
+    def adapters_record(self) -> dict[str, Any]:
+        """The instance's whole status record (``/v1/lora/adapters``)."""
+        return self.client.get("/v1/lora/adapters").json()
+
     def adapters(self) -> dict[str, Any]:
         return self.client.get("/v1/lora/adapters").json()["adapters"]
 

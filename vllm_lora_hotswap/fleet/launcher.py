@@ -140,6 +140,9 @@ class Launcher:
             code = process.poll()
             if code is not None:
                 instance.exit_codes.append(code)
+                # An API server killed alone leaves its engine core and worker behind in
+                # its process group, holding memory (and the GPU): stop them first.
+                _signal_group(process, signal.SIGKILL)
                 if self.restart and not self._stopping.is_set():
                     instance.restarts += 1
                     instance.state = "restarting"

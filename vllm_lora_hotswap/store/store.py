@@ -437,7 +437,12 @@ class CheckpointStore:
     # -- instances ---------------------------------------------------------------------
     def write_instance_record(self, record: InstanceRecord) -> None:
         directory = self.root / INSTANCES_DIR
-        make_dir(directory)
+        self._require_root()
+        try:
+            # Not make_dir: a heartbeat must never recreate a root that was unmounted or moved.
+            os.mkdir(directory, 0o755)
+        except FileExistsError:
+            pass
         atomic_write(directory / f"{check_instance_id(record.instance_id)}.json", record.model_dump_json(indent=2).encode())
 
     def instance_records(self) -> list[InstanceRecord]:

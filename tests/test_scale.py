@@ -1,0 +1,98 @@
+"""A store of 200 adapters × 50 versions plus one adapter with 10,000 versions under a
+running engine: the poll stays O(adapters), the engine's decode rate holds, and a
+new version is still served within the poll interval."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROMPTS
+from tests.support.server import VllmServer
+from tests.test_watcher import FsOps
+from vllm_lora_hotswap.store import CheckpointStore
+from vllm_lora_hotswap.store.names import timestamp_name
+from vllm_lora_hotswap.watcher import StoreWatcher
+
+pytestmark = pytest.mark.engine
+
+ADAPTERS = 200
+VERSIONS = 50
+DEEP_VERSIONS = 10_000
+POLL_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def scale_engine(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VllmServer, CheckpointStore]]:
+    root = tmp_path_factory.mktemp("scale-store")
+    log = tmp_path_factory.mktemp("logs") / "scale-engine.log"
+    # Polling only: the poll is what must stay cheap.
+    server = VllmServer(toy_model, root, log, env={"VLLM_HOTSWAP_EVENTS": "0", "VLLM_HOTSWAP_POLL_INTERVAL": str(POLL_S)})
+    yield server.start(), CheckpointStore(root)
+    server.stop()
+
+
+def _fill(store: CheckpointStore, adapter: str, template: Path, count: int, start: datetime) -> None:
+    """``count`` READY versions of ``adapter`` older than any real publish: hard links to
+    ``template``'s files (the same bytes, so every version validates)."""
+    adapter_dir = store.adapter_dir(adapter)
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    files = sorted(template.iterdir())
+    for i in range(count):
+        version = adapter_dir / timestamp_name(start + timedelta(seconds=i))
+        version.mkdir()
+        for file in files:
+            os.link(file, version / file.name)
+    (adapter_dir / "LATEST").write_text(version.name)
+
+
+def _decode_rate(engine: VllmServer, model: str) -> float:
+    """Tokens per second of one 96-token greedy completion, median of three."""
+    rates = []
+    for _ in range(3):
+        start = time.perf_counter()
+        engine.complete(model, PROMPTS[0], max_tokens=96, ignore_eos=True)
+        rates.append(96 / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def test_200_adapters_and_10000_versions(scale_engine, make_lora, reference, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, store = scale_engine
+    lora_v1, lora_v2 = make_lora(141), make_lora(142)
+    first = store.publish("deep", lora_v1)
+    engine.wait_served("deep", first)
+    engine.complete("deep", PROMPTS[0], max_tokens=4)  # warm
+    before = _decode_rate(engine, "deep")
+
+    template = store.version_dir("deep", first)
+    old = datetime(2020, 1, 1, tzinfo=UTC)
+    _fill(store, "deep", template, DEEP_VERSIONS, old)
+    (store.adapter_dir("deep") / "LATEST").write_text(first)
+    for i in range(ADAPTERS):
+        _fill(store, f"scale-{i:03d}", template, VERSIONS, old)
+    engine.wait_until(lambda: len(engine.adapters()) == ADAPTERS + 1, 120, "every adapter to be seen")
+    states = [a["state"] for a in engine.adapters().values()]
+    # 8 host slots (--max-cpu-loras): the rest wait for one, and say so.
+    assert states.count("serving") == 8 and states.count("no-slot") == ADAPTERS + 1 - 8, states
+    assert engine.adapters()["deep"]["served_version"] == first
+
+    after = _decode_rate(engine, "deep")
+    assert after >= 0.75 * before, f"decode rate fell from {before:.1f} to {after:.1f} tokens/s"
+
+    second = store.publish("deep", lora_v2)
+    published = time.monotonic()
+    engine.wait_served("deep", second, timeout=30)
+    assert time.monotonic() - published < POLL_S + 5
+    assert engine.tokens("deep", PROMPTS[0]) == (f"deep@{second}", reference(lora_v2, PROMPTS[0]))
+
+    # The poll itself: a listing of the root and three small reads per adapter, however many versions.
+    watcher = StoreWatcher(store, lambda _: True, poll_interval=POLL_S, events=False)
+    watcher.poll()
+    ops = FsOps(monkeypatch)
+    assert ops.measure(watcher.poll) == 2 + 3 * (ADAPTERS + 1), ops.counts
