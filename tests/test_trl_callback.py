@@ -20,7 +20,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, TrainerControl, TrainerState, TrainingArguments
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from trl_callbacks import HotSwapCallback, sharded_training
 from trl_callbacks.sharding import FSDP, ZERO3
@@ -372,3 +372,51 @@ def test_publication_metadata_is_json(tmp_path: Path, peft_model: PeftModel) -> 
     raw = json.loads((callback.store.version_dir("lora1", version) / "metadata.json").read_text())  # type: ignore
     assert raw["experiment"] == {"name": "x", "seed": 1} and raw["reward"] == 0.25
     assert raw["peft_config"]["target_modules"] and raw["peft_config"]["peft_type"] == "LORA"
+
+
+class _ServedCheck(TrainerCallback):
+    """After each log that published (the publisher runs first), wait, training paused
+    mid-run, until the running engine serves the new version, and record what it answers."""
+
+    def __init__(self, publisher: HotSwapCallback, engine: Any, prompt: str):
+        self.publisher, self.engine, self.prompt = publisher, engine, prompt
+        self.seen: list[tuple[int, str, tuple[str, list[int]]]] = []
+
+    def on_log(self, args: Any, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+        if len(self.publisher.publications) == len(self.seen):  # this log published nothing
+            return
+        assert self.publisher.flush(60)
+        version = self.publisher.publications[-1].version
+        assert version is not None, self.publisher.publications[-1].error
+        self.engine.wait_served(self.publisher.adapter, version)
+        self.seen.append((state.global_step, version, self.engine.tokens(self.publisher.adapter, self.prompt)))
+
+
+@pytest.mark.engine
+def test_a_running_engine_serves_each_version_while_training_goes_on(
+    engine: Any, shared_store: CheckpointStore, toy_model: Path, tmp_path: Path, reference
+) -> None:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from tests.conftest import PROMPTS
+
+    publisher = HotSwapCallback(shared_store.root, "trl-live", on_improvement=False, every_n_steps=2)
+    check = _ServedCheck(publisher, engine, PROMPTS[0])
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"), use_vllm=False, per_device_train_batch_size=4, num_generations=2,
+        max_completion_length=8, max_steps=6, logging_steps=1, learning_rate=5e-2, report_to="none",
+        save_strategy="no", use_cpu=True, bf16=False, seed=1, disable_tqdm=True,
+    )  # fmt: skip
+    dataset = Dataset.from_dict({"prompt": ["the quick brown fox", "hello world", "yes yes"] * 4})
+    trainer = GRPOTrainer(
+        model=str(toy_model), reward_funcs=reward_yes, args=args, train_dataset=dataset,
+        peft_config=LoraConfig(**LORA), callbacks=[publisher, check],
+    )  # fmt: skip
+    trainer.train()
+    assert [step for step, _, _ in check.seen] == [2, 4, 6]
+    versions = [version for _, version, _ in check.seen]
+    assert len(set(versions)) == 3
+    for _, version, served in check.seen:
+        directory = shared_store.version_dir("trl-live", version)
+        assert served == (f"trl-live@{version}", reference(directory, PROMPTS[0]))
