@@ -96,6 +96,8 @@ class HotSwapEndpoints:
         install_serving_hooks(models, controller, settings)
         state.lora_hotswap = controller
         logger.info("vllm-lora-hotswap: following %s as instance %s", settings.root, instance_id)
+        if settings.probe:
+            await engine.warm_up()
         await loop.run_in_executor(None, controller.start)
 
 

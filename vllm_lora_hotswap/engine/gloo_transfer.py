@@ -14,7 +14,9 @@ wire while the current one is packed (trainer) or loaded (workers).
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +38,8 @@ from vllm.distributed.weight_transfer.base import (
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 BACKEND = "gloo"
+
+logger = logging.getLogger("vllm.lora_hotswap")
 
 
 @dataclass(kw_only=True)
@@ -154,14 +158,25 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
             flat = torch.empty(sizes[index], dtype=torch.uint8)
             in_flight.append((index, flat, self.group.broadcast(flat, 0)))
 
+        started = time.perf_counter()
+        waiting = loading = 0.0
         for index in range(min(2, len(plan))):
             post(index)
         while in_flight:
             index, flat, work = in_flight.popleft()
+            mark = time.perf_counter()
             work.wait()
+            waiting += time.perf_counter() - mark
             if index + 2 < len(plan):
                 post(index + 2)
+            mark = time.perf_counter()
             self.model.load_weights(list(_unpack(flat, [params[i] for i in plan[index]])))
+            loading += time.perf_counter() - mark
+        # Which side bounds a push: the wire (waiting) or vLLM's layer-wise load (loading).
+        logger.info(
+            "hotswap gloo weights received bytes=%d buckets=%d seconds=%.3f waiting=%.3f loading=%.3f",
+            sum(sizes), len(plan), time.perf_counter() - started, waiting, loading,
+        )  # fmt: skip
 
     def shutdown(self) -> None:
         self.group = None

@@ -8,6 +8,8 @@ for the result, so the loop itself never blocks on the store or on a swap.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -19,6 +21,7 @@ from ..settings import HotSwapSettings
 from .common import WorkerRpcEngine
 
 T = TypeVar("T")
+logger = logging.getLogger("vllm.lora_hotswap")
 RPC_TIMEOUT = 120.0
 
 
@@ -47,23 +50,32 @@ class ServerEngine(WorkerRpcEngine):
     def new_lora_id(self) -> int:
         return self.models.lora_id_counter.inc(1)
 
-    def probe(self, handle: LoraHandle) -> None:
+    async def _generate_probe(self, lora_request: Any) -> Any:
         params = SamplingParams(
             max_tokens=self.settings.probe_max_tokens, temperature=0.0, ignore_eos=True, logprobs=0, detokenize=False
         )
-        request = self.lora_request(handle)
+        (prompt,) = await self.client.renderer.render_cmpl_async([{"prompt_token_ids": self._probe_ids}])
+        final = None
+        async for output in self.client.generate(
+            prompt, params, f"hotswap-probe-{uuid.uuid4().hex}", lora_request=lora_request
+        ):
+            final = output
+        return final
 
-        async def generate() -> Any:
-            (prompt,) = await self.client.renderer.render_cmpl_async([{"prompt_token_ids": self._probe_ids}])
-            final = None
-            async for output in self.client.generate(
-                prompt, params, f"hotswap-probe-{uuid.uuid4().hex}", lora_request=request
-            ):
-                final = output
-            return final
-
+    async def warm_up(self) -> None:
+        """One probe on the base model at start-up: vLLM compiles its log-probability path
+        on first use (~5 s on CPU), which would otherwise land on the first swap's probe."""
+        started = time.perf_counter()
         try:
-            final = self._call(generate())
+            await self._generate_probe(None)
+        except Exception as exc:  # the first real probe will say what is wrong
+            logger.warning("hot-swap: probe warm-up failed: %s: %s", type(exc).__name__, exc)
+            return
+        logger.info("hot-swap: probe path warmed up in %.1f s", time.perf_counter() - started)
+
+    def probe(self, handle: LoraHandle) -> None:
+        try:
+            final = self._call(self._generate_probe(self.lora_request(handle)))
         except Exception as exc:
             raise CheckpointRejected("probe", f"generation raised {type(exc).__name__}: {exc}") from None
         self.check_probe(final.outputs[0] if final is not None and final.outputs else None)

@@ -50,7 +50,7 @@ from .checkpoint import (
     verify_manifest,
     weight_specs,
 )
-from .errors import InvalidCheckpointError, NotFoundError, StoreError
+from .errors import InvalidCheckpointError, NotFoundError, StoreError, UnreadableError
 from .files import (
     atomic_write,
     atomic_write_json,
@@ -269,7 +269,7 @@ class CheckpointStore:
         except FileNotFoundError:
             raise NotFoundError(f"{adapter}@{version}: no READY version at {directory}") from None
         except PermissionError:
-            raise InvalidCheckpointError(f"{ready}: permission denied") from None
+            raise UnreadableError(f"{ready}: cannot read (Permission denied)") from None
         verify_manifest(directory, manifest)
         config = read_adapter_config(directory)
         weights = find_weight_file(directory)
@@ -278,7 +278,7 @@ class CheckpointStore:
         try:
             check_lora_shapes(weight_specs(weights), config, str(weights))
         except PermissionError:
-            raise InvalidCheckpointError(f"{weights}: permission denied") from None
+            raise UnreadableError(f"{weights}: cannot read (Permission denied)") from None
         return VersionInfo(adapter, version, directory, config, weights, self.read_metadata(adapter, version), ready_at)
 
     # -- writing -----------------------------------------------------------------------
