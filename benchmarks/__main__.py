@@ -1,0 +1,158 @@
+"""Run every benchmark and write benchmarks/results/ (results.json, results.md, PNG plots).
+
+    python -m benchmarks [--quick]          # or: make bench [QUICK=1]
+
+Two vLLM servers with the plugin: ``events`` (inotify plus a 5 s poll) runs
+benchmarks 1–5 and also serves vLLM's native ``/v1/load_lora_adapter`` for
+the baseline, side by side; ``polling`` (events off, a 1 s poll) repeats
+benchmark 1. Servers, stores and logs live in results/tmp/ while they run
+(kept when a run fails, for its server logs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vllm_lora_hotswap.store import CheckpointStore
+from vllm_lora_hotswap.toy_models import BENCH_MODEL
+
+from . import base_weights, engine_stall, gpu_copy, memory, publish_latency, report, serving
+from .assets import Assets, prepare
+from .common import SERVER_ARGS, Server, stage
+from .machine import describe
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EVENTS_POLL_S = 5.0
+POLLING_POLL_S = 1.0
+MAX_LORA_RANK = 64
+NCCL_NOT_HERE = "not measured: this suite drives vLLM's CPU build (gloo); NCCL needs a CUDA build of vLLM"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of everything to do: the full run, or a quick one (``--quick``)."""
+
+    latency_swaps: int
+    stall_swaps: int
+    sticky_seconds: float
+    serving_seconds: float
+    memory_swaps: int
+    pushes: int
+
+    @classmethod
+    def make(cls, quick: bool) -> Plan:
+        if quick:
+            return cls(latency_swaps=15, stall_swaps=5, sticky_seconds=3, serving_seconds=20, memory_swaps=100, pushes=2)
+        return cls(latency_swaps=50, stall_swaps=20, sticky_seconds=10, serving_seconds=60, memory_swaps=1000, pushes=5)
+
+
+def plugin_server(assets: Assets, tmp: Path, name: str, *, events: bool, poll_s: float, extra_args: list[str]) -> tuple[Server, CheckpointStore]:
+    root = tmp / f"store-{name}"
+    root.mkdir(parents=True)
+    env = {
+        "VLLM_HOTSWAP_ROOT": str(root),
+        "VLLM_HOTSWAP_EVENTS": "1" if events else "0",
+        "VLLM_HOTSWAP_POLL_INTERVAL": str(poll_s),
+        # Short (default 5 s), so back-to-back swaps do not wait long for the old
+        # version's slot; still ample for a routed request to reach the local engine.
+        "VLLM_HOTSWAP_RETIRE_GRACE": "0.25",
+        # The native baseline on the same server (the plugin leaves that route alone).
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
+    }
+    return Server(assets.model, tmp / f"{name}.log", env, extra_args), CheckpointStore(root)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and shorter phases (~6 min)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="output directory (default: %(default)s)")
+    options = parser.parse_args()
+    plan = Plan.make(options.quick)
+    tmp = options.out / "tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    began = time.time()
+    results: dict[str, Any] = {
+        "quick": options.quick,
+        "plan": plan.__dict__,
+        "machine": describe(),
+        "servers": {"args": list(SERVER_ARGS), "events": {"poll_interval_s": EVENTS_POLL_S, "events": True},
+                    "polling": {"poll_interval_s": POLLING_POLL_S, "events": False}},
+    }  # fmt: skip
+    load: dict[str, list[float]] = {}  # 1-minute load average when each benchmark starts: a busy machine shows
+
+    stage("assets: benchmark model and adapters (cached in benchmarks/.cache)")
+    assets = prepare()
+    results["adapters"] = {label: {"bytes": assets.adapter_bytes(label)} for label in assets.adapters}
+    stage("memory bandwidth (the copy floor)")
+    results["memory_bandwidth"] = engine_stall.memory_bandwidth()
+    results["slot_bytes"] = engine_stall.slot_bytes(
+        BENCH_MODEL.hidden_size, BENCH_MODEL.intermediate_size, BENCH_MODEL.num_layers, MAX_LORA_RANK
+    )
+
+    events, events_store = plugin_server(assets, tmp, "events", events=True, poll_s=EVENTS_POLL_S,
+                                         extra_args=["--weight-transfer-config", '{"backend": "gloo"}'])  # fmt: skip
+    polling, polling_store = plugin_server(assets, tmp, "polling", events=False, poll_s=POLLING_POLL_S, extra_args=[])
+    with ExitStack() as servers:
+        stage("starting both servers: events (inotify + 5 s poll, native reload, gloo weight transfer) and polling (1 s)")
+        # Side by side: start-up is mostly one core's work each, and an idle server costs nothing.
+        for server in (events, polling):
+            servers.callback(server.stop)
+        with ThreadPoolExecutor(max_workers=2) as starter:
+            for started in [starter.submit(server.start) for server in (events, polling)]:
+                started.result()
+        stage(f"1/5 publish → served with events, {plan.latency_swaps} swaps")
+        load["latency_events"] = _loadavg()
+        results["latency_events"] = publish_latency.run(events, events_store, assets, plan.latency_swaps, "events")
+        stage(f"1/5 publish → served with polling only, {plan.latency_swaps} swaps")
+        load["latency_polling"] = _loadavg()
+        results["latency_polling"] = publish_latency.run(polling, polling_store, assets, plan.latency_swaps, "polling")
+        polling.stop()
+        stage(f"2/5 engine-loop stall, ours and native, {plan.stall_swaps} swaps per adapter shape")
+        load["stall"] = _loadavg()
+        results["stall"] = engine_stall.run(events, events_store, assets, plan.stall_swaps, plan.sticky_seconds)
+        stage(f"3/5 serving: {serving.CLIENTS} streaming clients, {plan.serving_seconds:.0f} s with swaps every 2 s vs without")
+        load["serving"] = _loadavg()
+        results["serving"] = serving.run(events, events_store, assets, plan.serving_seconds)
+        stage(f"4/5 memory over {plan.memory_swaps} swaps")
+        load["memory"] = _loadavg()
+        results["memory"] = memory.run(events, events_store, assets, plan.memory_swaps)
+        stage(f"5/5 base-weight sync over gloo, {plan.pushes} pushes, and the plain gloo ceiling")
+        load["weight_sync"] = _loadavg()
+        pushed = base_weights.push(events, assets, plan.pushes)
+        results["weight_sync"] = {"push": pushed, "ceiling": base_weights.ceiling(pushed["bytes"], plan.pushes),
+                                  "nccl": gpu_copy.NO_GPU if not _has_gpu() else NCCL_NOT_HERE}  # fmt: skip
+    stage("GPU: pinned vs pageable host-to-device copies")
+    results["gpu_copy"] = gpu_copy.measure({label: assets.adapter_bytes(label) for label in assets.adapters})
+
+    results["load_average"] = load
+    results["wall_seconds"] = time.time() - began
+    report.write(results, options.out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    stage(f"done in {results['wall_seconds'] / 60:.1f} min: {options.out}/results.md")
+    for row in results["targets"]:
+        print(f"  {'met   ' if row['met'] else 'MISSED'} {row['name']}: {row['summary']}")
+
+
+def _loadavg() -> list[float]:
+    import os
+
+    return list(os.getloadavg())
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()
