@@ -22,6 +22,7 @@ from vllm_lora_hotswap.store import (
     InvalidCheckpointError,
     InvalidNameError,
     NotFoundError,
+    StoreUnavailableError,
     UnsafePathError,
 )
 
@@ -270,6 +271,10 @@ def test_retire_and_revive(store: CheckpointStore, lora: Path) -> None:
 
 
 def test_instance_records_round_trip_and_damaged_ones_are_skipped(store: CheckpointStore) -> None:
+    with pytest.raises(StoreUnavailableError):  # a heartbeat never creates a missing root
+        store.write_instance_record(InstanceRecord(instance_id="host-a:8000"))
+    assert not store.root.exists()
+    store.root.mkdir()
     store.write_instance_record(InstanceRecord(instance_id="host-a:8000", heartbeat=time.time()))
     (store.root / ".instances" / "broken.json").write_text("{not json")
     (store.root / ".instances" / "deep.json").write_text("[" * 10000 + "]" * 10000)
