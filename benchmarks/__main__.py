@@ -23,7 +23,7 @@ from typing import Any
 from vllm_lora_hotswap.store import CheckpointStore
 from vllm_lora_hotswap.toy_models import BENCH_MODEL
 
-from . import base_weights, engine_stall, gpu_copy, memory, publish_latency, report, serving
+from . import base_weights, engine_stall, gpu_copy, memory, parallel_swaps, publish_latency, report, serving
 from .assets import Assets, prepare
 from .common import SERVER_ARGS, Server, stage
 from .machine import describe
@@ -40,6 +40,7 @@ class Plan:
     """How much of everything to do: the full run, or a quick one (``--quick``)."""
 
     latency_swaps: int
+    parallel_rounds: int
     stall_swaps: int
     sticky_seconds: float
     serving_seconds: float
@@ -49,8 +50,8 @@ class Plan:
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls(latency_swaps=15, stall_swaps=5, sticky_seconds=3, serving_seconds=20, memory_swaps=100, pushes=2)
-        return cls(latency_swaps=50, stall_swaps=20, sticky_seconds=10, serving_seconds=60, memory_swaps=1000, pushes=5)
+            return cls(latency_swaps=15, parallel_rounds=5, stall_swaps=5, sticky_seconds=3, serving_seconds=20, memory_swaps=100, pushes=2)
+        return cls(latency_swaps=50, parallel_rounds=10, stall_swaps=20, sticky_seconds=10, serving_seconds=60, memory_swaps=1000, pushes=5)
 
 
 def plugin_server(assets: Assets, tmp: Path, name: str, *, events: bool, poll_s: float, extra_args: list[str]) -> tuple[Server, CheckpointStore]:
@@ -116,6 +117,9 @@ def main() -> None:
         load["latency_polling"] = _loadavg()
         results["latency_polling"] = publish_latency.run(polling, polling_store, assets, plan.latency_swaps, "polling")
         polling.stop()
+        stage(f"1/5 {parallel_swaps.ADAPTERS} adapters published at once against one, {plan.parallel_rounds} rounds")
+        load["parallel"] = _loadavg()
+        results["parallel"] = parallel_swaps.run(events, events_store, assets, plan.parallel_rounds)
         stage(f"2/5 engine-loop stall, ours and native, {plan.stall_swaps} swaps per adapter shape")
         load["stall"] = _loadavg()
         results["stall"] = engine_stall.run(events, events_store, assets, plan.stall_swaps, plan.sticky_seconds)

@@ -240,3 +240,67 @@ def test_slow_store_reads_never_block_the_engine_loop(
         _feed(fifo, config)
         engine.wait_served(adapter, v2)
         assert engine.tokens(adapter, PROMPTS[0]) == (f"{adapter}@{v2}", reference(lora_v2, PROMPTS[0]))
+
+
+def test_a_held_stage_holds_up_no_other_adapter_status_or_pinned_version(
+    engine: VllmServer, shared_store: CheckpointStore, make_lora, reference
+) -> None:
+    """While one adapter's staging blocks on a read that never finishes, the instance's status,
+    a request pinning an installed version and a swap and a completion on another adapter all
+    go through (before, one swap held the pipeline's lock through staging)."""
+    store = shared_store
+    lora_v1, lora_v2, other_v1, other_v2 = make_lora(83), make_lora(84), make_lora(85), make_lora(86)
+    v1, o1 = store.publish("held", lora_v1), store.publish("held-other", other_v1)
+    engine.wait_served("held", v1)
+    engine.wait_served("held-other", o1)
+    v2, fifo = _commit_with_fifo_config(store, "held", lora_v2)
+    config = (lora_v2 / "adapter_config.json").read_bytes()
+    _feed(fifo, config)  # validation reads it; the worker's staging now blocks on it
+    engine.wait_until(lambda: engine.adapters()["held"]["phase"] == "stage", 10, "staging to start")
+
+    latencies: dict[str, float] = {}
+
+    def timed(name: str, call: Callable[[], object]) -> object:
+        start = time.monotonic()
+        result = call()
+        latencies[name] = time.monotonic() - start
+        return result
+
+    assert timed("status", engine.adapters)["held"]["state"] == "swapping"
+    assert timed("pinned", lambda: engine.tokens(f"held@{v1}", PROMPTS[0])) == (f"held@{v1}", reference(lora_v1, PROMPTS[0]))
+    o2 = store.publish("held-other", other_v2)
+    engine.wait_served("held-other", o2, timeout=30)
+    assert timed("other", lambda: engine.tokens("held-other", PROMPTS[0])) == (f"held-other@{o2}", reference(other_v2, PROMPTS[0]))
+    assert engine.adapters()["held"]["phase"] == "stage", "the other adapter went ahead while this one still stages"
+    print(f"answered while a stage was held: {', '.join(f'{k} {1000 * v:.0f} ms' for k, v in latencies.items())}")
+
+    _feed(fifo, config)
+    engine.wait_served("held", v2)
+    assert engine.tokens("held", PROMPTS[0]) == (f"held@{v2}", reference(lora_v2, PROMPTS[0]))
+
+
+def _phase_count(engine: VllmServer, adapter: str, phase: str) -> float:
+    prefix = f'vllm_hotswap_phase_seconds_count{{adapter="{adapter}",phase="{phase}"}} '
+    lines = [line for line in engine.client.get("/metrics").text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_a_pinned_version_in_use_is_staged_and_probed_once(engine: VllmServer, shared_store: CheckpointStore, make_lora, reference) -> None:
+    """Requests naming ``adapter@<old version>`` keep that version installed: its idle clock
+    restarts with each request, so it is not retired and staged again in between."""
+    store = shared_store
+    lora_v1, lora_v2 = make_lora(87), make_lora(88)
+    v1 = store.publish("pinned-use", lora_v1)
+    engine.wait_served("pinned-use", v1)
+    v2 = store.publish("pinned-use", lora_v2)
+    engine.wait_served("pinned-use", v2)
+    engine.wait_until(lambda: engine.adapters()["pinned-use"]["installed_versions"] == [v2], 30, "v1 to retire")
+    before = {phase: _phase_count(engine, "pinned-use", phase) for phase in ("stage", "probe")}
+    grace = 1.0  # VLLM_HOTSWAP_RETIRE_GRACE of the shared engine
+    deadline = time.monotonic() + 3 * grace
+    while time.monotonic() < deadline:
+        assert engine.tokens(f"pinned-use@{v1}", PROMPTS[0]) == (f"pinned-use@{v1}", reference(lora_v1, PROMPTS[0]))
+        time.sleep(grace / 2)
+    after = {phase: _phase_count(engine, "pinned-use", phase) for phase in ("stage", "probe")}
+    assert {phase: after[phase] - before[phase] for phase in after} == {"stage": 1.0, "probe": 1.0}
+    engine.wait_until(lambda: engine.adapters()["pinned-use"]["installed_versions"] == [v2], 30, "v1 to retire once unused")

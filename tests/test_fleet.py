@@ -47,7 +47,8 @@ class Fleet:
 
 
 def launch(toy_model: Path, root: Path, log_dir: Path, base_port: int, instances: int) -> subprocess.Popen[str]:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOTSWAP_POLL_INTERVAL": "0.5", "VLLM_HOTSWAP_RETIRE_GRACE": "1"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOTSWAP_POLL_INTERVAL": "0.5", "VLLM_HOTSWAP_RETIRE_GRACE": "1",
+           "VLLM_HOTSWAP_PROBE_MAX_TOKENS": "64"}  # a probe long enough for a test to kill the engine during one
     command = [sys.executable, "-m", "vllm_lora_hotswap.cli", "launch", "--model", str(toy_model),
                "--instances", str(instances), "--base-port", str(base_port), "--gpus-per-instance", "0",
                "--host", "127.0.0.1", "--root", str(root), "--log-dir", str(log_dir), "--", *BASE_ARGS]  # fmt: skip
@@ -211,18 +212,22 @@ def _vllm_process(server: psutil.Process, title: str) -> psutil.Process:
 def test_killed_instance_is_restarted_marked_stale_meanwhile_and_converges(
     fleet: Fleet, make_lora, reference, victim_process: str
 ) -> None:
-    """SIGKILL of the worker (the engine dies, vLLM's watchdog stops the API server) or of
-    the API server alone (its engine core and worker are left behind): the launcher
-    clears what is left and restarts the instance, which converges on the store."""
+    """SIGKILL of the worker while the instance probes a new version (the engine dies,
+    vLLM's watchdog stops the API server) or of the API server alone (its engine core and
+    worker are left behind): the launcher clears what is left and restarts the instance,
+    which converges on the store. A death during the probe is no verdict on the version."""
     store = CheckpointStore(fleet.root)
     lora = make_lora(106 if victim_process == "worker" else 107)
     adapter = f"restart-{victim_process}"
-    version = store.publish(adapter, lora)
     victim_url = fleet.urls[1]
     server = next(p for p in psutil.Process(fleet.process.pid).children()
                   if f"--port {fleet.base_port + 1}" in " ".join(p.cmdline()))  # fmt: skip
     left_behind = server.children(recursive=True)
+    version = store.publish(adapter, lora)
     if victim_process == "worker":
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{victim_url}/v1/lora/adapters", timeout=5).json()["adapters"].get(adapter, {}).get("phase") != "probe":
+            assert time.monotonic() < deadline, "the victim never started probing the new version"
         _vllm_process(server, "Worker").kill()
     else:
         server.kill()
@@ -253,6 +258,7 @@ def test_killed_instance_is_restarted_marked_stale_meanwhile_and_converges(
     assert fleet.tokens(victim_url, adapter, PROMPTS[0]) == (f"{adapter}@{version}", reference(lora, PROMPTS[0]))
     converged = {a.adapter: a.converged for a in fleet_status(store).adapters}
     assert converged[adapter]
+    assert store.failures(adapter, version) == []
 
 
 def test_ctrl_c_stops_a_starting_fleet_without_orphans(toy_model: Path, tmp_path: Path) -> None:

@@ -63,6 +63,10 @@ class HotSwapSettings(BaseSettings):
         description="Seconds a replaced version stays installed after the switch, on top of "
         "waiting for its in-flight requests.",
     )
+    max_parallel: int = Field(
+        default=8, ge=1, le=64,
+        description="Adapters whose swaps progress at the same time (one swap per adapter at a time).",
+    )
     stage_timeout: float = Field(
         default=300.0, gt=0, description="Seconds a version may take to stage before it fails."
     )

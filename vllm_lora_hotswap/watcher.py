@@ -48,32 +48,37 @@ class StoreWatcher:
             StoreUnavailableError: the root is missing or unreadable.
         """
         listed = [a for a in self.store.adapters() if self.serves(a)]
+        with self._lock:
+            known = set(self._signatures)
         if only is None:
             names = listed
-            vanished = set(self._signatures) - set(listed)
+            vanished = known - set(listed)
         else:
             names = [a for a in only if a in listed]
-            vanished = {a for a in only if a in self._signatures and a not in listed}
-        changed = set(vanished)
-        for adapter in vanished:
-            self._signatures.pop(adapter, None)
-        for adapter in names:
+            vanished = {a for a in only if a in known and a not in listed}
+        signatures: dict[str, Signature | None] = dict.fromkeys(vanished)
+        for adapter in names:  # store reads: no lock
             try:
-                signature = self.store.poll_signature(adapter)
+                signatures[adapter] = self.store.poll_signature(adapter)
             except NotFoundError:
-                self._signatures.pop(adapter, None)
-                changed.add(adapter)
-                continue
-            if self._signatures.get(adapter) != signature:
-                if adapter not in self._signatures:
-                    self._restart_events.set()  # a new directory to watch
-                self._signatures[adapter] = signature
-                changed.add(adapter)
+                signatures[adapter] = None
+        changed = set()
+        with self._lock:  # the events thread reads the names; the swap jobs invalidate
+            for adapter, signature in signatures.items():
+                if signature is None:
+                    self._signatures.pop(adapter, None)
+                    changed.add(adapter)
+                elif self._signatures.get(adapter) != signature:
+                    if adapter not in self._signatures:
+                        self._restart_events.set()  # a new directory to watch
+                    self._signatures[adapter] = signature
+                    changed.add(adapter)
         return changed
 
     def invalidate(self, adapter: str) -> None:
         """Check ``adapter`` again at the next poll even if nothing changed (retry)."""
-        self._signatures.pop(adapter, None)
+        with self._lock:
+            self._signatures.pop(adapter, None)
 
     # -- events ------------------------------------------------------------------------
     def start_events(self, stop: threading.Event) -> None:
@@ -99,7 +104,8 @@ class StoreWatcher:
         root = self.store.root
         while not stop.is_set():
             self._restart_events.clear()
-            paths = [root, *(root / a for a in self._signatures)]
+            with self._lock:
+                paths = [root, *(root / a for a in self._signatures)]
             try:
                 for changes in watchfiles.watch(
                     *paths,

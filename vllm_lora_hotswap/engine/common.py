@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from vllm.lora.request import LoRARequest
 
-from ..pipeline.engine_api import CheckpointRejected, EngineLimits, LoraHandle, NoCapacity, StageStatus
+from ..pipeline.engine_api import CheckpointRejected, EngineLimits, InstallRequest, LoraHandle, NoCapacity, StageStatus
 
 
 class WorkerRpcEngine:
@@ -37,27 +38,36 @@ class WorkerRpcEngine:
     def lora_request(handle: LoraHandle) -> LoRARequest:
         return LoRARequest(lora_name=handle.served_name, lora_int_id=handle.lora_id, lora_path=handle.path)
 
-    def stage(self, handle: LoraHandle) -> None:
-        self._rpc("hotswap_stage", handle.lora_id, handle.served_name, handle.path)
+    def stage(self, handles: Sequence[LoraHandle]) -> None:
+        self._rpc("hotswap_stage", [[h.lora_id, h.served_name, h.path] for h in handles])
 
-    def stage_status(self, handle: LoraHandle) -> StageStatus:
-        ranks = self._rpc("hotswap_status", handle.lora_id, handle.path)
-        failed = [r for r in ranks if r["state"] == "failed"]
-        if failed:
-            return StageStatus("failed", failed[0]["error"])
-        if all(r["state"] == "ready" for r in ranks):
-            return StageStatus("ready", nbytes=sum(r["nbytes"] for r in ranks))
-        return StageStatus("pending")
+    def stage_status(self, handles: Sequence[LoraHandle]) -> list[StageStatus]:
+        ranks = self._rpc("hotswap_status", [[h.lora_id, h.path] for h in handles])
+        statuses = []
+        for per_rank in zip(*ranks):  # one handle, every rank
+            failed = [r for r in per_rank if r["state"] == "failed"]
+            if failed:
+                statuses.append(StageStatus("failed", failed[0]["error"]))
+            elif all(r["state"] == "ready" for r in per_rank):
+                statuses.append(StageStatus("ready", nbytes=sum(r["nbytes"] for r in per_rank)))
+            else:
+                statuses.append(StageStatus("pending"))
+        return statuses
 
-    def install(self, handle: LoraHandle, replace: LoraHandle | None) -> float:
-        ranks = self._rpc("hotswap_install", handle.lora_id, handle.path, replace is not None)
-        for result in ranks:
-            if result["ok"]:
-                continue
-            if result.get("capacity"):
-                raise NoCapacity(result["error"])
-            raise CheckpointRejected("install", result["error"])
-        return max(r["seconds"] for r in ranks)
+    def install(self, requests: Sequence[InstallRequest]) -> list[float | Exception]:
+        items = [[r.handle.lora_id, r.handle.path, r.replace is not None] for r in requests]
+        ranks = self._rpc("hotswap_install", items)
+        stall = max(rank["seconds"] for rank in ranks)  # the engine loop is held once for the batch
+        results: list[float | Exception] = []
+        for per_rank in zip(*(rank["results"] for rank in ranks)):
+            error = next((r for r in per_rank if not r["ok"]), None)
+            if error is None:
+                results.append(stall)
+            elif error.get("capacity"):
+                results.append(NoCapacity(error["error"]))
+            else:
+                results.append(CheckpointRejected("install", error["error"]))
+        return results
 
     def commit(self, handle: LoraHandle) -> None:
         self._rpc("hotswap_commit", handle.lora_id)
@@ -69,10 +79,11 @@ class WorkerRpcEngine:
         self._rpc("hotswap_remove", handle.lora_id, handle.path)
 
     @staticmethod
-    def check_probe(completion: Any) -> None:
-        """A probe's completion must have tokens with finite logprobs."""
+    def probe_verdict(completion: Any) -> CheckpointRejected | None:
+        """A probe that ran must have produced tokens with finite logprobs."""
         if completion is None or not completion.token_ids:
-            raise CheckpointRejected("probe", "generation produced no tokens")
+            return CheckpointRejected("probe", "generation produced no tokens")
         logprobs = [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs or [])]
         if not all(math.isfinite(v) for v in logprobs):
-            raise CheckpointRejected("probe", f"non-finite logprobs {logprobs}")
+            return CheckpointRejected("probe", f"non-finite logprobs {logprobs}")
+        return None

@@ -18,7 +18,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from ..pipeline.controller import SwapController
-from ..pipeline.engine_api import CheckpointRejected, NoCapacity
+from ..pipeline.engine_api import CheckpointRejected, EngineUnavailable, NoCapacity
 from ..settings import HotSwapSettings, load_settings
 from ..store import CheckpointStore, NotFoundError, StoreError, split_served_name
 
@@ -129,10 +129,13 @@ def install_serving_hooks(models: Any, controller: SwapController, settings: Hot
     async def _check_model(self: Any, request: Any) -> Any:
         hotswap = getattr(self.models, "lora_hotswap", None)
         model = getattr(request, "model", None)
-        if hotswap is not None and model and "@" in model and model not in self.models.lora_requests:
-            error = await _ensure_version(hotswap, model)
-            if error is not None:
-                return self.create_error_response(error[1], err_type=error[0].phrase.replace(" ", ""), status_code=error[0])
+        if hotswap is not None and model and "@" in model:
+            if model in self.models.lora_requests:
+                hotswap.touch(*split_served_name(model))  # a pinned version in use is not retired
+            else:
+                error = await _ensure_version(hotswap, model)
+                if error is not None:
+                    return self.create_error_response(error[1], err_type=error[0].phrase.replace(" ", ""), status_code=error[0])
         return await original_check_model(self, request)
 
     _check_model._lora_hotswap = True  # type: ignore[attr-defined]
@@ -151,7 +154,7 @@ async def _ensure_version(controller: SwapController, model: str) -> tuple[HTTPS
         return HTTPStatus.NOT_FOUND, str(exc)
     except CheckpointRejected as exc:
         return HTTPStatus.BAD_REQUEST, f"{model} cannot be served: {exc.reason}"
-    except NoCapacity as exc:
+    except (NoCapacity, EngineUnavailable) as exc:
         return HTTPStatus.SERVICE_UNAVAILABLE, f"{model} cannot be loaded now: {exc}"
     except StoreError as exc:
         return HTTPStatus.BAD_REQUEST, str(exc)

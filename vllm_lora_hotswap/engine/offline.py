@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from vllm.lora.request import LoRARequest
 from vllm.sampling_params import SamplingParams
 
 from ..pipeline.controller import SwapController
-from ..pipeline.engine_api import CheckpointRejected, LoraHandle
+from ..pipeline.engine_api import EngineUnavailable, LoraHandle
 from ..settings import load_settings
 from ..store import CheckpointStore, InstanceRecord, NotFoundError, SwapRecord, split_served_name
 from .common import WorkerRpcEngine
@@ -63,15 +64,16 @@ class OfflineEngine(WorkerRpcEngine):
     def new_lora_id(self) -> int:
         return next(self._ids)
 
-    def probe(self, handle: LoraHandle) -> None:
+    def probe(self, handles: Sequence[LoraHandle]) -> list[Exception | None]:
         params = SamplingParams(max_tokens=self._probe_max_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
-        try:
-            (output,) = self.llm.generate(
-                [self._probe_prompt], params, lora_request=self.lora_request(handle), use_tqdm=False
-            )
-        except Exception as exc:
-            raise CheckpointRejected("probe", f"generation raised {type(exc).__name__}: {exc}") from None
-        self.check_probe(output.outputs[0] if output.outputs else None)
+        try:  # one generate call: the probes run as one batch
+            outputs = self.llm.generate(
+                [self._probe_prompt] * len(handles), params,
+                lora_request=[self.lora_request(h) for h in handles], use_tqdm=False,
+            )  # fmt: skip
+        except Exception as exc:  # the engine's trouble, not a verdict on the versions
+            return [EngineUnavailable(f"probe generation raised {type(exc).__name__}: {exc}")] * len(handles)
+        return [self.probe_verdict(output.outputs[0] if output.outputs else None) for output in outputs]
 
     def route(self, handle: LoraHandle, *, current: bool) -> None:
         request = self.lora_request(handle)

@@ -18,16 +18,22 @@ def _hotswap(wrapper: Any):
     return hotswap_of(wrapper.worker)
 
 
-def hotswap_stage(self: Any, lora_id: int, name: str, path: str) -> None:
-    _hotswap(self).stage(lora_id, name, path)
+def hotswap_stage(self: Any, items: list[list[Any]]) -> None:
+    """``items``: ``[lora_id, name, path]`` each."""
+    hotswap = _hotswap(self)
+    for lora_id, name, path in items:
+        hotswap.stage(lora_id, name, path)
 
 
-def hotswap_status(self: Any, lora_id: int, path: str) -> dict[str, Any]:
-    return _hotswap(self).status(lora_id, path)
+def hotswap_status(self: Any, items: list[list[Any]]) -> list[dict[str, Any]]:
+    """``items``: ``[lora_id, path]`` each; one status per item."""
+    hotswap = _hotswap(self)
+    return [hotswap.status(lora_id, path) for lora_id, path in items]
 
 
-def hotswap_install(self: Any, lora_id: int, path: str, replace: bool) -> dict[str, Any]:
-    return _hotswap(self).install(lora_id, path, replace)
+def hotswap_install(self: Any, items: list[list[Any]]) -> dict[str, Any]:
+    """``items``: ``[lora_id, path, replace]`` each, installed at this one step boundary."""
+    return _hotswap(self).install_many(items)
 
 
 def hotswap_restore(self: Any, lora_id: int) -> None:

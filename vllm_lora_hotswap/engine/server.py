@@ -11,12 +11,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from vllm.sampling_params import SamplingParams
 
-from ..pipeline.engine_api import CheckpointRejected, LoraHandle
+from ..pipeline.engine_api import EngineUnavailable, LoraHandle
 from ..settings import HotSwapSettings
 from .common import WorkerRpcEngine
 
@@ -73,12 +73,23 @@ class ServerEngine(WorkerRpcEngine):
             return
         logger.info("hot-swap: probe path warmed up in %.1f s", time.perf_counter() - started)
 
-    def probe(self, handle: LoraHandle) -> None:
-        try:
-            final = self._call(self._generate_probe(self.lora_request(handle)))
-        except Exception as exc:
-            raise CheckpointRejected("probe", f"generation raised {type(exc).__name__}: {exc}") from None
-        self.check_probe(final.outputs[0] if final is not None and final.outputs else None)
+    def probe(self, handles: Sequence[LoraHandle]) -> list[Exception | None]:
+        """All probes in one go on the loop, so the scheduler runs them in the same steps.
+        A generation that raised (engine dead, paused for a base-weight update, timed
+        out) is the engine's trouble, not a verdict on the version."""
+
+        async def run_all() -> list[Any]:
+            return await asyncio.gather(
+                *(self._generate_probe(self.lora_request(h)) for h in handles), return_exceptions=True
+            )
+
+        verdicts: list[Exception | None] = []
+        for final in self._call(run_all()):
+            if isinstance(final, BaseException):
+                verdicts.append(EngineUnavailable(f"probe generation raised {type(final).__name__}: {final}"))
+            else:
+                verdicts.append(self.probe_verdict(final.outputs[0] if final is not None and final.outputs else None))
+        return verdicts
 
     def route(self, handle: LoraHandle, *, current: bool) -> None:
         request = self.lora_request(handle)

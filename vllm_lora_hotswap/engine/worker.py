@@ -138,23 +138,23 @@ class WorkerHotSwap:
                     )
 
     # -- between steps (collective RPCs) -----------------------------------------------
+    def install_many(self, items: list[list[Any]]) -> dict[str, Any]:
+        """Install each ``[lora_id, path, replace]``; ``seconds``: how long the step boundary was held."""
+        start = time.perf_counter()
+        results = [self.install(lora_id, path, replace) for lora_id, path, replace in items]
+        return {"results": results, "seconds": time.perf_counter() - start}
+
     def install(self, lora_id: int, path: str, replace: bool) -> dict[str, Any]:
         """Register, activate and pin a staged adapter; with ``replace`` take over its slot id."""
-        start = time.perf_counter()
         entry = self.staging.get((lora_id, path))
         if entry is None or entry.state != "ready":
-            return {"ok": False, "error": f"adapter {lora_id} at {path} is not staged", "seconds": 0.0}
+            return {"ok": False, "error": f"adapter {lora_id} at {path} is not staged"}
         manager = self.manager
         if replace:
             self.previous[lora_id] = self.installed.get(lora_id)
             manager.remove_adapter(lora_id)
         elif lora_id not in manager.list_adapters() and len(manager) >= manager.capacity:
-            return {
-                "ok": False,
-                "capacity": True,
-                "error": f"all {manager.capacity} LoRA slots (--max-cpu-loras) are in use",
-                "seconds": 0.0,
-            }
+            return {"ok": False, "capacity": True, "error": f"all {manager.capacity} LoRA slots (--max-cpu-loras) are in use"}
         try:
             manager.add_adapter(entry.lora)
             manager.activate_adapter(lora_id)
@@ -163,10 +163,10 @@ class WorkerHotSwap:
             manager.remove_adapter(lora_id)
             if replace:
                 self.restore(lora_id)
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - start}
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         self.installed[lora_id] = entry
         self.staging.pop((lora_id, path), None)
-        return {"ok": True, "error": None, "seconds": time.perf_counter() - start}
+        return {"ok": True, "error": None}
 
     def _register(self, entry: _Staged) -> None:
         manager = self.manager

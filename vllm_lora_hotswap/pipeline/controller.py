@@ -1,21 +1,35 @@
-"""The swap pipeline: detect → validate → stage → install → probe → switch → retire.
+"""The swap pipeline's scheduler: detect changes, run one transaction per (adapter,
+version), retire what is left behind, report.
 
-Runs in its own thread in the process that routes requests (the API server,
-or the trainer for an offline ``LLM``) and drives the engine only through
-:class:`EngineAdapter`. Nothing here imports vLLM.
+Runs in the process that routes requests (the API server, or the trainer for
+an offline ``LLM``) and drives the engine only through :class:`EngineAdapter`.
+Nothing here imports vLLM.
+
+Scheduling:
+
+* one job per changed adapter, up to ``VLLM_HOTSWAP_MAX_PARALLEL`` at once, so
+  different adapters progress at the same time; their worker calls (stage,
+  stage status, install) and their probes are batched (:mod:`.batching`);
+* versions of one adapter stay ordered: an adapter has at most one job, a
+  newer target marks it dirty, and the in-flight transaction of a superseded
+  version stops before ``install`` or ``switch`` and undoes what it did;
+* ``(adapter, version)`` is claimed by at most one transaction or retirement,
+  so a request pinning a version (:meth:`SwapController.ensure`) waits for the
+  transaction already installing it instead of starting another;
+* ``lock`` guards the slot table and the scheduling state only; it is never
+  held across a store read, an engine call or a wait, so status, metrics and
+  requests on installed versions never wait behind a swap.
 
 Consistency rules it keeps:
 
 * versioned mode: every version gets its own LoRA name (``adapter@version``)
   and id, so a request runs on one version from its first step to its last and
-  no prefix-cache block crosses versions. An id, once bound to a name, stays
-  bound for the life of the process (two ids under one name kill a 0.32
-  engine).
+  no prefix-cache block crosses versions.
 * a replaced version leaves its slot only when no admitted request uses it and
-  ``retire_grace`` has passed (requests routed just before the switch may not
-  have reached the engine yet).
-* a version that fails any phase is never routed; the previous version keeps
-  serving and the failure is recorded in the store so no engine loops on it.
+  ``retire_grace`` has passed since a request last named it.
+* a version is recorded failed in the store (for every engine) only on a
+  verdict about the version itself; an engine that dies, times out or is
+  paused says nothing about the checkpoint, and the version is tried again.
 """
 
 from __future__ import annotations
@@ -23,6 +37,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 
 from ..events import EventBus, SwapEvent
 from ..metrics import HotSwapMetrics
@@ -37,14 +53,15 @@ from ..store import (
     StoreUnavailableError,
     SwapRecord,
     UnreadableError,
-    VersionInfo,
 )
 from ..watcher import StoreWatcher
-from .compat import check_compatible
-from .engine_api import CheckpointRejected, EngineAdapter, LoraHandle, NoCapacity
-from .slots import AdapterState, SlotTable, VersionBusy
+from .batching import GroupCall
+from .engine_api import CheckpointRejected, EngineAdapter, EngineUnavailable, LoraHandle, NoCapacity
+from .slots import SlotTable, VersionBusy
+from .transaction import Superseded, SwapTransaction
 
 logger = logging.getLogger("vllm.lora_hotswap")
+_WAITS = (NoCapacity, VersionBusy, NotFoundError, UnreadableError)  # not the version's fault: later
 
 
 class SwapController:
@@ -80,12 +97,25 @@ class SwapController:
             poll_interval=settings.poll_interval,
             mode=settings.mode,
         )
-        self.slots = SlotTable(engine, self.limits, settings)
-        self._lock = threading.RLock()
+        self.lock = threading.Lock()
+        self.slots = SlotTable(self.limits, settings)
+        self._jobs: dict[str, Future[list[SwapRecord]]] = {}  # adapter -> its one running job
+        self._dirty: set[str] = set()  # adapters changed again while their job runs
+        self._claims: dict[tuple[str, str], threading.Event] = {}  # set when the claim ends
+        self._pool = ThreadPoolExecutor(settings.max_parallel, thread_name_prefix="hotswap-swap")
+        self.stage_starts = GroupCall(self._stage_batch)
+        self.stage_statuses = GroupCall(engine.stage_status)
+        self.installs = GroupCall(engine.install)
+        self.probes = GroupCall(engine.probe)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._store_error: str | None = None
         self._last_heartbeat = 0.0
+        self._heartbeat_due = False
+
+    def _stage_batch(self, handles: list[LoraHandle]) -> list[None]:
+        self.engine.stage(handles)
+        return [None] * len(handles)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -100,12 +130,12 @@ class SwapController:
         self.watcher.wake()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
         next_poll = time.monotonic() + self.settings.poll_interval
         while not self._stop.is_set():
-            now = time.monotonic()
-            timeout = max(0.0, next_poll - now)
+            timeout = max(0.0, next_poll - time.monotonic())
             if self.slots.has_idle:
                 timeout = min(timeout, 0.5)  # versions to retire: look again soon
             hinted = self.watcher.wait(timeout)
@@ -114,18 +144,19 @@ class SwapController:
             try:
                 if time.monotonic() >= next_poll:
                     next_poll = time.monotonic() + self.settings.poll_interval
-                    self.sync_once()
+                    self.sync_once(wait=False)
                 else:
-                    self.sync_once(only=hinted) if hinted or self.slots.slot_freed else self._housekeeping()
+                    self.sync_once(only=hinted, wait=False)
             except Exception:  # the loop must survive anything; the next poll retries
                 logger.exception("hot-swap controller iteration failed")
 
     # -- one pass ----------------------------------------------------------------------
-    def sync_once(self, only: set[str] | None = None) -> list[SwapRecord]:
-        """Poll the store (or only ``only``), swap what changed, retire, heartbeat."""
-        records: list[SwapRecord] = []
+    def sync_once(self, only: set[str] | None = None, *, wait: bool = True) -> list[SwapRecord]:
+        """Poll the store (or only ``only``), start a job for each adapter that changed,
+        retire idle versions, heartbeat. With ``wait``, returns once those jobs are done,
+        with their swap records."""
         try:
-            changed = self.watcher.poll(only)
+            changed = self.watcher.poll(only) if only is None or only else set()  # empty: housekeeping only
             if self._store_error is not None:
                 logger.warning("hot-swap: store %s is available again", self.store.root)
             self._store_error = None
@@ -134,180 +165,194 @@ class SwapController:
                 logger.error("hot-swap: %s; still serving the last good versions", exc)
             self._store_error = str(exc)
             changed = set()
-        changed |= self.slots.take_waiting()
-        for adapter in sorted(changed):
-            record = self._sync_adapter(adapter)
-            if record is not None:
-                records.append(record)
+        with self.lock:
+            changed |= self.slots.take_waiting()
+        jobs = [self._submit(adapter) for adapter in sorted(changed)]
+        records: list[SwapRecord] = []
+        if wait:
+            done, _ = wait_for(set(jobs))
+            records = [record for job in done for record in job.result()]
         self._housekeeping(force_heartbeat=bool(records))
         return records
 
+    def _submit(self, adapter: str) -> Future[list[SwapRecord]]:
+        with self.lock:
+            job = self._jobs.get(adapter)
+            if job is not None:
+                self._dirty.add(adapter)  # the running job looks at the store again
+                return job
+            job = self._jobs[adapter] = self._pool.submit(self._adapter_job, adapter)
+            return job
+
+    def _adapter_job(self, adapter: str) -> list[SwapRecord]:
+        records: list[SwapRecord] = []
+        while True:
+            with self.lock:
+                self._dirty.discard(adapter)
+            try:
+                record = self._sync_adapter(adapter)
+            except Exception:
+                logger.exception("hot-swap: syncing %s failed", adapter)
+                record = None
+            if record is not None:
+                records.append(record)
+            with self.lock:
+                if adapter not in self._dirty:
+                    del self._jobs[adapter]
+                    self._heartbeat_due = True
+                    break
+        self.watcher.wake()  # heartbeat, and slots that freed, from the controller thread
+        return records
+
     def _housekeeping(self, force_heartbeat: bool = False) -> None:
-        with self._lock:
-            retired = self.slots.retire_idle()
+        with self.lock:
+            due = self.slots.due_for_retirement()
+        retired = [handle for handle in due if self.retire(handle, min_idle=self.settings.retire_grace)]
         if retired:
             self._update_slot_metrics()
-        if force_heartbeat or retired or time.time() - self._last_heartbeat >= self.settings.poll_interval:
+        heartbeat_due, self._heartbeat_due = self._heartbeat_due, False
+        if force_heartbeat or heartbeat_due or retired or time.time() - self._last_heartbeat >= self.settings.poll_interval:
             self._heartbeat()
 
     def _sync_adapter(self, adapter: str) -> SwapRecord | None:
-        with self._lock:
-            state = self.slots.state(adapter)
-            try:
-                if not self.store.adapter_dir(adapter).is_dir():
-                    if state.current is not None:
-                        state.last_error = "adapter directory vanished from the store; still serving the last good version"
-                        logger.warning("hot-swap: %s: %s", adapter, state.last_error)
-                    return None
-                if self.store.is_retired(adapter):
-                    self._retire_adapter(adapter, state)
-                    return None
-                target = self.store.active_version(adapter)
-                newest_seen = max(filter(None, (target, state.current.version if state.current else None)), default=None)
-                known_bad = self.store.failed_versions_after(adapter, newest_seen)
-            except StoreError as exc:
-                state.last_error = str(exc)
-                self.watcher.invalidate(adapter)
-                return None
-            for version, records in known_bad.items():
-                # Refused elsewhere already: not retried here, but reported here too.
-                if version not in state.failed:
-                    record = records[0]
-                    self._failed(adapter, version, state, record.phase,
-                                 f"refused by {record.instance_id}: {record.reason}", {}, remember=True, record_in_store=False)  # fmt: skip
-            if target is None or target in state.failed:
-                state.state = "serving" if state.current else "waiting"
-                return None
-            if state.current is not None and state.current.version == target:
-                state.state = "serving"
-                return None
-            return self._swap(adapter, target, state, make_current=True)
-
-    # -- the pipeline ------------------------------------------------------------------
-    def _swap(self, adapter: str, version: str, state: AdapterState, *, make_current: bool) -> SwapRecord:
-        started = time.time()
-        lap_start = time.perf_counter()
-        timings: dict[str, float] = {}
-
-        def lap(phase_name: str) -> None:
-            nonlocal lap_start
-            now = time.perf_counter()
-            timings[phase_name] = now - lap_start
-            lap_start = now
-
-        phase = "validate"
-        handle: LoraHandle | None = None
-        replace: LoraHandle | None = None
-        installed = False
-        staged_bytes: int | None = None
-        info: VersionInfo | None = None
-        state.state = "swapping"
+        """Bring ``adapter`` to the store's target version (store reads here, no lock)."""
+        state = self.slots.state(adapter)
         try:
-            handle = state.installed.get(version)
-            # The slot first: an adapter waiting for one must not re-read its files at every poll.
-            if handle is None:
-                replace = self.slots.slot_for(adapter, version, make_current=make_current)
-            info = self.store.validate(adapter, version)
-            if make_current:  # since the store changed: a publish, or a pin/follow of an older version
-                changed_at = max(info.ready_at, self.store.adapter_dir(adapter).stat().st_mtime)
-                timings["detect"] = max(0.0, started - changed_at)
-            check_compatible(info.config, self.limits)
-            if handle is None:
-                handle = self.slots.handle_for(adapter, version, str(self.store.version_dir(adapter, version)), replace, make_current)
-                lap("validate")
-                phase = "stage"
-                self.engine.stage(handle)
-                staged_bytes = self._wait_staged(handle)
-                lap("stage")
-                phase = "install"
-                stall = self.engine.install(handle, replace)
-                installed = True
-                lap("install")
-                timings["engine_stall"] = stall  # the part of install that held the engine loop
-                if self.settings.probe:
-                    phase = "probe"
-                    self.engine.probe(handle)
-                    lap("probe")
-            else:
-                lap("validate")
-            phase = "switch"
-            self.engine.route(handle, current=make_current)
-            if replace is not None:
-                self.engine.commit(handle)
-                if replace.version != version:
-                    self.engine.unroute(adapter, replace.version)
-                state.installed.pop(replace.version, None)
-                state.nbytes.pop(replace.version, None)
-            state.installed[version] = handle
-            if staged_bytes is not None:
-                state.nbytes[version] = staged_bytes
-            state.idle_since.pop(version, None)
-            if make_current:
-                previous, state.current = state.current, handle
-                if previous is not None and previous.version != version and replace is None:
-                    state.idle_since[previous.version] = time.monotonic()
-            else:
-                state.idle_since[version] = time.monotonic()
-            lap("switch")
-        except (CheckpointRejected, InvalidCheckpointError) as exc:
-            reason = exc.reason if isinstance(exc, CheckpointRejected) else str(exc)
-            phase = exc.phase if isinstance(exc, CheckpointRejected) else phase
-            self._undo(handle, replace, installed)
-            return self._failed(adapter, version, state, phase, reason, timings, remember=True, record_in_store=True)
-        except (NoCapacity, VersionBusy, NotFoundError, UnreadableError) as exc:  # not the version's fault: retry later
-            self._undo(handle, replace, installed)
+            if not self.store.adapter_dir(adapter).is_dir():
+                if state.current is not None:
+                    state.last_error = "adapter directory vanished from the store; still serving the last good version"
+                    logger.warning("hot-swap: %s: %s", adapter, state.last_error)
+                return None
+            if self.store.is_retired(adapter):
+                self._retire_adapter(adapter)
+                return None
+            target = self.store.active_version(adapter)
+            newest_seen = max(filter(None, (target, state.current.version if state.current else None)), default=None)
+            known_bad = self.store.failed_versions_after(adapter, newest_seen)
+        except StoreError as exc:
+            state.last_error = str(exc)
+            self.watcher.invalidate(adapter)
+            return None
+        for version, failures in known_bad.items():
+            if version not in state.failed:  # refused elsewhere already: not retried here, but reported here too
+                self._failed(adapter, version, failures[0].phase, f"refused by {failures[0].instance_id}: {failures[0].reason}",
+                             {}, remember=True, record_in_store=False)  # fmt: skip
+        if target is None or target in state.failed or (state.current is not None and state.current.version == target):
+            state.state = "serving" if state.current else "waiting"
+            return None
+        return self._transact(adapter, target, make_current=True)
+
+    # -- transactions ------------------------------------------------------------------
+    def _claim(self, key: tuple[str, str], *, block: bool) -> bool:
+        """Take ``key`` for one transaction or retirement; with ``block``, wait for the one
+        holding it to finish first. False (without ``block``) if it is taken."""
+        while True:
+            with self.lock:
+                busy = self._claims.get(key)
+                if busy is None:
+                    self._claims[key] = threading.Event()
+                    return True
+            if not block:
+                return False
+            busy.wait()
+
+    def _unclaim(self, key: tuple[str, str]) -> None:
+        with self.lock:
+            self._claims.pop(key).set()
+
+    def _transact(self, adapter: str, version: str, *, make_current: bool) -> SwapRecord | None:
+        """Run one transaction and turn its outcome into a record (None: superseded)."""
+        key = (adapter, version)
+        self._claim(key, block=True)
+        try:
+            state = self.slots.state(adapter)
+            with self.lock:
+                installed = state.installed.get(version)
+                if not make_current and installed is not None:
+                    return None  # a transaction that held the claim installed it
+                state.state = "swapping"
+            tx = SwapTransaction(self, adapter, version, make_current=make_current)
+            try:
+                tx.run(installed)
+            except Superseded as exc:
+                logger.info("hot-swap: %s", exc)
+                return None
+            except (CheckpointRejected, InvalidCheckpointError) as exc:
+                reason = exc.reason if isinstance(exc, CheckpointRejected) else str(exc)
+                phase = exc.phase if isinstance(exc, CheckpointRejected) else tx.phase
+                if make_current:
+                    with self.lock:
+                        self._dirty.add(adapter)  # the job looks again: the store's target is now the last good version
+                return self._failed(adapter, version, phase, reason, tx.timings, remember=True, record_in_store=True)
+            except _WAITS as exc:
+                return self._waits(adapter, version, tx, exc)
+            except Exception as exc:  # EngineUnavailable, store or RPC trouble: retried, never recorded
+                self.watcher.invalidate(adapter)
+                return self._failed(adapter, version, tx.phase, f"{type(exc).__name__}: {exc}", tx.timings,
+                                    remember=False, record_in_store=False)  # fmt: skip
+            finally:
+                state.phase = None
+            return self._served(tx)
+        finally:
+            self._unclaim(key)
+
+    def entered(self, tx: SwapTransaction, phase: str) -> None:
+        """A transaction began ``phase`` (shown in status)."""
+        self.slots.state(tx.adapter).phase = phase
+
+    def superseded(self, adapter: str, version: str) -> bool:
+        """The store has moved ``adapter`` on from ``version`` since its job started."""
+        with self.lock:
+            if adapter not in self._dirty:
+                return False
+        try:
+            return self.store.active_version(adapter) != version
+        except StoreError:
+            return False
+
+    def _served(self, tx: SwapTransaction) -> SwapRecord:
+        state = self.slots.state(tx.adapter)
+        with self.lock:
+            state.state = "serving" if state.current else "waiting"
+            state.last_error = None
+        record = SwapRecord(version=tx.version, result="served", mode="inplace" if tx.in_place else "versioned",
+                            timings=tx.timings, finished_at=time.time())  # fmt: skip
+        self._log_swap(tx.adapter, record)
+        if tx.make_current:
+            metadata = dict(tx.info.metadata) if tx.info else {}
+            self.bus.emit(SwapEvent(kind="updated", adapter=tx.adapter, version=tx.version, instance_id=self.instance_id,
+                                    metadata=metadata, timings=tx.timings))  # fmt: skip
+            if self.metrics is not None:
+                self.metrics.served(tx.adapter, tx.version)
+        return self._record_swap(tx.adapter, record)
+
+    def _waits(self, adapter: str, version: str, tx: SwapTransaction, exc: Exception) -> SwapRecord:
+        state = self.slots.state(adapter)
+        message = f"{adapter}@{version} waits: {exc}"
+        with self.lock:
             state.state = "no-slot" if isinstance(exc, NoCapacity) else "waiting"
-            message = f"{adapter}@{version} waits: {exc}"
-            if state.last_error != message:  # retried later: say it once
-                logger.warning("hot-swap: %s", message)
-            state.last_error = message
+            repeated, state.last_error = state.last_error == message, message
             if isinstance(exc, NoCapacity):
                 self.slots.wait_for_slot(adapter)  # tried again when a slot frees, not at every poll
-            else:
-                self.watcher.invalidate(adapter)
-            return self._record_swap(adapter, state, SwapRecord(version=version, result="waiting", phase=phase, error=str(exc), timings=timings, finished_at=time.time()))
-        except Exception as exc:  # engine or store trouble: not the version's fault, retry later
-            self._undo(handle, replace, installed)
+        if not repeated:  # retried later: say it once
+            logger.warning("hot-swap: %s", message)
+        if not isinstance(exc, NoCapacity):
             self.watcher.invalidate(adapter)
-            return self._failed(adapter, version, state, phase, f"{type(exc).__name__}: {exc}", timings, remember=False, record_in_store=False)
-        state.state = "serving" if state.current else "waiting"
-        state.last_error = None
-        record = SwapRecord(
-            version=version,
-            result="served",
-            mode="inplace" if replace is not None else "versioned",
-            timings=timings,
-            finished_at=time.time(),
-        )
-        self._log_swap(adapter, record)
-        if make_current:
-            self.bus.emit(SwapEvent(kind="updated", adapter=adapter, version=version, instance_id=self.instance_id,
-                                    metadata=dict(info.metadata) if info else {}, timings=timings))
-            if self.metrics is not None:
-                self.metrics.served(adapter, version)
-        return self._record_swap(adapter, state, record)
-
-    def _record_swap(self, adapter: str, state: AdapterState, record: SwapRecord) -> SwapRecord:
-        state.last_swap = record
-        if self.metrics is not None:
-            self.metrics.swap(adapter, record)
-        self._update_slot_metrics()
-        return record
-
-    def _update_slot_metrics(self) -> None:
-        if self.metrics is not None:
-            self.metrics.installed(self.slots.installed_count, self.slots.installed_bytes)
+        record = SwapRecord(version=version, result="waiting", phase=tx.phase, error=str(exc), timings=tx.timings, finished_at=time.time())
+        return self._record_swap(adapter, record)
 
     def _failed(
-        self, adapter: str, version: str, state: AdapterState, phase: str, reason: str,
+        self, adapter: str, version: str, phase: str, reason: str,
         timings: dict[str, float], *, remember: bool, record_in_store: bool,
-    ) -> SwapRecord:
+    ) -> SwapRecord:  # fmt: skip
         """A swap failed. ``remember``: never try this version again here; ``record_in_store``:
         mark it failed for every engine (a fault of the version, not of this engine)."""
-        state.state = "serving" if state.current else "failed"
-        state.last_error = f"{adapter}@{version} rejected at {phase}: {reason}"
-        if remember:
-            state.failed[version] = reason
+        state = self.slots.state(adapter)
+        with self.lock:
+            state.state = "serving" if state.current else "failed"
+            state.last_error = f"{adapter}@{version} rejected at {phase}: {reason}"
+            if remember:
+                state.failed[version] = reason
         if record_in_store:
             try:
                 self.store.record_failure(adapter, version, self.instance_id, phase, reason)
@@ -316,110 +361,134 @@ class SwapController:
         record = SwapRecord(version=version, result="failed", phase=phase, error=reason, timings=timings, finished_at=time.time())
         self._log_swap(adapter, record)
         self.bus.emit(SwapEvent(kind="failed", adapter=adapter, version=version, instance_id=self.instance_id,
-                                error_message=reason, phase=phase, timings=timings))
-        return self._record_swap(adapter, state, record)
+                                error_message=reason, phase=phase, timings=timings))  # fmt: skip
+        return self._record_swap(adapter, record)
 
-    def _undo(self, handle: LoraHandle | None, replace: LoraHandle | None, installed: bool) -> None:
-        if handle is None:
-            return
-        try:
-            if replace is not None and installed:
-                self.engine.restore(handle)
-            elif replace is None:
-                self.engine.remove(handle)
-        except Exception:
-            logger.exception("hot-swap: cleanup after a failed swap of %s@%s failed", handle.adapter, handle.version)
+    def _record_swap(self, adapter: str, record: SwapRecord) -> SwapRecord:
+        with self.lock:
+            self.slots.state(adapter).last_swap = record
+        if self.metrics is not None:
+            self.metrics.swap(adapter, record)
+        self._update_slot_metrics()
+        return record
+
+    def _update_slot_metrics(self) -> None:
+        if self.metrics is not None:
+            with self.lock:
+                count, nbytes = self.slots.installed_count, self.slots.installed_bytes
+            self.metrics.installed(count, nbytes)
 
     def _log_swap(self, adapter: str, record: SwapRecord) -> None:
         fields = " ".join(f"{p}_ms={1000 * s:.1f}" for p, s in record.timings.items())
         extra = f" phase={record.phase} error={record.error!r}" if record.error else ""
         level = logging.INFO if record.result == "served" else logging.WARNING
         logger.log(level, "hotswap swap adapter=%s version=%s result=%s mode=%s %s%s",
-                   adapter, record.version, record.result, record.mode, fields, extra)
+                   adapter, record.version, record.result, record.mode, fields, extra)  # fmt: skip
 
-    def _wait_staged(self, handle: LoraHandle) -> int:
-        """Wait for every worker to stage ``handle``; returns the staged bytes."""
-        deadline = time.monotonic() + self.settings.stage_timeout
-        delay = 0.002
-        while True:
-            status = self.engine.stage_status(handle)
-            if status.state == "ready":
-                return status.nbytes
-            if status.state == "failed":
-                raise CheckpointRejected("stage", status.error or "staging failed")
-            if time.monotonic() > deadline:
-                raise CheckpointRejected("stage", f"not staged within {self.settings.stage_timeout:.0f}s (VLLM_HOTSWAP_STAGE_TIMEOUT)")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+    # -- retiring ----------------------------------------------------------------------
+    def retire(self, handle: LoraHandle, *, min_idle: float) -> bool:
+        """Free the slot of an idle version with no request in flight; False if it is busy,
+        was touched within ``min_idle`` seconds, or another transaction holds it."""
+        key = (handle.adapter, handle.version)
+        if not self._claim(key, block=False):
+            return False
+        try:
+            if self.engine.in_flight(handle):
+                return False
+            with self.lock:
+                if not self.slots.take_for_retirement(handle, min_idle=min_idle):
+                    return False
+            self.engine.unroute(handle.adapter, handle.version)
+            self.engine.remove(handle)
+        finally:
+            self._unclaim(key)
+        logger.info("hotswap retired adapter=%s version=%s", handle.adapter, handle.version)
+        self.watcher.wake()  # adapters waiting for a slot
+        return True
 
-    def _retire_adapter(self, adapter: str, state: AdapterState) -> None:
+    def _retire_adapter(self, adapter: str) -> None:
         """The store retired ``adapter``: stop routing it, free slots as requests finish."""
-        if state.current is None:
-            return
+        state = self.slots.state(adapter)
+        with self.lock:
+            if state.current is None:
+                return
+            now = time.monotonic()
+            for version in state.installed:
+                state.idle_since.setdefault(version, now)
+            state.current = None
+            state.state = "retired"
         self.engine.unroute(adapter, None)
-        for version in state.installed:
-            state.idle_since.setdefault(version, time.monotonic())
-        state.current = None
-        state.state = "retired"
         if self.metrics is not None:
             self.metrics.served(adapter, None)
         self.bus.emit(SwapEvent(kind="retired", adapter=adapter, version=None, instance_id=self.instance_id))
 
     # -- pinned versions and status ----------------------------------------------------
     def ensure(self, adapter: str, version: str) -> LoraHandle:
-        """Install ``adapter@version`` (a retained, non-active version) for a request that pins it."""
-        with self._lock:
-            state = self.slots.state(adapter)
+        """Install ``adapter@version`` (a retained, non-active version) for a request that pins it.
+
+        Raises:
+            NotFoundError: no READY version of that name; CheckpointRejected: it was refused;
+            NoCapacity: no slot now; EngineUnavailable: the engine could not install it now.
+        """
+        state = self.slots.state(adapter)
+        with self.lock:
             handle = state.installed.get(version)
             if handle is not None:
-                self.touch(adapter, version)
+                self.slots.touch(adapter, version)
                 return handle
-            if version in state.failed:
-                raise CheckpointRejected("validate", state.failed[version])
-            if not self.store.is_ready(adapter, version):
-                raise NotFoundError(f"{adapter}@{version}: no such READY version in the store")
-            record = self._swap(adapter, version, state, make_current=False)
-            if record.result == "waiting":
-                raise NoCapacity(record.error or "no LoRA slot free")
-            if record.result != "served":
-                raise CheckpointRejected(record.phase or "validate", record.error or "not servable")
-            return state.installed[version]
+            reason = state.failed.get(version)
+        if reason is not None:
+            raise CheckpointRejected("validate", reason)
+        if not self.store.is_ready(adapter, version):
+            raise NotFoundError(f"{adapter}@{version}: no such READY version in the store")
+        record = self._transact(adapter, version, make_current=False)
+        with self.lock:
+            handle = state.installed.get(version)
+        if handle is not None:
+            return handle
+        if record is None or record.result == "waiting":
+            raise NoCapacity(record.error if record else "no LoRA slot free")
+        if version in state.failed:
+            raise CheckpointRejected(record.phase or "validate", record.error or "not servable")
+        raise EngineUnavailable(record.error or "not installed")
 
     def touch(self, adapter: str, version: str) -> None:
         """A request used a non-current version: restart its idle clock."""
-        state = self.slots.adapters.get(adapter)
-        if state is not None and version in state.idle_since:
-            state.idle_since[version] = time.monotonic()
+        with self.lock:
+            self.slots.touch(adapter, version)
 
     @property
     def started_at(self) -> float:
         return self._record.started_at
 
     def record_weight_version(self, version: str | None) -> None:
-        """The engine's base weights were replaced (the served adapters stay installed)."""
+        """The engine's base weights were replaced (the served adapters stay installed).
+        The heartbeat that tells the store is written by the controller thread."""
         self.weight_version = version
         if self.metrics is not None and version is not None:
             self.metrics.weights(version)
         logger.info("hotswap base weights updated version=%s", version)
-        self._heartbeat()
+        self._heartbeat_due = True
+        self.watcher.wake()
 
     def current(self, adapter: str) -> LoraHandle | None:
         state = self.slots.adapters.get(adapter)
         return state.current if state else None
 
     def status(self) -> InstanceRecord:
-        """A snapshot of every adapter's state. Never waits for a swap in progress
-        (``list()`` copies under the GIL), so it can answer while one is stuck."""
-        adapters = {
-            name: AdapterServing(
-                served_version=s.current.version if s.current else None,
-                installed_versions=sorted(list(s.installed)),
-                state=s.state,
-                last_swap=s.last_swap,
-                last_error=s.last_error,
-            )
-            for name, s in sorted(list(self.slots.adapters.items()))
-        }
+        """A snapshot of every adapter's state; never waits for a swap in progress."""
+        with self.lock:
+            adapters = {
+                name: AdapterServing(
+                    served_version=s.current.version if s.current else None,
+                    installed_versions=sorted(s.installed),
+                    state=s.state,
+                    phase=s.phase,
+                    last_swap=s.last_swap,
+                    last_error=s.last_error,
+                )
+                for name, s in sorted(self.slots.adapters.items())
+            }
         return self._record.model_copy(
             update={
                 "heartbeat": time.time(),

@@ -2,11 +2,14 @@
 
 ``vllm_lora_hotswap.engine`` implements this protocol for a served vLLM
 (``vllm serve``) and for an offline ``LLM``; the pipeline never touches vLLM.
-All methods block; the pipeline calls them from its own thread.
+All methods block; the pipeline calls them from its own threads, several at
+once. The calls that reach the workers take a batch, so that versions ready at
+the same moment cost one worker RPC (one step boundary), not one each.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,6 +30,12 @@ class LoraHandle:
 
 
 @dataclass(frozen=True)
+class InstallRequest:
+    handle: LoraHandle
+    replace: LoraHandle | None = None  # in place: the installed version whose slot ``handle`` takes
+
+
+@dataclass(frozen=True)
 class EngineLimits:
     max_lora_rank: int
     max_loras: int  # adapters one step can use (device slots)
@@ -42,12 +51,18 @@ class StageStatus:
 
 
 class CheckpointRejected(Exception):
-    """The engine refused a version (bad weights, failed probe): never serve it."""
+    """A verdict on the version itself (bad weights, wrong shapes, a probe that ran and
+    produced non-finite logprobs): never serve it, on any engine."""
 
     def __init__(self, phase: str, reason: str):
         super().__init__(f"{phase}: {reason}")
         self.phase = phase
         self.reason = reason
+
+
+class EngineUnavailable(Exception):
+    """The engine could not do its part (dead, paused for a base-weight update, timed
+    out). Says nothing about the version: retried later, never recorded as its failure."""
 
 
 class NoCapacity(Exception):
@@ -59,16 +74,17 @@ class EngineAdapter(Protocol):
 
     def new_lora_id(self) -> int: ...
 
-    def stage(self, handle: LoraHandle) -> None:
-        """Start reading ``handle``'s weights into host memory, off the engine loop."""
+    def stage(self, handles: Sequence[LoraHandle]) -> None:
+        """Start reading each handle's weights into host memory, off the engine loop."""
 
-    def stage_status(self, handle: LoraHandle) -> StageStatus: ...
+    def stage_status(self, handles: Sequence[LoraHandle]) -> list[StageStatus]: ...
 
-    def install(self, handle: LoraHandle, replace: LoraHandle | None) -> float:
-        """Put a staged version into the LoRA manager between two steps, pinned.
+    def install(self, requests: Sequence[InstallRequest]) -> list[float | Exception]:
+        """Put staged versions into the LoRA manager at one step boundary, pinned.
 
         With ``replace``, the new weights take over ``replace``'s slot in place
-        (same ``lora_id``). Returns seconds the engine loop was held.
+        (same ``lora_id``). Per request: the seconds the engine loop was held, or
+        the exception (:class:`NoCapacity`, :class:`CheckpointRejected`) for it.
         """
 
     def commit(self, handle: LoraHandle) -> None:
@@ -77,8 +93,10 @@ class EngineAdapter(Protocol):
     def restore(self, handle: LoraHandle) -> None:
         """Undo an in-place install: the replaced weights serve again."""
 
-    def probe(self, handle: LoraHandle) -> None:
-        """Short greedy generation; raises :class:`CheckpointRejected` if it is bad."""
+    def probe(self, handles: Sequence[LoraHandle]) -> list[Exception | None]:
+        """Short greedy generations, run together. Per handle: None if it is good,
+        :class:`CheckpointRejected` if it is bad, :class:`EngineUnavailable` if the
+        engine could not tell."""
 
     def route(self, handle: LoraHandle, *, current: bool) -> None:
         """Make ``adapter@version`` (and ``adapter`` when ``current``) serve ``handle``."""
@@ -87,7 +105,7 @@ class EngineAdapter(Protocol):
         """Stop routing ``adapter@version`` (or the bare ``adapter`` name when None)."""
 
     def in_flight(self, handle: LoraHandle) -> int:
-        """Requests admitted with ``handle`` that have not finished."""
+        """Requests admitted under ``handle.served_name`` that have not finished."""
 
     def remove(self, handle: LoraHandle) -> None:
-        """Free ``handle``'s slot and drop its staged copy."""
+        """Free ``handle``'s slot (if it holds ``handle.path``) and drop its staged copy."""

@@ -1,12 +1,15 @@
 """Who holds the engine's LoRA slots: every adapter's installed versions, their
-ids, which of them are idle, and when they leave.
+ids, the slots transactions have reserved, which versions are idle, and when
+they may leave.
 
 The engine has ``--max-cpu-loras`` host slots. A new version takes a free
 slot, else the oldest idle version with no request in flight gives up its
 slot, else (for an adapter that already serves a version) the new version
 replaces the current one in place. An adapter that finds no slot at all waits
-in ``waiting`` until some version leaves, instead of re-reading its files at
-every poll.
+until some version leaves, instead of re-reading its files at every poll.
+
+Pure state: nothing here calls the engine or reads the store, so the
+controller can hold its lock around any of it.
 """
 
 from __future__ import annotations
@@ -17,13 +20,21 @@ from dataclasses import dataclass, field
 
 from ..settings import HotSwapSettings
 from ..store import SwapRecord
-from .engine_api import EngineAdapter, EngineLimits, LoraHandle, NoCapacity
+from .engine_api import EngineLimits, LoraHandle, NoCapacity
 
 logger = logging.getLogger("vllm.lora_hotswap")
 
 
 class VersionBusy(Exception):
     """A version's LoRA name still has requests in flight under an older slot id."""
+
+
+class EvictionNeeded(Exception):
+    """Every slot is taken; one of ``candidates`` (idle, oldest first) may be retired."""
+
+    def __init__(self, candidates: list[LoraHandle]):
+        super().__init__(f"{len(candidates)} idle versions to evict")
+        self.candidates = candidates
 
 
 @dataclass
@@ -34,19 +45,27 @@ class AdapterState:
     failed: dict[str, str] = field(default_factory=dict)  # version -> reason, not retried
     nbytes: dict[str, int] = field(default_factory=dict)  # staged host bytes per installed version
     state: str = "waiting"
+    phase: str | None = None  # the step a transaction of this adapter is in
     last_swap: SwapRecord | None = None
     last_error: str | None = None
 
 
+@dataclass(frozen=True)
+class Reservation:
+    handle: LoraHandle
+    replace: LoraHandle | None  # in place: the installed version whose slot ``handle`` takes
+    new_id: bool  # ``handle.lora_id`` was bound to its name just now
+
+
 class SlotTable:
-    def __init__(self, engine: EngineAdapter, limits: EngineLimits, settings: HotSwapSettings):
-        self.engine = engine
+    def __init__(self, limits: EngineLimits, settings: HotSwapSettings):
         self.limits = limits
         self.settings = settings
         self.adapters: dict[str, AdapterState] = {}
         # An id, once bound to a name, stays bound for the life of the process:
         # two ids under one name kill a 0.32 engine.
         self._ids: dict[tuple[str, str], int] = {}
+        self._reserved: dict[tuple[str, str], LoraHandle] = {}  # new slots held by transactions
         self._waiting: set[str] = set()
         self._freed = False
 
@@ -66,37 +85,90 @@ class SlotTable:
         return any(s.idle_since for s in self.adapters.values())
 
     # -- taking a slot -----------------------------------------------------------------
-    def slot_for(self, adapter: str, version: str, *, make_current: bool) -> LoraHandle | None:
-        """None: the new version gets a slot of its own; else the installed version it
-        replaces in place. Raises :class:`NoCapacity` when neither is possible."""
-        state = self.state(adapter)
-        if make_current and state.current is not None and self.settings.mode == "inplace":
-            return state.current
-        if self.installed_count < self.limits.max_cpu_loras or self._evict_one_idle():
-            return None
-        if not (make_current and state.current is not None):
-            raise NoCapacity(f"all {self.limits.max_cpu_loras} LoRA slots (--max-cpu-loras) are in use")
-        logger.warning(
-            "hot-swap: %s: no spare LoRA slot for a versioned swap; swapping %s in place "
-            "(raise --max-cpu-loras to keep versioned semantics)", adapter, version,
-        )  # fmt: skip
-        return state.current
+    def reserve(self, adapter: str, version: str, path: str, new_lora_id, *, make_current: bool, evict: bool) -> Reservation:
+        """A slot for ``adapter@version``: a free one, or the current version's (in place).
 
-    def handle_for(self, adapter: str, version: str, path: str, replace: LoraHandle | None, current: bool) -> LoraHandle:
+        Raises :class:`EvictionNeeded` (when ``evict``) if only retiring an idle version
+        would free one, and :class:`NoCapacity` when nothing can.
+        """
+        state = self.state(adapter)
+        in_place = make_current and state.current is not None
+        if not (in_place and self.settings.mode == "inplace"):
+            if self.installed_count + len(self._reserved) < self.limits.max_cpu_loras:
+                return self._new_slot(adapter, version, path, new_lora_id, make_current)
+            idle = self.idle_versions()
+            if evict and idle:
+                raise EvictionNeeded(idle)
+            if not in_place:
+                raise NoCapacity(f"all {self.limits.max_cpu_loras} LoRA slots (--max-cpu-loras) are in use")
+            logger.warning(
+                "hot-swap: %s: no spare LoRA slot for a versioned swap; swapping %s in place "
+                "(raise --max-cpu-loras to keep versioned semantics)", adapter, version,
+            )  # fmt: skip
+        replace = state.current
+        assert replace is not None
         # In-place mode serves the current weights under the adapter's own name (one
         # slot id for all its versions); every other version has a name of its own.
-        name = adapter if self.settings.mode == "inplace" and current else f"{adapter}@{version}"
-        if replace is not None:
-            self._ids.pop((adapter, replace.version), None)  # that id no longer holds the old weights
-            self._ids[(adapter, version)] = replace.lora_id
-            return LoraHandle(adapter, version, replace.lora_id, name, path)
-        lora_id = self._ids.get((adapter, version))
-        if lora_id is None:
-            if self.engine.in_flight(LoraHandle(adapter, version, 0, name, path)):
-                raise VersionBusy(f"requests for {name} under an older slot are still running")
-            lora_id = self._ids[(adapter, version)] = self.engine.new_lora_id()
-        return LoraHandle(adapter, version, lora_id, name, path)
+        name = adapter if self.settings.mode == "inplace" else f"{adapter}@{version}"
+        return Reservation(LoraHandle(adapter, version, replace.lora_id, name, path), replace, new_id=False)
 
+    def _new_slot(self, adapter: str, version: str, path: str, new_lora_id, make_current: bool) -> Reservation:
+        name = adapter if self.settings.mode == "inplace" and make_current else f"{adapter}@{version}"
+        lora_id = self._ids.get((adapter, version))
+        new_id = lora_id is None
+        if lora_id is None:
+            lora_id = self._ids[(adapter, version)] = new_lora_id()
+        handle = LoraHandle(adapter, version, lora_id, name, path)
+        self._reserved[(adapter, version)] = handle
+        return Reservation(handle, None, new_id)
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back a slot a transaction reserved and did not install into."""
+        handle = reservation.handle
+        if self._reserved.pop((handle.adapter, handle.version), None) is not None:
+            self._slot_freed()
+
+    def idle_versions(self) -> list[LoraHandle]:
+        """Installed versions that serve no name of their own any more, oldest idle first."""
+        idle = sorted(
+            (since, adapter, version) for adapter, s in self.adapters.items() for version, since in s.idle_since.items()
+        )
+        return [self.adapters[adapter].installed[version] for _, adapter, version in idle]
+
+    def installed(self, reservation: Reservation, nbytes: int, *, make_current: bool) -> LoraHandle | None:
+        """The transaction switched to its version: it holds the slot now. Returns the
+        version it displaced as current (to be routed no more under the bare name)."""
+        handle, replace = reservation.handle, reservation.replace
+        state = self.state(handle.adapter)
+        self._reserved.pop((handle.adapter, handle.version), None)
+        if replace is not None:
+            self._ids.pop((handle.adapter, replace.version), None)  # that id no longer holds the old weights
+            self._ids[(handle.adapter, handle.version)] = handle.lora_id
+            state.installed.pop(replace.version, None)
+            state.nbytes.pop(replace.version, None)
+            state.idle_since.pop(replace.version, None)
+        state.installed[handle.version] = handle
+        state.nbytes[handle.version] = nbytes
+        return self.switched(handle, make_current=make_current, replaced=replace)
+
+    def switched(self, handle: LoraHandle, *, make_current: bool, replaced: LoraHandle | None = None) -> LoraHandle | None:
+        state = self.state(handle.adapter)
+        if not make_current:
+            state.idle_since[handle.version] = time.monotonic()
+            return None
+        state.idle_since.pop(handle.version, None)
+        previous, state.current = state.current, handle
+        if previous is not None and previous.version != handle.version and replaced is None:
+            state.idle_since[previous.version] = time.monotonic()
+        return previous
+
+    def touch(self, adapter: str, version: str) -> None:
+        """A request named a non-current version: restart its idle clock."""
+        state = self.adapters.get(adapter)
+        if state is not None and version in state.idle_since:
+            state.idle_since[version] = time.monotonic()
+
+    # -- waiting for a slot ------------------------------------------------------------
     def wait_for_slot(self, adapter: str) -> None:
         """``adapter`` found no slot: try it again when a version leaves."""
         self._waiting.add(adapter)
@@ -108,38 +180,28 @@ class SlotTable:
         waiting, self._waiting, self._freed = self._waiting, set(), False
         return waiting
 
-    @property
-    def slot_freed(self) -> bool:
-        return self._freed
+    def _slot_freed(self) -> None:
+        self._freed = self._freed or bool(self._waiting)
 
     # -- giving slots back -------------------------------------------------------------
-    def _evict_one_idle(self) -> bool:
-        candidates = sorted(
-            (since, adapter, version) for adapter, s in self.adapters.items() for version, since in s.idle_since.items()
-        )
-        for _, adapter, version in candidates:
-            if self.engine.in_flight(self.adapters[adapter].installed[version]) == 0:
-                self.remove_version(adapter, version)
-                return True
-        return False
-
-    def retire_idle(self) -> bool:
-        """Remove idle versions past ``retire_grace`` with no request in flight; True if any left."""
-        retired = False
+    def due_for_retirement(self) -> list[LoraHandle]:
+        """Idle versions whose ``retire_grace`` has passed (in-flight requests not yet checked)."""
         now = time.monotonic()
-        for adapter, state in self.adapters.items():
-            for version, since in list(state.idle_since.items()):
-                if now - since >= self.settings.retire_grace and self.engine.in_flight(state.installed[version]) == 0:
-                    self.remove_version(adapter, version)
-                    retired = True
-        return retired
+        return [
+            state.installed[version]
+            for state in self.adapters.values()
+            for version, since in state.idle_since.items()
+            if now - since >= self.settings.retire_grace
+        ]
 
-    def remove_version(self, adapter: str, version: str) -> None:
-        state = self.adapters[adapter]
-        handle = state.installed.pop(version)
-        state.idle_since.pop(version, None)
-        state.nbytes.pop(version, None)
-        self.engine.unroute(adapter, version)
-        self.engine.remove(handle)
-        self._freed = bool(self._waiting)
-        logger.info("hotswap retired adapter=%s version=%s", adapter, version)
+    def take_for_retirement(self, handle: LoraHandle, *, min_idle: float) -> bool:
+        """Forget ``handle`` if it is still installed and idle for ``min_idle`` seconds
+        (a request may have touched it meanwhile); the caller then frees its slot."""
+        state = self.adapters.get(handle.adapter)
+        since = state.idle_since.get(handle.version) if state else None
+        if since is None or state.installed.get(handle.version) != handle or time.monotonic() - since < min_idle:
+            return False
+        del state.installed[handle.version], state.idle_since[handle.version]
+        state.nbytes.pop(handle.version, None)
+        self._slot_freed()
+        return True

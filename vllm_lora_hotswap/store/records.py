@@ -36,7 +36,8 @@ class AdapterServing(_Record):
 
     served_version: str | None = None
     installed_versions: list[str] = Field(default_factory=list)
-    state: str = "idle"  # serving | swapping | failed | no-slot | waiting
+    state: str = "idle"  # serving | swapping | failed | no-slot | waiting | retired
+    phase: str | None = None  # while swapping: the step its transaction is in
     last_swap: SwapRecord | None = None
     last_error: str | None = None
 
