@@ -394,6 +394,7 @@ class SwapController:
             return False
         try:
             if self.engine.in_flight(handle):
+                self.touch(handle.adapter, handle.version)  # idle counts from when it was last seen in use
                 return False
             with self.lock:
                 if not self.slots.take_for_retirement(handle, min_idle=min_idle):
