@@ -89,6 +89,41 @@ def test_nan_and_inf_weights(tmp_path: Path) -> None:
             validate_checkpoint_dir(write_lora(tmp_path / str(value), value=value))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e5m2])
+@pytest.mark.parametrize("value", [None, float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_of_every_float_dtype_are_found(tmp_path: Path, dtype: torch.dtype, value: float | None) -> None:
+    from safetensors.torch import save_file
+
+    from vllm_lora_hotswap.store.checkpoint import check_finite
+
+    weights = torch.randn(6, 5)
+    if value is not None:
+        weights[4, 3] = value
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({"m.lora_A.weight": torch.randn(2, 5), "w": weights.to(dtype), "steps": torch.arange(3)}, path)
+    if value is None:
+        check_finite(path)
+    else:
+        with pytest.raises(InvalidCheckpointError, match="tensor 'w' holds NaN or inf"):
+            check_finite(path)
+
+
+def test_publishing_a_safetensors_adapter_imports_neither_torch_nor_vllm(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    source = write_lora(tmp_path / "src", hidden=64, layers=2)
+    code = (
+        "import sys\n"
+        "from vllm_lora_hotswap.cli import main\n"
+        f"sys.argv = ['lora-hotswap', 'publish', 'lora1', {str(source)!r}, '--root', {str(tmp_path / 'store')!r}]\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert exit.code in (0, None), exit.code\n"
+        "print(sorted(m for m in ('torch', 'vllm') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("[]"), out
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("touch /tmp/lora-hotswap-pwned",))

@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import PROMPTS
 from tests.support.fake import write_lora
 from tests.support.inject import inject_version
-from tests.support.server import BASE_ARGS, free_port
+from tests.support.server import BASE_ARGS, free_port, free_port_range
 from vllm_lora_hotswap.fleet.scheduler import LoRAHotSwapConfig, LoRAUpdateEvent, create_distributed_lora_scheduler
 from vllm_lora_hotswap.status import fleet_status
 from vllm_lora_hotswap.store import CheckpointStore
@@ -82,9 +82,7 @@ def stop_and_check_no_orphans(process: subprocess.Popen[str], sig: int) -> None:
 @pytest.fixture(scope="module")
 def fleet(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root, log_dir = tmp_path_factory.mktemp("fleet-store"), tmp_path_factory.mktemp("fleet-logs")
-    base_port = free_port()
-    while free_port() in (base_port + 1,):
-        base_port = free_port()
+    base_port = free_port_range(2)
     process = launch(toy_model, root, log_dir, base_port, instances=2)
     wait_for_line(process, "fleet up", 600)
     yield Fleet(process, root, base_port, log_dir)

@@ -69,7 +69,8 @@ def test_eight_adapters_swap_together_with_batched_installs_and_probes(store: Ch
 def test_a_held_stage_holds_up_no_other_adapter_nor_status_nor_pinned_requests(store: CheckpointStore, lora: Path) -> None:
     engine = FakeEngine()
     controller = controller_for(store, engine, retire_grace=60)
-    a1, b1 = store.publish("a", lora), store.publish("b", lora)
+    a1 = store.publish("a", lora)
+    store.publish("b", lora)
     controller.sync_once()
     a2 = store.publish("a", lora)
     gate = engine.hold_staging(path_of(store, "a", a2))

@@ -19,7 +19,6 @@ import pytest
 
 from tests.conftest import PROMPTS
 from tests.support.server import VllmServer
-from tests.test_engine_swaps import _stream
 from vllm_lora_hotswap.store import CheckpointStore
 
 pytestmark = [pytest.mark.engine, pytest.mark.soak]
@@ -68,7 +67,7 @@ def test_soak_swaps_under_streaming_load(soak_engine, make_lora, reference) -> N
     expected = {(src, prompt): reference(src, prompt, MAX_TOKENS) for srcs in sources.values() for src in srcs
                 for prompt in PROMPTS}  # fmt: skip
     for adapter, prompt in plans:  # warm every path once, then take the baseline
-        _stream(engine, adapter, prompt, MAX_TOKENS)
+        engine.stream(adapter, prompt, MAX_TOKENS)
     time.sleep(2)
     before = _usage(engine)
 
@@ -79,7 +78,7 @@ def test_soak_swaps_under_streaming_load(soak_engine, make_lora, reference) -> N
     def client(adapter: str, prompt: str) -> None:
         while not done.is_set():
             try:
-                served_by, tokens = _stream(engine, adapter, prompt, MAX_TOKENS)
+                served_by, tokens = engine.stream(adapter, prompt, MAX_TOKENS)
                 results.append((prompt, served_by, tokens))
             except Exception as exc:  # noqa: BLE001 - every failure is counted and shown
                 errors.append(f"{adapter}: {type(exc).__name__}: {exc}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -24,6 +26,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_port_range(count: int) -> int:
+    """A first port P such that P … P+count-1 are all free now (a launcher uses consecutive ports)."""
+    while True:
+        first = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + count):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
 
 
 class VllmServer:
@@ -111,6 +127,23 @@ class VllmServer:
         """(model that served the request, generated token ids)."""
         data = self.complete(model, prompt, max_tokens, **extra)
         return data["model"], data["choices"][0]["token_ids"]
+
+    def stream(self, model: str, prompt: str, max_tokens: int) -> tuple[set[str], list[int]]:
+        """A streamed greedy completion: (every model name its chunks gave, generated token ids)."""
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                "ignore_eos": True, "return_token_ids": True, "stream": True}  # fmt: skip
+        served_by: set[str] = set()
+        tokens: list[int] = []
+        with self.client.stream("POST", "/v1/completions", json=body) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                served_by.add(chunk["model"])
+                for choice in chunk["choices"]:
+                    tokens.extend(choice.get("token_ids") or [])
+        return served_by, tokens
 
     def adapters_record(self) -> dict[str, Any]:
         """The instance's whole status record (``/v1/lora/adapters``)."""

@@ -5,12 +5,11 @@ group of its own (API server, engine core and workers), with its GPUs, port,
 ``VLLM_HOTSWAP_INSTANCE_ID`` and ``VLLM_HOTSWAP_ADAPTERS``. The launcher waits
 for health, restarts an instance that dies, forwards Ctrl-C/SIGTERM and stops
 every process group; children are also told to exit if the launcher itself is
-killed (``PR_SET_PDEATHSIG``), so nothing is left behind.
+killed (``PR_SET_PDEATHSIG``, set by :mod:`.child`), so nothing is left behind.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -22,9 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-
-_PR_SET_PDEATHSIG = 1
-
 
 @dataclass
 class Instance:
@@ -43,14 +39,6 @@ class Instance:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    os.setsid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: the signal handlers still stop children
 
 
 class Launcher:
@@ -120,8 +108,9 @@ class Launcher:
     def _spawn(self, instance: Instance) -> None:
         log = open(instance.log_path, "ab")  # noqa: SIM115 - owned by the child
         instance.process = subprocess.Popen(
-            self._command(instance), env=self._env(instance), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            [sys.executable, "-m", "vllm_lora_hotswap.fleet.child", str(os.getpid()), *self._command(instance)],
+            env=self._env(instance), stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         log.close()
         instance.state = "starting"

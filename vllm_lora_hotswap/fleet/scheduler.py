@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from ..store import CheckpointStore, NotFoundError, check_adapter_name
+from ..store import CheckpointStore, InstanceRecord, NotFoundError, check_adapter_name
 
 logger = logging.getLogger("vllm.lora_hotswap")
 Callback = Callable[["LoRAUpdateEvent"], Any | Awaitable[Any]]
@@ -281,6 +281,20 @@ class DistributedLoRAScheduler:
             await asyncio.sleep(0.2)
         return False
 
+    async def _check_followed(self, adapter: str, green: str) -> None:
+        """Refuse at once, rather than after ``timeout``, when instances that serve ``adapter``
+        would never follow ``green`` (their ``VLLM_HOTSWAP_ADAPTERS`` does not match it)."""
+        statuses = await asyncio.gather(*(self._instance(url) for url in self.instance_urls))
+        records = [InstanceRecord.model_validate(s) for s in statuses if s.get("instance_id")]
+        blind = [r for r in records if r.follows_adapter(adapter) and not r.follows_adapter(green)]
+        if blind:
+            names = ", ".join(f"{r.instance_id} (follows {','.join(r.follows)})" for r in blind)
+            raise ValueError(
+                f"blue-green needs every instance serving {adapter} to follow {green} too; {names} do not: "
+                f"give them an adapter pattern that matches both (e.g. VLLM_HOTSWAP_ADAPTERS='{adapter}*', "
+                f"or lora-hotswap launch --adapters-per-instance 'lora{{i}}*')"
+            )
+
     async def blue_green_update(
         self,
         lora_id: int | str,
@@ -297,6 +311,7 @@ class DistributedLoRAScheduler:
         adapter = self.adapter_name(lora_id)
         green = f"{adapter}-green"
         store = self._store_for(lora_id)
+        await self._check_followed(adapter, green)
         green_version = await asyncio.to_thread(store.publish, green, src_ckpt_dir, {**(metadata or {}), "blue_green_of": adapter})
         try:
             if not await self._wait_converged(green, store, green_version, timeout):

@@ -96,6 +96,7 @@ class SwapController:
             started_at=time.time(),
             poll_interval=settings.poll_interval,
             mode=settings.mode,
+            follows=list(settings.adapters),
         )
         self.lock = threading.Lock()
         self.slots = SlotTable(self.limits, settings)

@@ -145,6 +145,7 @@ def find_weight_file(directory: Path) -> Path:
 class TensorSpec:
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # safetensors: where the tensor's bytes start in the file
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorSpec]:
@@ -186,7 +187,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorSpec]:
             raise InvalidCheckpointError(
                 f"{path}: tensor {name!r} lies outside the file's {data_len} data bytes (truncated?)"
             )
-        specs[name] = TensorSpec(dtype, shape)
+        specs[name] = TensorSpec(dtype, shape, 8 + header_len + begin)
     return specs
 
 
@@ -243,22 +244,39 @@ def weight_specs(path: Path) -> dict[str, TensorSpec]:
 
 
 def check_finite(path: Path) -> None:
-    """Reject weights holding NaN or inf (needs torch; skipped where torch is absent)."""
-    try:
-        import torch
-    except ImportError:
-        return
+    """Reject weights holding NaN or inf."""
     if path.name == SAFETENSORS_FILE:
-        from safetensors import safe_open
+        _check_safetensors_finite(path)
+        return
+    import torch  # loading a .bin state dict needs it anyway
 
-        with safe_open(str(path), framework="pt") as reader:
-            for name in reader.keys():  # noqa: SIM118 - safe_open has no __iter__
-                if not torch.isfinite(reader.get_tensor(name)).all():
-                    raise InvalidCheckpointError(f"{path}: tensor {name!r} holds NaN or inf")
-    else:
-        for name, tensor in load_bin_tensors(path).items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise InvalidCheckpointError(f"{path}: tensor {name!r} holds NaN or inf")
+    for name, tensor in load_bin_tensors(path).items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise InvalidCheckpointError(f"{path}: tensor {name!r} holds NaN or inf")
+
+
+# A float is NaN or inf exactly when all its exponent bits are set (float8 e4m3 has no inf;
+# its NaN also sets the mantissa). Reading the bits needs numpy only, for every float dtype,
+# bf16 included: publishing never imports torch for this check.
+_NON_FINITE_BITS = {
+    "F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00),
+    "BF16": ("<u2", 0x7F80), "F8_E5M2": ("u1", 0x7C), "F8_E4M3": ("u1", 0x7F),
+}  # fmt: skip
+
+
+def _check_safetensors_finite(path: Path) -> None:
+    import numpy as np
+
+    specs = read_safetensors_header(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for name, spec in specs.items():
+        if spec.dtype not in _NON_FINITE_BITS:
+            continue  # integers and booleans are always finite
+        dtype, mask = _NON_FINITE_BITS[spec.dtype]
+        end = spec.offset + math.prod(spec.shape) * _DTYPE_BYTES[spec.dtype]
+        bits = data[spec.offset : end].view(dtype)
+        if np.any((bits & np.array(mask, dtype=dtype)) == mask):
+            raise InvalidCheckpointError(f"{path}: tensor {name!r} holds NaN or inf")
 
 
 def validate_checkpoint_dir(directory: Path, *, finite: bool = True) -> tuple[AdapterConfig, Path]:

@@ -6,6 +6,7 @@ error for that file alone and never takes down a reader.
 
 from __future__ import annotations
 
+import fnmatch
 import time
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,9 +56,14 @@ class InstanceRecord(_Record):
     heartbeat: float = 0.0
     poll_interval: float = 5.0
     mode: str = "versioned"
+    follows: list[str] = Field(default_factory=list)  # VLLM_HOTSWAP_ADAPTERS: names or globs; empty: unknown
     weight_version: str | None = None
     adapters: dict[str, AdapterServing] = Field(default_factory=dict)
     last_error: str | None = None
+
+    def follows_adapter(self, adapter: str) -> bool:
+        """Whether this instance follows ``adapter`` (True when the record predates ``follows``)."""
+        return not self.follows or any(fnmatch.fnmatchcase(adapter, pattern) for pattern in self.follows)
 
     def age(self, now: float | None = None) -> float:
         return (time.time() if now is None else now) - self.heartbeat
