@@ -159,6 +159,10 @@ def test_streaming_clients_during_30_swaps_each_get_exactly_one_version(
         versions_seen.add(version)
         assert tokens == expected[weights_of[version]], f"response from {version} mixes versions"
     assert len(versions_seen) >= 5
+    # vLLM's per-LoRA request gauge names adapters, not versions: its series do not grow with swaps.
+    info = [line for line in engine.client.get("/metrics").text.splitlines() if line.startswith("vllm:lora_requests_info{")]
+    assert info and 'running_lora_adapters="stream"' in "".join(info)
+    assert not [line for line in info if "stream@" in line], info
 
 
 def _commit_with_fifo_config(store: CheckpointStore, adapter: str, src: Path) -> tuple[str, Path]:

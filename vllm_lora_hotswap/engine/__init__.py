@@ -7,10 +7,12 @@ def install_hooks() -> None:
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
     from .endpoints import enable_endpoint_plugin
+    from .lora_metrics import count_requests_by_adapter
     from .rpc import install_worker_rpcs
 
     install_worker_rpcs()
     enable_endpoint_plugin()
+    count_requests_by_adapter()
     # Lazy registration by module path: gloo_transfer is imported only where used.
     for factory, class_name in (
         (WeightTransferEngineFactory, "GlooWeightTransferEngine"),
