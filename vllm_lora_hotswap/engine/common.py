@@ -69,6 +69,10 @@ class WorkerRpcEngine:
                 results.append(CheckpointRejected("install", error["error"]))
         return results
 
+    def worker_states(self) -> list[dict[str, Any]]:
+        """One ``WorkerHotSwap.state()`` per worker."""
+        return self._rpc("hotswap_state")
+
     def commit(self, handle: LoraHandle) -> None:
         self._rpc("hotswap_commit", handle.lora_id)
 

@@ -40,6 +40,17 @@ async def list_adapters(request: Request) -> JSONResponse:
     return JSONResponse(record.model_dump(mode="json"))
 
 
+@router.get("/v1/lora/workers")
+async def list_workers(request: Request) -> JSONResponse:
+    """What each worker of each engine core holds (data-parallel replicas one after the
+    other, tensor-parallel ranks in order): LoRA ids registered and installed, staging
+    in progress, staged bytes, and ``disk_loads``, adapters vLLM had to read from the
+    store inside a step (0 unless something went wrong)."""
+    engine = _controller(request).engine
+    workers = await asyncio.get_running_loop().run_in_executor(None, engine.worker_states)
+    return JSONResponse({"workers": workers})
+
+
 @router.get("/v1/lora/events")
 async def list_events(request: Request, since: int = 0) -> JSONResponse:
     """Swap events after sequence number ``since`` (bounded history). ``started_at``

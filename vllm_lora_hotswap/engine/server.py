@@ -41,7 +41,16 @@ class ServerEngine(WorkerRpcEngine):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def _rpc(self, method: str, *args: Any) -> list[Any]:
-        return self._call(self.client.collective_rpc(method, timeout=RPC_TIMEOUT, args=args))
+        """``method`` on every worker of every engine core: one result per worker.
+
+        ``AsyncLLM.collective_rpc`` reaches only the first engine core of a data-parallel
+        server (vLLM returns the first engine's answer alone), so a stage or install that
+        failed on another replica would go unseen; the call goes to each core instead."""
+        core = self.client.engine_core
+        if not hasattr(core, "call_utility_all_async"):  # in-process engine core: one engine
+            return self._call(self.client.collective_rpc(method, timeout=RPC_TIMEOUT, args=args))
+        per_engine = self._call(core.call_utility_all_async("collective_rpc", method, RPC_TIMEOUT, args, None))
+        return [result for workers in per_engine for result in workers]
 
     def _vllm_config(self) -> Any:
         return self.client.vllm_config

@@ -35,6 +35,7 @@ def _load_adapter(manager: WorkerLoRAManager, lora_request: LoRARequest):
         entry = hotswap.installed.get(lora_request.lora_int_id)
         if entry is not None and entry.lora is not None:
             return entry.lora
+        hotswap.disk_loads += 1  # a read of the store inside a step: counted, it should stay 0
     return _original_load_adapter(manager, lora_request)
 
 
@@ -63,6 +64,7 @@ class WorkerHotSwap:
         self.staging: dict[tuple[int, str], _Staged] = {}
         self.installed: dict[int, _Staged] = {}
         self.previous: dict[int, _Staged | None] = {}  # in-place installs, kept for restore
+        self.disk_loads = 0  # adapters vLLM loaded from disk inside a step instead of from us
         self._lock = threading.Lock()
         _by_manager[self.worker_manager] = self
 
@@ -215,6 +217,7 @@ class WorkerHotSwap:
             "installed": {str(i): e.path for i, e in self.installed.items()},
             "staging": len(self.staging),
             "staged_bytes": sum(e.nbytes for e in self.installed.values()),
+            "disk_loads": self.disk_loads,
         }
 
 
