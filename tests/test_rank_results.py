@@ -41,7 +41,7 @@ def test_a_version_is_staged_only_when_every_rank_staged_it() -> None:
 def test_one_rank_that_fails_staging_fails_the_version() -> None:
     engine = Ranks({"hotswap_status": [[status("ready", 10)], [status("failed", error="ValueError: NaN")]]})
     (a,) = engine.stage_status([A])
-    assert (a.state, a.error) == ("failed", "ValueError: NaN")
+    assert (a.state, a.error) == ("failed", "worker 1 of 2: ValueError: NaN")
 
 
 @pytest.mark.parametrize("failure, expected", [
@@ -56,4 +56,4 @@ def test_one_rank_that_fails_an_install_fails_that_version_alone(failure: dict[s
     ]})  # fmt: skip
     a, b = engine.install([InstallRequest(A), InstallRequest(B)])
     assert a == 0.003  # the engine loop is held until the slowest rank is done
-    assert isinstance(b, expected) and failure["error"] in str(b)
+    assert isinstance(b, expected) and f"worker 1 of 2: {failure['error']}" in str(b)

@@ -45,9 +45,10 @@ class WorkerRpcEngine:
         ranks = self._rpc("hotswap_status", [[h.lora_id, h.path] for h in handles])
         statuses = []
         for per_rank in zip(*ranks):  # one handle, every rank
-            failed = [r for r in per_rank if r["state"] == "failed"]
+            failed = [(i, r) for i, r in enumerate(per_rank) if r["state"] == "failed"]
             if failed:
-                statuses.append(StageStatus("failed", failed[0]["error"]))
+                rank, result = failed[0]
+                statuses.append(StageStatus("failed", _on_worker(rank, len(per_rank), result["error"])))
             elif all(r["state"] == "ready" for r in per_rank):
                 statuses.append(StageStatus("ready", nbytes=sum(r["nbytes"] for r in per_rank)))
             else:
@@ -60,13 +61,13 @@ class WorkerRpcEngine:
         stall = max(rank["seconds"] for rank in ranks)  # the engine loop is held once for the batch
         results: list[float | Exception] = []
         for per_rank in zip(*(rank["results"] for rank in ranks)):
-            error = next((r for r in per_rank if not r["ok"]), None)
-            if error is None:
+            failed = next(((i, r) for i, r in enumerate(per_rank) if not r["ok"]), None)
+            if failed is None:
                 results.append(stall)
-            elif error.get("capacity"):
-                results.append(NoCapacity(error["error"]))
-            else:
-                results.append(CheckpointRejected("install", error["error"]))
+                continue
+            rank, error = failed
+            message = _on_worker(rank, len(per_rank), error["error"])
+            results.append(NoCapacity(message) if error.get("capacity") else CheckpointRejected("install", message))
         return results
 
     def worker_states(self) -> list[dict[str, Any]]:
@@ -91,3 +92,8 @@ class WorkerRpcEngine:
         if not all(math.isfinite(v) for v in logprobs):
             return CheckpointRejected("probe", f"non-finite logprobs {logprobs}")
         return None
+
+
+def _on_worker(rank: int, workers: int, error: str) -> str:
+    """Name the worker (rank, or replica × rank, in ``GET /v1/lora/workers`` order) when there are several."""
+    return error if workers == 1 else f"worker {rank} of {workers}: {error}"
