@@ -207,6 +207,23 @@ def test_status_does_not_wait_for_a_swap(store: CheckpointStore, lora: Path) -> 
     wait_until(lambda: served(controller, "a") == v1, "v1 to be served")
 
 
+def test_a_job_that_raises_does_not_wedge_its_adapter() -> None:
+    from vllm_lora_hotswap.pipeline.jobs import AdapterJobs
+
+    calls = []
+
+    def work(adapter: str) -> str:
+        calls.append(adapter)
+        if len(calls) == 1:
+            raise RuntimeError("store hiccup")
+        return "done"
+
+    jobs: AdapterJobs[str] = AdapterJobs(work, 2, on_idle=lambda: None)
+    assert jobs.submit("a").result(10) == []
+    assert jobs.submit("a").result(10) == ["done"]  # a new job ran: the first one ended
+    jobs.shutdown()
+
+
 # -- random sequences ------------------------------------------------------------------
 from hypothesis import HealthCheck, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

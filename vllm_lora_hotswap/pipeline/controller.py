@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 
 from ..events import EventBus, SwapEvent
@@ -57,6 +56,7 @@ from ..store import (
 from ..watcher import StoreWatcher
 from .batching import GroupCall
 from .engine_api import CheckpointRejected, EngineAdapter, EngineUnavailable, LoraHandle, NoCapacity
+from .jobs import AdapterJobs
 from .slots import SlotTable, VersionBusy
 from .transaction import Superseded, SwapTransaction
 
@@ -100,10 +100,7 @@ class SwapController:
         )
         self.lock = threading.Lock()
         self.slots = SlotTable(self.limits, settings)
-        self._jobs: dict[str, Future[list[SwapRecord]]] = {}  # adapter -> its one running job
-        self._dirty: set[str] = set()  # adapters changed again while their job runs
-        self._claims: dict[tuple[str, str], threading.Event] = {}  # set when the claim ends
-        self._pool = ThreadPoolExecutor(settings.max_parallel, thread_name_prefix="hotswap-swap")
+        self.jobs: AdapterJobs[SwapRecord] = AdapterJobs(self._sync_adapter, settings.max_parallel, on_idle=self._job_ended)
         self.stage_starts = GroupCall(self._stage_batch)
         self.stage_statuses = GroupCall(engine.stage_status)
         self.installs = GroupCall(engine.install)
@@ -131,7 +128,7 @@ class SwapController:
         self.watcher.wake()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.jobs.shutdown()
 
     def _run(self) -> None:
         next_poll = time.monotonic() + self.settings.poll_interval
@@ -168,7 +165,7 @@ class SwapController:
             changed = set()
         with self.lock:
             changed |= self.slots.take_waiting()
-        jobs = [self._submit(adapter) for adapter in sorted(changed)]
+        jobs = [self.jobs.submit(adapter) for adapter in sorted(changed)]
         records: list[SwapRecord] = []
         if wait:
             done, _ = wait_for(set(jobs))
@@ -176,34 +173,9 @@ class SwapController:
         self._housekeeping(force_heartbeat=bool(records))
         return records
 
-    def _submit(self, adapter: str) -> Future[list[SwapRecord]]:
-        with self.lock:
-            job = self._jobs.get(adapter)
-            if job is not None:
-                self._dirty.add(adapter)  # the running job looks at the store again
-                return job
-            job = self._jobs[adapter] = self._pool.submit(self._adapter_job, adapter)
-            return job
-
-    def _adapter_job(self, adapter: str) -> list[SwapRecord]:
-        records: list[SwapRecord] = []
-        while True:
-            with self.lock:
-                self._dirty.discard(adapter)
-            try:
-                record = self._sync_adapter(adapter)
-            except Exception:
-                logger.exception("hot-swap: syncing %s failed", adapter)
-                record = None
-            if record is not None:
-                records.append(record)
-            with self.lock:
-                if adapter not in self._dirty:
-                    del self._jobs[adapter]
-                    self._heartbeat_due = True
-                    break
-        self.watcher.wake()  # heartbeat, and slots that freed, from the controller thread
-        return records
+    def _job_ended(self) -> None:
+        self._heartbeat_due = True
+        self.watcher.wake()  # the heartbeat, and slots that freed, from the controller thread
 
     def _housekeeping(self, force_heartbeat: bool = False) -> None:
         with self.lock:
@@ -244,28 +216,9 @@ class SwapController:
         return self._transact(adapter, target, make_current=True)
 
     # -- transactions ------------------------------------------------------------------
-    def _claim(self, key: tuple[str, str], *, block: bool) -> bool:
-        """Take ``key`` for one transaction or retirement; with ``block``, wait for the one
-        holding it to finish first. False (without ``block``) if it is taken."""
-        while True:
-            with self.lock:
-                busy = self._claims.get(key)
-                if busy is None:
-                    self._claims[key] = threading.Event()
-                    return True
-            if not block:
-                return False
-            busy.wait()
-
-    def _unclaim(self, key: tuple[str, str]) -> None:
-        with self.lock:
-            self._claims.pop(key).set()
-
     def _transact(self, adapter: str, version: str, *, make_current: bool) -> SwapRecord | None:
         """Run one transaction and turn its outcome into a record (None: superseded)."""
-        key = (adapter, version)
-        self._claim(key, block=True)
-        try:
+        with self.jobs.claim((adapter, version), wait=True):
             state = self.slots.state(adapter)
             with self.lock:
                 installed = state.installed.get(version)
@@ -282,8 +235,7 @@ class SwapController:
                 reason = exc.reason if isinstance(exc, CheckpointRejected) else str(exc)
                 phase = exc.phase if isinstance(exc, CheckpointRejected) else tx.phase
                 if make_current:
-                    with self.lock:
-                        self._dirty.add(adapter)  # the job looks again: the store's target is now the last good version
+                    self.jobs.mark_dirty(adapter)  # the job looks again: the store's target is now the last good version
                 return self._failed(adapter, version, phase, reason, tx.timings, remember=True, record_in_store=True)
             except _WAITS as exc:
                 return self._waits(adapter, version, tx, exc)
@@ -294,8 +246,6 @@ class SwapController:
             finally:
                 state.phase = None
             return self._served(tx)
-        finally:
-            self._unclaim(key)
 
     def entered(self, tx: SwapTransaction, phase: str) -> None:
         """A transaction began ``phase`` (shown in status)."""
@@ -303,9 +253,8 @@ class SwapController:
 
     def superseded(self, adapter: str, version: str) -> bool:
         """The store has moved ``adapter`` on from ``version`` since its job started."""
-        with self.lock:
-            if adapter not in self._dirty:
-                return False
+        if not self.jobs.is_dirty(adapter):
+            return False
         try:
             return self.store.active_version(adapter) != version
         except StoreError:
@@ -390,10 +339,9 @@ class SwapController:
     def retire(self, handle: LoraHandle, *, min_idle: float) -> bool:
         """Free the slot of an idle version with no request in flight; False if it is busy,
         was touched within ``min_idle`` seconds, or another transaction holds it."""
-        key = (handle.adapter, handle.version)
-        if not self._claim(key, block=False):
-            return False
-        try:
+        with self.jobs.claim((handle.adapter, handle.version), wait=False) as claimed:
+            if not claimed:
+                return False
             if self.engine.in_flight(handle):
                 self.touch(handle.adapter, handle.version)  # idle counts from when it was last seen in use
                 return False
@@ -402,8 +350,6 @@ class SwapController:
                     return False
             self.engine.unroute(handle.adapter, handle.version)
             self.engine.remove(handle)
-        finally:
-            self._unclaim(key)
         logger.info("hotswap retired adapter=%s version=%s", handle.adapter, handle.version)
         self.watcher.wake()  # adapters waiting for a slot
         return True
