@@ -8,7 +8,8 @@ requires the server's ``--api-key`` (vLLM's own middleware guards only ``/v1``
 and a few other prefixes, not these paths).
 
 An update is ``start`` (pause generation as the caller asks: ``abort``,
-``wait`` or ``keep``), one or more ``update_weights``, then ``finish``, which
+``wait`` or ``keep``), one or more ``update_weights`` (a failed one resumes
+generation: the update is over), then ``finish``, which
 puts the served adapters back at once, resets the prefix cache (no KV computed
 under the old weights is reused), records the weight version and resumes.
 """
@@ -91,9 +92,20 @@ async def start_weight_update(request: Request, mode: Annotated[PauseMode, Body(
 
 @router.post("/update_weights")
 async def update_weights(request: Request, update_info: Annotated[dict[str, Any] | list[dict[str, Any]], Body(embed=True)]) -> JSONResponse:
+    """Receive one update. On failure (a refused parameter, a cut-off transfer) the
+    workers loaded nothing and the update is over (vLLM closes it): generation resumes."""
     from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
-    return await _guarded("update_weights", _engine(request).update_weights(WeightTransferUpdateRequest(update_info=update_info)))
+    engine = _engine(request)
+
+    async def update() -> None:
+        try:
+            await engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+        except BaseException:
+            await engine.resume_generation()
+            raise
+
+    return await _guarded("update_weights", update())
 
 
 @router.post("/finish_weight_update")
@@ -136,9 +148,17 @@ async def resume(request: Request) -> JSONResponse:
 
 
 @router.get("/weight_info")
-async def weight_info(request: Request) -> JSONResponse:
+async def weight_info(request: Request, parameters: bool = False) -> JSONResponse:
+    """The weight version; with ``?parameters=1`` also what an update may contain:
+    ``{name: [shape, dtype]}`` as the engine loaded its checkpoint (null if unknown)."""
+    engine = _engine(request)
+
     async def info() -> dict[str, Any]:
-        return {"weight_version": await _engine(request).get_weight_version()}
+        result: dict[str, Any] = {"weight_version": await engine.get_weight_version()}
+        if parameters:
+            specs = await engine.collective_rpc("hotswap_weight_spec")
+            result["parameters"] = next((spec for spec in specs if spec is not None), None)
+        return result
 
     return await _guarded("weight_info", info())
 
