@@ -17,7 +17,9 @@ One checker, two back-ends:
   (a wheel, without its dependencies) and never imports them, so a release that
   cannot be installed here (other torch, CUDA only) is checked all the same::
 
-      python -m vllm_lora_hotswap.engine.vllm_symbols --source /tmp/vllm-0.33.0   # make compat VLLM=0.33.0
+      python -m vllm_lora_hotswap.engine.vllm_symbols --source vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl
+      make compat VLLM=0.33.0          # downloads that wheel (no dependencies) and checks it
+      make compat VLLM_SOURCE=DIR      # an unpacked tree
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ import argparse
 import ast
 import importlib
 import inspect
+import operator
+import re
 import sys
+import zipfile
 import textwrap
 from dataclasses import dataclass
 from functools import cache, cached_property
@@ -188,15 +193,29 @@ def supported(version: str) -> bool:
 
 
 def _in(version: str, spec: str) -> bool:
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import InvalidVersion, Version
-
-    if not spec:
-        return True
-    try:  # local tags such as "+cpu" and dev suffixes do not matter
-        return Version(Version(version).base_version) in SpecifierSet(spec)
-    except InvalidVersion:
+    """Whether ``version`` meets ``spec`` (``">=0.32.0,<0.34"``). Only the release
+    numbers count (``0.32.0+cpu`` and ``0.33.0rc1`` are 0.32.0 and 0.33.0); written
+    out so the source check runs on a bare Python, without ``packaging``."""
+    release = _release(version)
+    if release is None:
         return False
+    for clause in filter(None, (c.strip() for c in spec.split(","))):
+        op = clause[: len(clause) - len(clause.lstrip("<>=!"))]
+        bound = _release(clause[len(op):])
+        if bound is None or op not in _OPS:
+            raise ValueError(f"unsupported version specifier {clause!r}")
+        width = max(len(release), len(bound))
+        if not _OPS[op](release + (0,) * (width - len(release)), bound + (0,) * (width - len(bound))):
+            return False
+    return True
+
+
+_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq, "!=": operator.ne}
+
+
+def _release(version: str) -> tuple[int, ...] | None:
+    match = re.match(r"\s*v?(\d+(?:\.\d+)*)", version)
+    return tuple(int(part) for part in match.group(1).split(".")) if match else None
 
 
 def symbols_for(version: str) -> list[Symbol]:
@@ -311,33 +330,48 @@ def _self_assignments(node: ast.AST) -> set[str]:
 
 
 class SourceTree:
-    """An unpacked vLLM: the directory holding the ``vllm`` package (or the package itself)."""
+    """An unpacked vLLM (the directory holding the ``vllm`` package, or the package
+    itself) or a vLLM wheel, read in place."""
 
     def __init__(self, root: str | Path):
         root = Path(root)
-        self.package = root if (root / "_version.py").exists() or root.name == "vllm" else root / "vllm"
-        if not (self.package / "__init__.py").exists():
-            raise FileNotFoundError(f"no vllm package in {root} (expected {self.package}/__init__.py)")
         self._trees: dict[str, ast.Module | None] = {}
+        if root.suffix == ".whl":
+            self._wheel: zipfile.ZipFile | None = zipfile.ZipFile(root)
+            self._names = set(self._wheel.namelist())
+            self.package = Path("vllm")
+        else:
+            self._wheel = None
+            self.package = root if (root / "_version.py").exists() or root.name == "vllm" else root / "vllm"
+        if self._read(self.package / "__init__.py") is None:
+            raise FileNotFoundError(f"no vllm package in {root} (expected {self.package}/__init__.py)")
+
+    def _read(self, path: Path) -> str | None:
+        if self._wheel is None:
+            return path.read_text() if path.is_file() else None
+        return self._wheel.read(path.as_posix()).decode() if path.as_posix() in self._names else None
 
     @cached_property
     def version(self) -> str:
         path = self.package / "_version.py"
-        if path.exists():  # __version__ = version = '0.33.0'
-            for node in ast.parse(path.read_text()).body:
-                if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
-                    if isinstance(node.value, ast.Constant):
-                        return str(node.value.value)
+        text = self._read(path)
+        for node in ast.parse(text).body if text else []:  # __version__ = version = '0.33.0'
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+                if isinstance(node.value, ast.Constant):
+                    return str(node.value.value)
         raise ValueError(f"cannot read vLLM's version from {path}")
 
     def module(self, dotted: str) -> ast.Module | None:
         if dotted not in self._trees:
-            parts = dotted.split(".")[1:]
-            base = self.package.joinpath(*parts)
-            path = next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.exists()), None)
-            tree = ast.parse(path.read_text(), str(path)) if path else None
-            if tree is not None:  # relative imports in a package's __init__ start from the package
-                tree._is_package = path.name == "__init__.py"  # type: ignore[attr-defined, union-attr]
+            base = self.package.joinpath(*dotted.split(".")[1:])
+            tree = None
+            for path in (base.with_suffix(".py"), base / "__init__.py"):
+                text = self._read(path)
+                if text is not None:
+                    tree = ast.parse(text, str(path))
+                    # relative imports in a package's __init__ start from the package
+                    tree._is_package = path.name == "__init__.py"  # type: ignore[attr-defined]
+                    break
             self._trees[dotted] = tree
         return self._trees[dotted]
 
@@ -492,7 +526,7 @@ def _decorator_name(node: ast.expr) -> str:
 
 
 def check_source(root: str | Path) -> tuple[str, str | None]:
-    """(vLLM version, the one error line or None) for an unpacked vLLM tree."""
+    """(vLLM version, the one error line or None) for an unpacked vLLM tree or a wheel."""
     tree = SourceTree(root)
     version = tree.version
     problems = []
@@ -529,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Check every private vLLM symbol the plugin relies on against a vLLM.",
     )
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--source", help="an unpacked vLLM tree (parsed, never imported)")
+    where.add_argument("--source", help="an unpacked vLLM tree or a vLLM wheel (parsed, never imported)")
     where.add_argument("--installed", action="store_true", help="the vLLM installed here (imported)")
     args = parser.parse_args(argv)
     if args.installed:
@@ -537,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         try:
             version, error = check_source(args.source)
-        except (FileNotFoundError, ValueError) as exc:
+        except (FileNotFoundError, ValueError, zipfile.BadZipFile) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     if error is not None:
