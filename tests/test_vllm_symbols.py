@@ -4,6 +4,7 @@ vLLM (live and parsed) and against doctored copies of its source. No engine runs
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -75,6 +76,16 @@ def test_a_release_outside_the_range_is_refused_by_version(source_copy: Path) ->
     assert check_source(source_copy) == ("0.34.0", f"vllm-lora-hotswap supports vLLM {RANGE}; found vLLM 0.34.0")
 
 
+def test_a_wheel_is_read_in_place(installed_source: Path, tmp_path: Path) -> None:
+    import zipfile
+
+    wheel = tmp_path / "vllm-0.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path in installed_source.rglob("*.py"):
+            archive.write(path, f"vllm/{path.relative_to(installed_source).as_posix()}")
+    assert check_source(wheel) == check_source(installed_source)
+
+
 def test_a_tree_without_vllm_is_an_error_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert vllm_symbols.main(["--source", str(tmp_path)]) == 2
     assert f"no vllm package in {tmp_path}" in capsys.readouterr().err
@@ -100,19 +111,23 @@ def test_the_live_check_names_a_missing_method(monkeypatch: pytest.MonkeyPatch) 
 def test_on_a_mismatch_the_plugin_logs_one_error_and_installs_nothing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    import vllm
+
     import vllm_lora_hotswap.engine as engine
 
     monkeypatch.setenv("VLLM_HOTSWAP_ROOT", str(tmp_path))
-    monkeypatch.delenv(plugin._CHECKED, raising=False)
-    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.setenv(plugin._CHECKED, "")
     monkeypatch.setattr(vllm_symbols, "check_installed", lambda: "vllm-lora-hotswap supports vLLM X; vLLM Y differs: Z")
     monkeypatch.setattr(engine, "install_hooks", lambda: pytest.fail("hooks installed despite a mismatch"))
-    with caplog.at_level(logging.INFO, logger="vllm.lora_hotswap"):
-        plugin.register()
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert [r.getMessage() for r in errors] == [
+    for process in ("api server", "engine core, spawned by it"):  # the second inherits the verdict
+        monkeypatch.setattr(plugin, "_registered", False)
+        with caplog.at_level(logging.INFO, logger="vllm.lora_hotswap"):
+            plugin.register()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [
         "vllm-lora-hotswap supports vLLM X; vLLM Y differs: Z. The plugin is NOT active: vLLM serves without hot-swapping."
     ]
+    assert os.environ[plugin._CHECKED] == f"{vllm.__version__}:{os.path.dirname(vllm.__file__)}=mismatch"
 
 
 def test_every_symbol_names_a_vllm_module_and_a_known_kind() -> None:

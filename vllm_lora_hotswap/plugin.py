@@ -44,24 +44,25 @@ def register() -> None:
     install_hooks()
 
 
-# Set once the check passed, so the processes this one spawns (engine core, workers:
-# same environment, same vLLM) do not repeat it.
-_CHECKED = "LORA_HOTSWAP_VLLM_CHECKED"
+# The verdict of the check, handed to the processes this one spawns (engine core,
+# workers: same environment, same vLLM): they neither repeat the check nor log it again.
+_CHECKED = "LORA_HOTSWAP_VLLM_CHECK"
 
 
 def vllm_matches() -> bool:
     """Check every private vLLM symbol the plugin relies on; on a mismatch log one
     error and leave vLLM untouched (it serves without the plugin)."""
-    from .engine import vllm_symbols
-
     import vllm
 
+    from .engine import vllm_symbols
+
     key = f"{vllm.__version__}:{os.path.dirname(vllm.__file__)}"
-    if os.environ.get(_CHECKED) == key:
-        return True
+    verdict = os.environ.get(_CHECKED, "")
+    if verdict.startswith(key + "="):
+        return verdict == key + "=ok"
     error = vllm_symbols.check_installed()
+    os.environ[_CHECKED] = f"{key}={'ok' if error is None else 'mismatch'}"
     if error is not None:
         logger.error("%s. The plugin is NOT active: vLLM serves without hot-swapping.", error)
         return False
-    os.environ[_CHECKED] = key
     return True
