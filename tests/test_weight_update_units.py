@@ -88,6 +88,31 @@ def test_the_gloo_push_resumes_the_servers_when_its_source_fails_half_way(monkey
     assert servers.calls == ["start", "update", "resume"]
 
 
+def test_a_server_failing_before_its_workers_join_does_not_hang_the_trainer() -> None:
+    """E.g. a server restarted since the rendezvous: its workers never join the update."""
+    import threading
+    import time
+
+    from vllm.distributed.weight_transfer.base import ModuleSource
+
+    from vllm_lora_hotswap.engine.gloo_transfer import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine, join_group
+
+    info = GlooTrainerInitInfo("127.0.0.1", free_port(), 2, rank=0)
+    silent: list[Any] = []  # the engine rank that never takes part
+    peer = threading.Thread(target=lambda: silent.append(join_group(info.master_address, info.master_port, 1, 2, 30)))
+    peer.start()
+    servers = FakeServers(fail="update")
+    engine = GlooTrainerWeightTransferEngine(client=servers, source=ModuleSource(torch.nn.Linear(4, 2)), init_info=info)
+    engine.group = join_group(info.master_address, info.master_port, 0, 2, 30)
+    peer.join()
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="update failed"):
+        engine.send_weights("v1")
+    assert time.monotonic() - started < 10 and servers.calls == ["start", "update", "resume"]
+    with pytest.raises(RuntimeError, match="the gloo transfer group is closed .* initialise it again"):
+        engine.send_weights("v2")
+
+
 PAUSED = {"error": {"message": "Generation is paused. Please retry after it resumes.", "type": "ServiceUnavailableError", "code": 503}}
 
 

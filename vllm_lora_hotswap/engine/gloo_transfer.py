@@ -44,6 +44,9 @@ from .vllm_symbols import source_metadata, source_tensors
 from .weight_spec import check_update, spec_of
 
 DEFAULT_BUCKET_BYTES = 64 << 20
+# How long the trainer still waits for the workers' check once a server answered an error
+# (a refusal answers right after the check completes; a server that never joined does not).
+REFUSAL_GRACE_S = 2.0
 BACKEND = "gloo"
 
 logger = logging.getLogger("vllm.lora_hotswap")
@@ -242,6 +245,19 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         self.group = None
 
 
+def _let_time_out(group: Any, work: Any) -> None:
+    """Drop a group whose collective nobody else will join. Destroying it would block
+    until that collective times out, so a daemon thread holds it until then."""
+    threading.Thread(target=_wait_out, args=(group, work), name="gloo-abandoned-group", daemon=True).start()
+
+
+def _wait_out(group: Any, work: Any) -> None:
+    try:
+        work.wait()
+    except RuntimeError:  # the timeout: expected, nobody else joins
+        pass
+
+
 def _count(group: Any, flag: bool) -> int:
     """How many ranks of ``group`` raise ``flag`` (each rank calls this)."""
     count = torch.tensor([int(flag)], dtype=torch.int32)
@@ -302,6 +318,9 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
 
     def send_weights(self, weight_version: str | None = None) -> None:
         assert self.source is not None
+        if self.group is None:
+            raise RuntimeError("the gloo transfer group is closed (a server failed an update before joining it): "
+                               "close the communicator and initialise it again")
         meta = source_metadata(self.source)
         if not self.is_sender:
             for _ in source_tensors(self.source):  # keep in step with the sender's collectives (FSDP gathers)
@@ -334,7 +353,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         receiver = threading.Thread(target=receive, name="weight-sync-update", daemon=True)
         receiver.start()
         failure: BaseException | None = None
-        if _count(self.group, False) == 0:  # no engine refused the update's parameters
+        if self._no_refusals(receiver, errors):
             try:
                 self._broadcast(meta)
             except Exception as exc:  # noqa: BLE001 - re-raised below, after the workers were told
@@ -344,6 +363,27 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             raise failure
         if errors:
             raise errors[0]
+
+    def _no_refusals(self, receiver: threading.Thread, errors: list[BaseException]) -> bool:
+        """Whether every engine accepted the update's parameters (the workers' check).
+
+        A server that fails before its workers reach the check (restarted since the
+        rendezvous, say) never joins it: its error is raised instead of waiting out the
+        group's timeout, and the group, left with a collective pending, is dropped."""
+        assert self.group is not None
+        count = torch.zeros(1, dtype=torch.int32)
+        work = self.group.allreduce(count)
+        failed_at: float | None = None
+        while not work.is_completed():
+            if failed_at is None and errors and not receiver.is_alive():
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > REFUSAL_GRACE_S:
+                _let_time_out(self.group, work)
+                self.group = None
+                raise errors[0]
+            time.sleep(0.005)
+        work.wait()
+        return int(count.item()) == 0
 
     def _resume(self) -> None:
         """Generation resumes whatever failed (a client without ``resume``, such as
