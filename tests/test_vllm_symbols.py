@@ -99,6 +99,22 @@ def test_the_command_line_says_ok_or_fail(installed_source: Path, source_copy: P
     assert "WorkerLoRAManager._load_adapter: does not exist" in capsys.readouterr().err
 
 
+def test_the_live_check_imports_no_vllm_module() -> None:
+    """It runs in every vLLM process: what is not loaded there is read from source."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, vllm\n"
+        "from vllm_lora_hotswap.engine import vllm_symbols\n"
+        "before = set(sys.modules)\n"
+        "assert vllm_symbols.check_installed() is None\n"
+        "print(sorted(m for m in set(sys.modules) - before if m.startswith('vllm.')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_the_live_check_names_a_missing_method(monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm.lora.model_manager import LoRAModelManager
 

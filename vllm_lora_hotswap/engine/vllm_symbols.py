@@ -8,11 +8,11 @@ at the end), not in version checks spread across files.
 
 One checker, two back-ends:
 
-* **live**: :func:`check_installed`, run by the plugin's ``register()`` in
-  every vLLM process before any hook is installed. It imports only modules the
-  plugin imports anyway and inspects them. On a mismatch the plugin logs one
-  error and does not activate: the engine serves on without it, rather than
-  failing in the middle of a swap later.
+* **live**: :func:`check_installed`, run by the plugin's ``register()`` before
+  any hook is installed. It imports nothing: symbols of modules already loaded
+  are inspected, the others read from the installed source. On a mismatch the
+  plugin logs one error and does not activate: the engine serves on without it,
+  rather than failing in the middle of a swap later.
 * **source**: :func:`check_source` parses the files of an unpacked vLLM tree
   (a wheel, without its dependencies) and never imports them, so a release that
   cannot be installed here (other torch, CUDA only) is checked all the same::
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib
 import inspect
 import operator
 import re
@@ -243,24 +242,31 @@ def installed_version() -> str:
 
 
 def check_installed() -> str | None:
-    """Check the installed vLLM; the one error line, or None when it matches."""
-    version = installed_version()
+    """Check the installed vLLM; the one error line, or None when it matches.
+
+    A symbol whose module this process has already imported is inspected; any other
+    is read from the installed source instead of being imported (the API server
+    need not load the worker's modules, nor the worker the server's, to check them)."""
+    import vllm
+
+    version = vllm.__version__
     if not supported(version):
         return report(version, [])
+    installed = SourceTree(Path(vllm.__file__).parent)
     problems = []
     for symbol in symbols_for(version):
         try:
-            _check_live(symbol)
+            if symbol.module in sys.modules:
+                _check_live(symbol)
+            else:
+                installed.check(symbol)
         except Mismatch as exc:
             problems.append(exc)
     return report(version, problems)
 
 
 def _check_live(symbol: Symbol) -> None:
-    try:
-        owner: Any = importlib.import_module(symbol.module)
-    except ImportError as exc:
-        raise Mismatch(symbol, f"module {symbol.module} cannot be imported ({exc})") from None
+    owner: Any = sys.modules[symbol.module]
     *path, last = symbol.name.split(".")
     for part in path:
         owner = getattr(owner, part, None)
