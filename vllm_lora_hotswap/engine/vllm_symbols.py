@@ -156,6 +156,7 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s(_ASYNC, "AsyncLLM.vllm_config", "attribute"),
     _s(_ASYNC, "AsyncLLM.pause_generation", "method", "mode", "clear_cache"),
     _s(_ASYNC, "AsyncLLM.resume_generation", "method"),
+    _s(_ASYNC, "AsyncLLM.errored", "property"),
     _s(_ASYNC, "AsyncLLM.reset_prefix_cache", "method", "reset_running_requests"),
     _s(_ASYNC, "AsyncLLM.init_weight_transfer_engine", "method", "request"),
     _s(_ASYNC, "AsyncLLM.start_weight_update", "method"),
@@ -183,8 +184,6 @@ class Mismatch(Exception):
 
     def __init__(self, symbol: Symbol, problem: str):
         super().__init__(f"{symbol}: {problem}")
-        self.symbol = symbol
-        self.problem = problem
 
 
 def supported(version: str) -> bool:
@@ -368,10 +367,12 @@ class SourceTree:
         raise ValueError(f"cannot read vLLM's version from {path}")
 
     def module(self, dotted: str) -> ast.Module | None:
+        """vLLM's module ``dotted``, parsed; None for a missing one or another package's."""
         if dotted not in self._trees:
-            base = self.package.joinpath(*dotted.split(".")[1:])
+            parts = dotted.split(".")
+            base = self.package.joinpath(*parts[1:])
             tree = None
-            for path in (base.with_suffix(".py"), base / "__init__.py"):
+            for path in (base.with_suffix(".py"), base / "__init__.py") if parts[0] == "vllm" else ():
                 text = self._read(path)
                 if text is not None:
                     tree = ast.parse(text, str(path))
@@ -469,7 +470,7 @@ class SourceTree:
         if symbol.kind == "class" and not isinstance(node, ast.ClassDef):
             raise Mismatch(symbol, "is not a class")
         if symbol.kind == "property" and not is_property:
-            raise Mismatch(symbol, "is not a property" if is_function else "is not a property")
+            raise Mismatch(symbol, "is not a property")
         if symbol.kind in ("method", "function") and (not is_function or is_property):
             raise Mismatch(symbol, f"is not a {symbol.kind}" + (" (it is a property)" if is_property else ""))
         if symbol.params:

@@ -16,6 +16,7 @@ under the old weights is reused), records the weight version and resumes.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import secrets
@@ -46,8 +47,40 @@ def require_api_key(request: Request) -> None:
         raise HTTPException(status_code=HTTPStatus.UNAUTHORIZED, detail="Unauthorized: this route needs the server's API key")
 
 
+# A healthy engine resumes between two steps; one that died on the way never answers.
+RESUME_TIMEOUT_S = 30.0
+
+
+async def _resume_after_failure(engine: Any) -> None:
+    """A failed step ends the update, so generation resumes. The route returns whatever
+    happens (the server cannot shut down while a route waits on a dead engine); the
+    step's own error is the one reported."""
+    if engine.errored:
+        return
+    try:
+        await asyncio.wait_for(engine.resume_generation(), RESUME_TIMEOUT_S)
+    except Exception:
+        logger.exception("hot-swap: resuming generation after a failed weight update failed")
+
+
 router = APIRouter(dependencies=[Depends(require_api_key)])
-cache_router = APIRouter(dependencies=[Depends(require_api_key)])  # mounted on every server
+cache_# A healthy engine resumes between two steps; one that died on the way never answers.
+RESUME_TIMEOUT_S = 30.0
+
+
+async def _resume_after_failure(engine: Any) -> None:
+    """A failed step ends the update, so generation resumes. The route returns whatever
+    happens (the server cannot shut down while a route waits on a dead engine); the
+    step's own error is the one reported."""
+    if engine.errored:
+        return
+    try:
+        await asyncio.wait_for(engine.resume_generation(), RESUME_TIMEOUT_S)
+    except Exception:
+        logger.exception("hot-swap: resuming generation after a failed weight update failed")
+
+
+router = APIRouter(dependencies=[Depends(require_api_key)])  # mounted on every server
 
 
 def _engine(request: Request) -> Any:
@@ -83,7 +116,7 @@ async def start_weight_update(request: Request, mode: Annotated[PauseMode, Body(
         try:
             await engine.start_weight_update()
         except BaseException:
-            await engine.resume_generation()
+            await _resume_after_failure(engine)
             raise
         return {"status": "started", "mode": mode}
 
@@ -102,7 +135,7 @@ async def update_weights(request: Request, update_info: Annotated[dict[str, Any]
         try:
             await engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
         except BaseException:
-            await engine.resume_generation()
+            await _resume_after_failure(engine)
             raise
 
     return await _guarded("update_weights", update())
@@ -119,8 +152,10 @@ async def finish_weight_update(request: Request, weight_version: Annotated[str |
             # Preempts requests kept across the update, so their KV is recomputed
             # with the new weights rather than reused.
             await engine.reset_prefix_cache(reset_running_requests=True)
-        finally:
-            await engine.resume_generation()
+        except BaseException:
+            await _resume_after_failure(engine)
+            raise
+        await engine.resume_generation()
         if controller is not None:
             controller.record_weight_version(weight_version)
         return {"status": "finished", "weight_version": weight_version}
