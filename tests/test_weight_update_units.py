@@ -177,3 +177,17 @@ def test_offline_workers_without_the_plugin_are_named(error: Exception) -> None:
     other = OfflineEngine(FailingLLM(ValueError("something else")), "Hello", 1)
     with pytest.raises(ValueError, match="something else"):
         other._rpc("hotswap_stage", 1, "a", "/p")
+
+
+def test_a_probe_aborted_by_a_weight_update_is_not_the_versions_failure() -> None:
+    from types import SimpleNamespace
+
+    from vllm_lora_hotswap.engine.common import WorkerRpcEngine
+    from vllm_lora_hotswap.pipeline.engine_api import CheckpointRejected
+
+    aborted = SimpleNamespace(finish_reason="abort", token_ids=[], logprobs=[])
+    with pytest.raises(RuntimeError, match="aborted by the engine") as raised:
+        WorkerRpcEngine.check_probe(aborted)
+    assert not isinstance(raised.value, CheckpointRejected)
+    with pytest.raises(CheckpointRejected, match="no tokens"):
+        WorkerRpcEngine.check_probe(SimpleNamespace(finish_reason="length", token_ids=[], logprobs=[]))

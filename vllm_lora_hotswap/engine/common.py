@@ -70,7 +70,11 @@ class WorkerRpcEngine:
 
     @staticmethod
     def check_probe(completion: Any) -> None:
-        """A probe's completion must have tokens with finite logprobs."""
+        """A probe's completion must have tokens with finite logprobs. One aborted by the
+        engine (a base-weight update pausing it with ``mode=abort``) says nothing about
+        the version: that raises a plain error, which the pipeline retries later."""
+        if completion is not None and completion.finish_reason == "abort":
+            raise RuntimeError("the probe was aborted by the engine (a base-weight update paused it); tried again later")
         if completion is None or not completion.token_ids:
             raise CheckpointRejected("probe", "generation produced no tokens")
         logprobs = [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs or [])]
