@@ -64,23 +64,7 @@ async def _resume_after_failure(engine: Any) -> None:
 
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
-cache_# A healthy engine resumes between two steps; one that died on the way never answers.
-RESUME_TIMEOUT_S = 30.0
-
-
-async def _resume_after_failure(engine: Any) -> None:
-    """A failed step ends the update, so generation resumes. The route returns whatever
-    happens (the server cannot shut down while a route waits on a dead engine); the
-    step's own error is the one reported."""
-    if engine.errored:
-        return
-    try:
-        await asyncio.wait_for(engine.resume_generation(), RESUME_TIMEOUT_S)
-    except Exception:
-        logger.exception("hot-swap: resuming generation after a failed weight update failed")
-
-
-router = APIRouter(dependencies=[Depends(require_api_key)])  # mounted on every server
+cache_router = APIRouter(dependencies=[Depends(require_api_key)])  # mounted on every server
 
 
 def _engine(request: Request) -> Any:
