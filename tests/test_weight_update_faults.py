@@ -195,3 +195,56 @@ def test_a_probe_inside_a_base_weight_update_leaves_no_failure_record(server: Vl
     assert store.failures("pausedprobe", version) == []
     swap = server.adapters()["pausedprobe"]["last_swap"]
     assert swap["result"] == "served" and swap["timings"]["probe"] >= HOLD * 0.5, swap
+
+
+# Loaded by every process of a second server: the worker's load fails once half of the
+# update is in (as a loader bug would), after layers started being replaced.
+FAILING_LOAD = """
+from vllm_lora_hotswap.engine import gloo_transfer
+
+original = gloo_transfer.GlooWeightTransferEngine._load
+
+
+def load_half_then_fail(self, plan, params, received):
+    model, real = self.model, self.model.load_weights
+
+    def load_weights(weights):
+        real(weights[: len(weights) // 2])
+        raise RuntimeError("injected: the loader failed half-way")
+
+    model.load_weights = load_weights
+    try:
+        original(self, plan, params, received)
+    finally:
+        del model.load_weights
+
+
+gloo_transfer.GlooWeightTransferEngine._load = load_half_then_fail
+"""
+
+
+def test_a_load_failing_after_layers_were_replaced_marks_the_engine_dead(toy_model: Path, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAILING_LOAD)
+    python_path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    server = VllmServer(
+        toy_model, tmp_path / "store", tmp_path / "failing-load.log", env={"PYTHONPATH": python_path},
+        args=["--weight-transfer-config", '{"backend": "gloo"}'], api_key=API_KEY,
+    ).start()  # fmt: skip
+    try:
+        client = VLLMClient(VLLMClientConfig(base_urls=[server.url], api_key=API_KEY, group_port=free_port()))
+        client.init_communicator("cpu")
+        with pytest.raises((RuntimeError, ConnectionError)):
+            client.update_model_weights(perturbed_model(toy_model, tmp_path / "new", seed=9), "half")
+
+        def unhealthy() -> bool:
+            try:
+                return server.client.get("/health", timeout=5).status_code != 200
+            except httpx.HTTPError:  # the API server has stopped
+                return True
+
+        server.wait_until(unhealthy, 60, "the engine to be reported dead")
+        assert "loading base weights failed after layers were replaced" in server.log_path.read_text()
+    finally:
+        server.stop()
