@@ -150,3 +150,22 @@ def test_every_symbol_names_a_vllm_module_and_a_known_kind() -> None:
     assert all(s.module.startswith("vllm") and s.kind in {"class", "function", "method", "property", "attribute"} for s in SYMBOLS)
     # Each entry that differs between releases exists in some supported release.
     assert {s.versions for s in SYMBOLS} == {"", "<0.33", vllm_symbols.WEIGHT_SOURCE_V2}
+
+
+@pytest.mark.parametrize(
+    ("version", "spec", "inside"),
+    [
+        ("0.32.0", ">=0.32.0,<0.34", True),
+        ("0.33.0", ">=0.32.0,<0.34", True),
+        ("0.34.0", ">=0.32.0,<0.34", False),
+        ("0.31.9", ">=0.32.0,<0.34", False),
+        ("0.32.0+cpu", "<0.33", True),  # local tags do not count
+        ("0.33.0rc1", ">=0.33", True),  # nor pre-release suffixes
+        ("0.33.1", "<0.33", False),
+        ("0.32", ">=0.32.0", True),
+        ("0.32.0", "", True),
+        ("unknown", "", False),
+    ],
+)
+def test_version_ranges(version: str, spec: str, inside: bool) -> None:
+    assert vllm_symbols._in(version, spec) is inside
