@@ -13,7 +13,7 @@ DEMO_ARGS ?=
 # make bench QUICK=1: fewer repetitions, shorter phases (a few minutes instead of ~40).
 QUICK ?=
 
-.PHONY: install test demo bench soak clean
+.PHONY: install test demo bench soak compat clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,25 @@ bench: $(STAMP)
 # The soak test in full: 1,000 swaps under 16 streaming clients (CI runs 100).
 soak: $(STAMP)
 	HOTSWAP_SOAK_SWAPS=1000 $(PY) -m pytest tests/test_soak.py --timeout 5400 $(PYTEST_ARGS)
+
+# The private vLLM symbols the plugin relies on, checked against a vLLM's source by
+# parsing it (never importing it, so any release can be checked here, CUDA-only ones
+# included): make compat VLLM=0.33.0 (downloads that wheel once, without its
+# dependencies, into VLLM_WHEELS) or make compat VLLM_SOURCE=<unpacked tree>.
+# Needs no virtualenv: a bare $(PYTHON) with pip.
+VLLM ?=
+VLLM_SOURCE ?=
+VLLM_WHEELS ?= /tmp/vllm-wheels
+compat:
+ifneq ($(VLLM_SOURCE),)
+	PYTHONPATH=. $(PYTHON) -m vllm_lora_hotswap.engine.vllm_symbols --source '$(VLLM_SOURCE)'
+else ifneq ($(VLLM),)
+	@ls $(VLLM_WHEELS)/vllm-$(VLLM)-*.whl >/dev/null 2>&1 || \
+	  $(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: 'vllm==$(VLLM)' -d $(VLLM_WHEELS)
+	PYTHONPATH=. $(PYTHON) -m vllm_lora_hotswap.engine.vllm_symbols --source "$$(ls $(VLLM_WHEELS)/vllm-$(VLLM)-*.whl | head -1)"
+else
+	@echo "usage: make compat VLLM=<version>  or  make compat VLLM_SOURCE=<unpacked vLLM tree>" >&2; exit 2
+endif
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -33,6 +33,15 @@ from .store import CheckpointStore, check_adapter_name
 from .weight_sync import INSTALL_HINT, FleetWeightSyncClient, WeightSync
 
 
+PAUSED_FIRST_DELAY, PAUSED_MAX_DELAY = 0.05, 2.0
+
+
+def _paused(response: httpx.Response) -> bool:
+    """vLLM 0.33's refusal of a request while paused: its engine_paused error reaches
+    HTTP as a 503 ServiceUnavailableError with this message (the code stays inside)."""
+    return response.status_code == 503 and ("Generation is paused" in response.text or "engine_paused" in response.text)
+
+
 class VLLMClientConfig(BaseModel):
     base_urls: list[str] = Field(default_factory=lambda: ["http://localhost:8000"])
     group_port: int = 51216
@@ -45,6 +54,7 @@ class VLLMClientConfig(BaseModel):
     store_root: str | None = None
     update_mode: str = "wait"  # what generation does during a base-weight update: abort | wait | keep
     register_timeout: float = 120.0
+    paused_timeout: float = 600.0  # how long generation retries while a weight update pauses a server
 
     @classmethod
     def from_env(cls) -> VLLMClientConfig:
@@ -75,11 +85,19 @@ class VLLMClient:
     def base_url(self) -> str:
         return self.config.base_urls[0]
 
-    def _send(self, method: str, url: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
-        try:
-            response = self._http.request(method, url.rstrip("/") + path, json=body)
-        except httpx.TransportError:
-            raise ConnectionError(f"The vLLM server can't be reached at {url}") from None
+    def _send(self, method: str, url: str, path: str, body: dict[str, Any] | None = None, *, retry_paused: bool = False) -> httpx.Response:
+        delay, deadline = PAUSED_FIRST_DELAY, time.monotonic() + self.config.paused_timeout
+        while True:
+            try:
+                response = self._http.request(method, url.rstrip("/") + path, json=body)
+            except httpx.TransportError:
+                raise ConnectionError(f"The vLLM server can't be reached at {url}") from None
+            # vLLM >= 0.33 refuses new requests while a base-weight update pauses it
+            # (abort and wait modes): 503 engine_paused, to be retried once it resumes.
+            if not (retry_paused and _paused(response)) or time.monotonic() + delay > deadline:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, PAUSED_MAX_DELAY)
         if response.status_code >= 400:
             detail = response.json().get("error", response.text) if response.content else ""
             raise RuntimeError(f"{url}{path} answered {response.status_code}: {detail}")
@@ -99,7 +117,7 @@ class VLLMClient:
         """One completion per prompt: ``{"text", "token_ids", "model"}`` (``model`` names the adapter version)."""
         model = adapter or self._get(self.base_url, "/v1/models")["data"][0]["id"]
         body = {"model": model, "prompt": prompts, "return_token_ids": True, **(sampling_params or {})}
-        response = self._send("POST", self.base_url, "/v1/completions", body).json()
+        response = self._send("POST", self.base_url, "/v1/completions", body, retry_paused=True).json()
         choices = sorted(response["choices"], key=lambda c: c["index"])
         return [{"text": c["text"], "token_ids": c.get("token_ids"), "model": response["model"]} for c in choices]
 

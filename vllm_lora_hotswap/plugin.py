@@ -9,34 +9,17 @@ the swap pipeline.
 from __future__ import annotations
 
 import logging
+import os
 
-from . import SUPPORTED_VLLM
 from .settings import ENV_PREFIX, HotSwapSettings, load_settings
 
 logger = logging.getLogger("vllm.lora_hotswap")
 _registered = False
 
 
-def check_vllm_version(version: str) -> None:
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import InvalidVersion, Version
-
-    try:  # local tags such as "+cpu" do not matter
-        ok = Version(Version(version).base_version) in SpecifierSet(",".join(SUPPORTED_VLLM))
-    except InvalidVersion:
-        ok = False
-    if not ok:
-        raise RuntimeError(
-            f"vllm-lora-hotswap supports vLLM {','.join(SUPPORTED_VLLM)}, found {version}: install a "
-            "supported vLLM (pip install 'vllm-lora-hotswap[gpu]' or '[cpu]') or unset VLLM_HOTSWAP_ROOT"
-        )
-
-
 def _declare_environment_variables() -> None:
     """Tell vLLM our ``VLLM_HOTSWAP_*`` variables are known, so its environment check
     neither warns about them nor (with strict validation) refuses to start."""
-    import os
-
     import vllm.envs as envs
 
     for field in HotSwapSettings.model_fields:
@@ -54,9 +37,32 @@ def register() -> None:
     if not settings.active:
         logger.info("vllm-lora-hotswap: VLLM_HOTSWAP_ROOT is unset; plugin inactive")
         return
-    import vllm
-
-    check_vllm_version(vllm.__version__)
+    if not vllm_matches():
+        return
     from .engine import install_hooks
 
     install_hooks()
+
+
+# The verdict of the check, handed to the processes this one spawns (engine core,
+# workers: same environment, same vLLM): they neither repeat the check nor log it again.
+_CHECKED = "LORA_HOTSWAP_VLLM_CHECK"
+
+
+def vllm_matches() -> bool:
+    """Check every private vLLM symbol the plugin relies on; on a mismatch log one
+    error and leave vLLM untouched (it serves without the plugin)."""
+    import vllm
+
+    from .engine import vllm_symbols
+
+    key = f"{vllm.__version__}:{os.path.dirname(vllm.__file__)}"
+    verdict = os.environ.get(_CHECKED, "")
+    if verdict.startswith(key + "="):
+        return verdict == key + "=ok"
+    error = vllm_symbols.check_installed()
+    os.environ[_CHECKED] = f"{key}={'ok' if error is None else 'mismatch'}"
+    if error is not None:
+        logger.error("%s. The plugin is NOT active: vLLM serves without hot-swapping.", error)
+        return False
+    return True

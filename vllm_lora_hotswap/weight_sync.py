@@ -12,7 +12,7 @@ so the group's world size is the trainer plus every engine rank.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -72,30 +72,12 @@ class FleetWeightSyncClient:
     def shutdown_weight_transfer_engine(self) -> None:
         self._all(lambda i, url: self._request("POST", url, "/shutdown_weight_transfer_engine"))
 
+    def parameters(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """Per server, what an update may contain (``{name: [shape, dtype]}``; None if unknown)."""
+        return self._all(lambda i, url: (url, self._request("GET", url, "/weight_info?parameters=1").get("parameters")))
+
     def resume(self) -> None:
         self._all(lambda i, url: self._request("POST", url, "/resume"))
-
-
-class _ModuleSlot:
-    """A ``WeightSource`` whose module is set per update (the rendezvous happens before)."""
-
-    def __init__(self) -> None:
-        self.module: Any = None
-
-    def metadata(self) -> list[Any]:
-        from vllm.distributed.weight_transfer.base import ModuleSource
-
-        return ModuleSource(self._module()).metadata()
-
-    def __iter__(self) -> Iterator[tuple[str, Any]]:
-        from vllm.distributed.weight_transfer.base import ModuleSource
-
-        return iter(ModuleSource(self._module()))
-
-    def _module(self) -> Any:
-        if self.module is None:
-            raise RuntimeError("no model to send: call update_model_weights(model)")
-        return self.module
 
 
 class WeightSync:
@@ -110,39 +92,63 @@ class WeightSync:
             import vllm.distributed.weight_transfer.base  # noqa: F401
         except ImportError:
             raise ImportError(f"vLLM is not available: the weight transfer needs it. Install it: {INSTALL_HINT}") from None
+        from vllm.distributed.weight_transfer.base import ModuleSource
+
         self.client = client
         self.backend = backend
-        self._slot = _ModuleSlot()
+        # The model is set per update (send); the rendezvous needs a source already.
+        self._no_model = ModuleSource(_empty_module())
         address = master_address or _address_for(client.base_urls)
         world_size = 1 + client.engine_ranks
         if backend == "gloo":
             from .engine.gloo_transfer import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
 
             self.engine = GlooTrainerWeightTransferEngine.trainer_init(
-                GlooTrainerInitInfo(address, master_port, world_size, rank=0), client=client, source=self._slot
+                GlooTrainerInitInfo(address, master_port, world_size, rank=0), client=client, source=self._no_model
             )
         elif backend == "nccl":
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
 
             self.engine = NCCLTrainerWeightTransferEngine.trainer_init(
-                NCCLTrainerInitInfo(address, master_port, world_size, rank=0), client=client, source=self._slot
+                NCCLTrainerInitInfo(address, master_port, world_size, rank=0), client=client, source=self._no_model
             )
         else:
             raise ValueError(f"unknown weight-transfer backend {backend!r}: use 'nccl' or 'gloo'")
 
     def send(self, model: Any, weight_version: str | None = None) -> None:
-        """Pause (as the client's ``mode`` says), transfer every parameter of ``model``
-        (HF names), finish with ``weight_version``, resume."""
-        self._slot.module = model
+        """Check every parameter of ``model`` (HF names) against each server's, then pause
+        (as the client's ``mode`` says), transfer, finish with ``weight_version``, resume.
+        A refused or failed update leaves the servers on their previous weights, serving."""
+        from vllm.distributed.weight_transfer.base import ModuleSource
+
+        from .engine.vllm_symbols import source_metadata
+        from .engine.weight_spec import check_update
+
+        source = ModuleSource(model)  # a fresh source per update: 0.33 caches its metadata
+        # Refused here, before any server pauses, with the parameter's name and shapes.
+        meta = [(m.name, m.shape, str(m.dtype)) for m in source_metadata(source)]
+        for url, spec in self.client.parameters():
+            if spec is not None:
+                try:
+                    check_update(meta, spec)
+                except ValueError as exc:
+                    raise ValueError(f"{url} cannot take this update: {exc}") from None
+        self.engine.source = source
         self.client.weight_version = weight_version
         try:
             self.engine.send_weights()
         finally:
-            self._slot.module = None
+            self.engine.source = self._no_model
 
     def close(self) -> None:
         self.engine.shutdown()
         self.client.shutdown_weight_transfer_engine()
+
+
+def _empty_module() -> Any:
+    import torch
+
+    return torch.nn.Module()
 
 
 def _address_for(base_urls: Sequence[str]) -> str:

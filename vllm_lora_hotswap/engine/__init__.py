@@ -1,5 +1,6 @@
 """The one place that touches vLLM internals: worker RPCs, API-server hooks,
-version routing and the gloo weight-transfer backend. A vLLM upgrade is edited here."""
+version routing and the gloo weight-transfer backend. A vLLM upgrade is edited here;
+:mod:`.vllm_symbols` lists every private symbol used and checks them."""
 
 
 def install_hooks() -> None:
@@ -9,8 +10,10 @@ def install_hooks() -> None:
     from .endpoints import enable_endpoint_plugin
     from .lora_metrics import count_requests_by_adapter
     from .rpc import install_worker_rpcs
+    from .weight_spec import install_recorder
 
     install_worker_rpcs()
+    install_recorder()
     enable_endpoint_plugin()
     count_requests_by_adapter()
     # Lazy registration by module path: gloo_transfer is imported only where used.

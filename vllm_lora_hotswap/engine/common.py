@@ -8,7 +8,15 @@ from typing import Any
 
 from vllm.lora.request import LoRARequest
 
-from ..pipeline.engine_api import CheckpointRejected, EngineLimits, InstallRequest, LoraHandle, NoCapacity, StageStatus
+from ..pipeline.engine_api import (
+    CheckpointRejected,
+    EngineLimits,
+    EngineUnavailable,
+    InstallRequest,
+    LoraHandle,
+    NoCapacity,
+    StageStatus,
+)
 
 
 class WorkerRpcEngine:
@@ -84,8 +92,12 @@ class WorkerRpcEngine:
         self._rpc("hotswap_remove", handle.lora_id, handle.path)
 
     @staticmethod
-    def probe_verdict(completion: Any) -> CheckpointRejected | None:
-        """A probe that ran must have produced tokens with finite logprobs."""
+    def probe_verdict(completion: Any) -> Exception | None:
+        """A probe that ran must have produced tokens with finite logprobs. One aborted by the
+        engine (a base-weight update pausing it with ``mode=abort``) says nothing about the
+        version: the pipeline tries it again later."""
+        if completion is not None and completion.finish_reason == "abort":
+            return EngineUnavailable("the probe was aborted by the engine (a base-weight update paused it)")
         if completion is None or not completion.token_ids:
             return CheckpointRejected("probe", "generation produced no tokens")
         logprobs = [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs or [])]

@@ -9,12 +9,16 @@ in both factories; start the server with
 
 Parameters travel in buckets of up to ``bucket_bytes``: both sides cut the
 same buckets from the same metadata, and the next bucket is already on the
-wire while the current one is packed (trainer) or loaded (workers).
+wire while the current one is packed (trainer) or received (workers). The
+workers hold a whole update in host memory before loading any of it, so an
+update is all or nothing (see :meth:`GlooWeightTransferEngine.receive_weights`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from collections import deque
@@ -36,7 +40,13 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
+from .vllm_symbols import source_metadata, source_tensors
+from .weight_spec import check_update, spec_of
+
 DEFAULT_BUCKET_BYTES = 64 << 20
+# How long the trainer still waits for the workers' check once a server answered an error
+# (a refusal answers right after the check completes; a server that never joined does not).
+REFUSAL_GRACE_S = 2.0
 BACKEND = "gloo"
 
 logger = logging.getLogger("vllm.lora_hotswap")
@@ -127,6 +137,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         super().__init__(*args, **kwargs)
         self.group: Any = None
         self.bucket_bytes = DEFAULT_BUCKET_BYTES
+        self._warned_no_spec = False
 
     def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
         parallel = self.parallel_config
@@ -137,49 +148,128 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         )
 
     def start_weight_update(self) -> None:
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-
-        initialize_layerwise_reload(self.model)
+        """Nothing to prepare: layers are replaced only once a whole update has arrived."""
 
     def finish_weight_update(self) -> None:
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-
-        finalize_layerwise_reload(self.model, self.model_config)
+        """Nothing left to do: each ``update_weights`` call finished its own load."""
 
     def receive_weights(self, update_info: GlooWeightTransferUpdateInfo) -> None:
+        """All or nothing: check the announced parameters against the engine's, receive
+        every byte into host memory, and only then load them, through vLLM's layer-wise
+        reload, finished within this call: between two calls the model is never half on
+        the meta device, whatever the trainer does next. A refused update or a transfer
+        cut off half-way leaves the old weights serving; a failure once layers are being
+        replaced ends this worker, so the engine is reported dead (and restarted by its
+        launcher) instead of serving a half-loaded model. Send whole layers per call
+        (the plugin's trainer sends the whole model in one)."""
         if self.group is None:
             raise RuntimeError("gloo weight transfer is not initialised: call init_weight_transfer_engine first")
         params = update_info.params()
+        refusal: ValueError | None = None
+        try:
+            self._check(update_info)
+        except ValueError as exc:
+            refusal = exc
+        # Every rank (the trainer included) learns whether any engine refused before a
+        # byte is sent, so a refusal never leaves the others waiting for buckets.
+        refusals = _count(self.group, refusal is not None)
+        if refusal is not None:
+            raise refusal
+        if refusals:
+            raise RuntimeError("another engine of the transfer group refused this update; nothing was loaded")
         plan = buckets(params, self.bucket_bytes)
-        sizes = [sum(_nbytes(params[i]) for i in bucket) for bucket in plan]
-        in_flight: deque[tuple[int, torch.Tensor, Any]] = deque()
+        started = time.perf_counter()
+        received = self._receive(plan, params)
+        if not _status(self.group, True):
+            raise RuntimeError(
+                "the trainer abandoned this update before its end (see its error); nothing was loaded, "
+                "the previous weights keep serving"
+            )
+        loading = time.perf_counter()
+        self._load(plan, params, received)
+        logger.info(
+            "hotswap gloo weights received bytes=%d buckets=%d seconds=%.3f receiving=%.3f loading=%.3f",
+            sum(flat.numel() for flat in received), len(plan), time.perf_counter() - started,
+            loading - started, time.perf_counter() - loading,
+        )  # fmt: skip
+
+    def _check(self, update_info: GlooWeightTransferUpdateInfo) -> None:
+        spec = spec_of(self.model)
+        if spec is None:
+            if not self._warned_no_spec:
+                logger.warning(
+                    "hot-swap: this model was not loaded by vLLM's default loader, so base-weight "
+                    "updates are not checked against its parameters before loading"
+                )
+                self._warned_no_spec = True
+            return
+        check_update(zip(update_info.names, update_info.shapes, update_info.dtype_names), spec)
+
+    def _receive(self, plan: list[list[int]], params: list[ParamMeta]) -> list[torch.Tensor]:
+        """Every bucket into host memory, two on the wire at a time."""
+        received: list[torch.Tensor] = []
+        in_flight: deque[tuple[torch.Tensor, Any]] = deque()
 
         def post(index: int) -> None:
-            flat = torch.empty(sizes[index], dtype=torch.uint8)
-            in_flight.append((index, flat, self.group.broadcast(flat, 0)))
+            flat = torch.empty(sum(_nbytes(params[i]) for i in plan[index]), dtype=torch.uint8)
+            in_flight.append((flat, self.group.broadcast(flat, 0)))
 
-        started = time.perf_counter()
-        waiting = loading = 0.0
         for index in range(min(2, len(plan))):
             post(index)
         while in_flight:
-            index, flat, work = in_flight.popleft()
-            mark = time.perf_counter()
+            flat, work = in_flight.popleft()
             work.wait()
-            waiting += time.perf_counter() - mark
-            if index + 2 < len(plan):
-                post(index + 2)
-            mark = time.perf_counter()
-            self.model.load_weights(list(_unpack(flat, [params[i] for i in plan[index]])))
-            loading += time.perf_counter() - mark
-        # Which side bounds a push: the wire (waiting) or vLLM's layer-wise load (loading).
-        logger.info(
-            "hotswap gloo weights received bytes=%d buckets=%d seconds=%.3f waiting=%.3f loading=%.3f",
-            sum(sizes), len(plan), time.perf_counter() - started, waiting, loading,
-        )  # fmt: skip
+            received.append(flat)
+            if len(received) + len(in_flight) < len(plan):
+                post(len(received) + len(in_flight))
+        return received
+
+    def _load(self, plan: list[list[int]], params: list[ParamMeta], received: list[torch.Tensor]) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+        try:
+            initialize_layerwise_reload(self.model)
+            for bucket, flat in zip(plan, received, strict=True):
+                self.model.load_weights(list(_unpack(flat, [params[i] for i in bucket])))
+            finalize_layerwise_reload(self.model, self.model_config)
+        except BaseException:
+            logger.critical(
+                "hot-swap: loading base weights failed after layers were replaced; this worker exits so "
+                "the engine is reported dead and restarted rather than serving a half-loaded model",
+                exc_info=True,
+            )
+            sys.stderr.flush()
+            os._exit(70)  # EX_SOFTWARE; vLLM's executor notices the dead worker and fails the engine
 
     def shutdown(self) -> None:
         self.group = None
+
+
+def _let_time_out(group: Any, work: Any) -> None:
+    """Drop a group whose collective nobody else will join. Destroying it would block
+    until that collective times out, so a daemon thread holds it until then."""
+    threading.Thread(target=_wait_out, args=(group, work), name="gloo-abandoned-group", daemon=True).start()
+
+
+def _wait_out(group: Any, work: Any) -> None:
+    try:
+        work.wait()
+    except RuntimeError:  # the timeout: expected, nobody else joins
+        pass
+
+
+def _count(group: Any, flag: bool) -> int:
+    """How many ranks of ``group`` raise ``flag`` (each rank calls this)."""
+    count = torch.tensor([int(flag)], dtype=torch.int32)
+    group.allreduce(count).wait()
+    return int(count.item())
+
+
+def _status(group: Any, complete: bool) -> bool:
+    """The trainer's word after the last bucket: whether the update it sent is complete."""
+    status = torch.tensor([int(complete)], dtype=torch.uint8)
+    group.broadcast(status, 0).wait()
+    return bool(status.item())
 
 
 def _unpack(flat: torch.Tensor, params: list[ParamMeta]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -228,9 +318,12 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
 
     def send_weights(self, weight_version: str | None = None) -> None:
         assert self.source is not None
-        meta = self.source.metadata()
+        if self.group is None:
+            raise RuntimeError("the gloo transfer group is closed (a server failed an update before joining it): "
+                               "close the communicator and initialise it again")
+        meta = source_metadata(self.source)
         if not self.is_sender:
-            for _ in self.source:  # keep in step with the sender's collectives (FSDP gathers)
+            for _ in source_tensors(self.source):  # keep in step with the sender's collectives (FSDP gathers)
                 pass
             return
         update_info = GlooWeightTransferUpdateInfo(
@@ -239,6 +332,14 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             shapes=[list(m.shape) for m in meta],
         )
         self.client.start_weight_update()
+        try:
+            self._update(meta, update_info)
+            self.client.finish_weight_update(weight_version)
+        except BaseException:
+            self._resume()
+            raise
+
+    def _update(self, meta: list[ParamMeta], update_info: GlooWeightTransferUpdateInfo) -> None:
         errors: list[BaseException] = []
 
         def receive() -> None:
@@ -251,34 +352,88 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         # so it runs beside the broadcast.
         receiver = threading.Thread(target=receive, name="weight-sync-update", daemon=True)
         receiver.start()
-        self._broadcast(meta)
+        failure: BaseException | None = None
+        if self._no_refusals(receiver, errors):
+            try:
+                self._broadcast(meta)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the workers were told
+                failure = exc
         receiver.join()
+        if failure is not None:
+            raise failure
         if errors:
             raise errors[0]
-        self.client.finish_weight_update(weight_version)
+
+    def _no_refusals(self, receiver: threading.Thread, errors: list[BaseException]) -> bool:
+        """Whether every engine accepted the update's parameters (the workers' check).
+
+        A server that fails before its workers reach the check (restarted since the
+        rendezvous, say) never joins it: its error is raised instead of waiting out the
+        group's timeout, and the group, left with a collective pending, is dropped."""
+        assert self.group is not None
+        count = torch.zeros(1, dtype=torch.int32)
+        work = self.group.allreduce(count)
+        failed_at: float | None = None
+        while not work.is_completed():
+            if failed_at is None and errors and not receiver.is_alive():
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > REFUSAL_GRACE_S:
+                _let_time_out(self.group, work)
+                self.group = None
+                raise errors[0]
+            time.sleep(0.005)
+        work.wait()
+        return int(count.item()) == 0
+
+    def _resume(self) -> None:
+        """Generation resumes whatever failed (a client without ``resume``, such as
+        vLLM's own HTTP client, leaves that to the servers)."""
+        resume = getattr(self.client, "resume", None)
+        if resume is None:
+            return
+        try:
+            resume()
+        except Exception:  # the update's own error is the one to raise
+            logger.exception("hot-swap: resuming generation after a failed weight update failed")
 
     def _broadcast(self, meta: list[ParamMeta]) -> None:
+        """Every bucket, then the status byte. If the source fails half-way, the rest
+        goes out as zeros and the status says incomplete: the workers load nothing."""
         assert self.source is not None and self.group is not None
         plan = buckets(meta, self.init_info.bucket_bytes)
-        stream = iter(self.source)  # in metadata order, one tensor at a time (FSDP gathers lazily)
+        stream = source_tensors(self.source)  # in metadata order, one tensor at a time (FSDP gathers lazily)
         pending: deque[tuple[torch.Tensor, Any]] = deque()
+        failure: Exception | None = None
         for bucket in plan:
-            parts = []
-            for index in bucket:
-                expected = meta[index]
-                name, tensor = next(stream)
-                if name != expected.name or tensor.dtype != expected.dtype or tuple(tensor.shape) != expected.shape:
-                    raise ValueError(
-                        f"WeightSource yielded {name} {tensor.dtype} {tuple(tensor.shape)} where metadata() "
-                        f"declared {expected.name} {expected.dtype} {expected.shape}"
-                    )
-                parts.append(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8))
-            flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if failure is None:
+                try:
+                    flat = self._pack(meta, bucket, stream)
+                except Exception as exc:  # noqa: BLE001 - re-raised once the workers were told
+                    failure = exc
+            if failure is not None:
+                flat = torch.zeros(sum(_nbytes(meta[i]) for i in bucket), dtype=torch.uint8)
             pending.append((flat, self.group.broadcast(flat, 0)))
             if len(pending) > 1:  # pack the next bucket while this one is on the wire
                 pending.popleft()[1].wait()
         while pending:
             pending.popleft()[1].wait()
+        _status(self.group, failure is None)
+        if failure is not None:
+            raise failure
+
+    @staticmethod
+    def _pack(meta: list[ParamMeta], bucket: list[int], stream: Iterator[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        parts = []
+        for index in bucket:
+            expected = meta[index]
+            name, tensor = next(stream)
+            if name != expected.name or tensor.dtype != expected.dtype or tuple(tensor.shape) != expected.shape:
+                raise ValueError(
+                    f"WeightSource yielded {name} {tensor.dtype} {tuple(tensor.shape)} where its metadata "
+                    f"declared {expected.name} {expected.dtype} {expected.shape}"
+                )
+            parts.append(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def shutdown(self) -> None:
         self.group = None

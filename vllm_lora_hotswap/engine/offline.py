@@ -52,7 +52,11 @@ class OfflineEngine(WorkerRpcEngine):
     def _rpc(self, method: str, *args: Any) -> list[Any]:
         try:
             return self.llm.collective_rpc(method, args=args)
-        except AttributeError as exc:
+        except Exception as exc:
+            # vLLM's run_method raises NotImplementedError for a method the worker lacks;
+            # across processes it arrives as a plain Exception carrying that message.
+            if not isinstance(exc, NotImplementedError) and f"Method {method!r} is not implemented" not in str(exc):
+                raise
             raise RuntimeError(
                 "the vLLM workers have no hot-swap methods: set VLLM_HOTSWAP_ROOT before creating the LLM "
                 "so the plugin loads in its worker processes"

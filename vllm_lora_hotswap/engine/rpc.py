@@ -56,6 +56,14 @@ def hotswap_state(self: Any) -> dict[str, Any]:
     return _hotswap(self).state()
 
 
+def hotswap_weight_spec(self: Any) -> dict[str, list[Any]] | None:
+    """``{name: [shape, dtype]}`` a base-weight update may contain (None if not recorded)."""
+    from .weight_spec import spec_of
+
+    spec = spec_of(self.worker.weight_transfer_engine.model)
+    return None if spec is None else {name: [list(shape), dtype] for name, (shape, dtype) in spec.items()}
+
+
 def _reinstall(wrapper: Any) -> None:
     hotswap = getattr(wrapper.worker, "_lora_hotswap", None)
     if hotswap is not None:
@@ -87,6 +95,7 @@ RPC_METHODS = {
         hotswap_remove,
         hotswap_reinstall,
         hotswap_state,
+        hotswap_weight_spec,
         finish_weight_update,
         reload_weights,
     )

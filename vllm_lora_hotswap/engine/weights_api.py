@@ -8,13 +8,15 @@ requires the server's ``--api-key`` (vLLM's own middleware guards only ``/v1``
 and a few other prefixes, not these paths).
 
 An update is ``start`` (pause generation as the caller asks: ``abort``,
-``wait`` or ``keep``), one or more ``update_weights``, then ``finish``, which
+``wait`` or ``keep``), one or more ``update_weights`` (a failed one resumes
+generation: the update is over), then ``finish``, which
 puts the served adapters back at once, resets the prefix cache (no KV computed
 under the old weights is reused), records the weight version and resumes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import secrets
@@ -43,6 +45,22 @@ def require_api_key(request: Request) -> None:
     digest = hashlib.sha256(token.encode()).digest()
     if scheme.lower() != "bearer" or not any(secrets.compare_digest(digest, h) for h in hashes):
         raise HTTPException(status_code=HTTPStatus.UNAUTHORIZED, detail="Unauthorized: this route needs the server's API key")
+
+
+# A healthy engine resumes between two steps; one that died on the way never answers.
+RESUME_TIMEOUT_S = 30.0
+
+
+async def _resume_after_failure(engine: Any) -> None:
+    """A failed step ends the update, so generation resumes. The route returns whatever
+    happens (the server cannot shut down while a route waits on a dead engine); the
+    step's own error is the one reported."""
+    if engine.errored:
+        return
+    try:
+        await asyncio.wait_for(engine.resume_generation(), RESUME_TIMEOUT_S)
+    except Exception:
+        logger.exception("hot-swap: resuming generation after a failed weight update failed")
 
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -82,7 +100,7 @@ async def start_weight_update(request: Request, mode: Annotated[PauseMode, Body(
         try:
             await engine.start_weight_update()
         except BaseException:
-            await engine.resume_generation()
+            await _resume_after_failure(engine)
             raise
         return {"status": "started", "mode": mode}
 
@@ -91,9 +109,20 @@ async def start_weight_update(request: Request, mode: Annotated[PauseMode, Body(
 
 @router.post("/update_weights")
 async def update_weights(request: Request, update_info: Annotated[dict[str, Any] | list[dict[str, Any]], Body(embed=True)]) -> JSONResponse:
+    """Receive one update. On failure (a refused parameter, a cut-off transfer) the
+    workers loaded nothing and the update is over (vLLM closes it): generation resumes."""
     from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
-    return await _guarded("update_weights", _engine(request).update_weights(WeightTransferUpdateRequest(update_info=update_info)))
+    engine = _engine(request)
+
+    async def update() -> None:
+        try:
+            await engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+        except BaseException:
+            await _resume_after_failure(engine)
+            raise
+
+    return await _guarded("update_weights", update())
 
 
 @router.post("/finish_weight_update")
@@ -107,8 +136,10 @@ async def finish_weight_update(request: Request, weight_version: Annotated[str |
             # Preempts requests kept across the update, so their KV is recomputed
             # with the new weights rather than reused.
             await engine.reset_prefix_cache(reset_running_requests=True)
-        finally:
-            await engine.resume_generation()
+        except BaseException:
+            await _resume_after_failure(engine)
+            raise
+        await engine.resume_generation()
         if controller is not None:
             controller.record_weight_version(weight_version)
         return {"status": "finished", "weight_version": weight_version}
@@ -136,9 +167,17 @@ async def resume(request: Request) -> JSONResponse:
 
 
 @router.get("/weight_info")
-async def weight_info(request: Request) -> JSONResponse:
+async def weight_info(request: Request, parameters: bool = False) -> JSONResponse:
+    """The weight version; with ``?parameters=1`` also what an update may contain:
+    ``{name: [shape, dtype]}`` as the engine loaded its checkpoint (null if unknown)."""
+    engine = _engine(request)
+
     async def info() -> dict[str, Any]:
-        return {"weight_version": await _engine(request).get_weight_version()}
+        result: dict[str, Any] = {"weight_version": await engine.get_weight_version()}
+        if parameters:
+            specs = await engine.collective_rpc("hotswap_weight_spec")
+            result["parameters"] = next((spec for spec in specs if spec is not None), None)
+        return result
 
     return await _guarded("weight_info", info())
 
