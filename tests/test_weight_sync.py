@@ -139,12 +139,23 @@ def test_control_routes_refuse_requests_without_the_api_key(weights_engine: Vllm
         ]:
             assert http.post(path, json=body).status_code == 401, path
         assert http.get("/weight_info").status_code == 401
+        assert http.get("/get_world_size").status_code == 401
         assert http.get("/v1/lora/adapters").status_code == 401
     # No development endpoints are opened by the plugin.
     for path in ("/collective_rpc", "/sleep", "/wake_up", "/server_info", "/pause"):
         assert weights_engine.client.post(path, json={"method": "hotswap_state"}).status_code in (404, 405), path
     assert weights_engine.client.get("/weight_info").json() == before
     assert weights_engine.tokens(str(weights_engine.model), PROMPTS[0])  # still serving
+
+
+def test_control_routes_on_every_address_without_a_key_refuse_to_start(toy_model: Path, tmp_path: Path) -> None:
+    server = VllmServer(toy_model, tmp_path / "store", tmp_path / "open.log",
+                        args=["--host", "0.0.0.0", "--weight-transfer-config", '{"backend": "gloo"}'])  # fmt: skip
+    (tmp_path / "store").mkdir()
+    with pytest.raises(RuntimeError, match="exited"):
+        server.start()
+    log = server.log_path.read_text()
+    assert "listens on 0.0.0.0 without an API key" in log and "Pass --api-key" in log, server.log_tail()
 
 
 def test_client_api_against_a_real_server(weights_engine: VllmServer, client: VLLMClient, make_lora, reference) -> None:

@@ -63,6 +63,11 @@ class HotSwapSettings(BaseSettings):
         description="Seconds a replaced version stays installed after the switch, on top of "
         "waiting for its in-flight requests.",
     )
+    control_routes_without_key: bool = Field(
+        default=False,
+        description="Mount the base-weight control routes on a non-loopback address without --api-key "
+        "(trusted networks only; by default such a server refuses to start).",
+    )
     max_parallel: int = Field(
         default=8, ge=1, le=64,
         description="Adapters whose swaps progress at the same time (one swap per adapter at a time).",

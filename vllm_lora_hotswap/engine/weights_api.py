@@ -64,7 +64,6 @@ async def _resume_after_failure(engine: Any) -> None:
 
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
-cache_router = APIRouter(dependencies=[Depends(require_api_key)])  # mounted on every server
 
 
 def _engine(request: Request) -> Any:
@@ -152,7 +151,7 @@ async def shutdown_weight_transfer_engine(request: Request) -> JSONResponse:
     return await _guarded("shutdown_weight_transfer_engine", _engine(request).shutdown_weight_transfer_engine())
 
 
-@cache_router.post("/reset_prefix_cache")
+@router.post("/reset_prefix_cache")
 async def reset_prefix_cache(request: Request) -> JSONResponse:
     async def reset() -> dict[str, Any]:
         return {"reset": await _engine(request).reset_prefix_cache()}
@@ -189,9 +188,41 @@ async def get_world_size(request: Request) -> JSONResponse:
     return JSONResponse({"world_size": parallel.world_size * parallel.data_parallel_size})
 
 
+class OpenControlRoutes(RuntimeError):
+    """A server would accept weight replacements from anyone who can reach it."""
+
+
 def attach(app: FastAPI) -> None:
+    """Mount the control routes on a server with ``--weight-transfer-config``, and only there.
+
+    Raises:
+        OpenControlRoutes: they would listen on a non-loopback address with no API key.
+    """
+    from ..settings import load_settings
+
     args = app.state.args
+    if getattr(args, "weight_transfer_config", None) is None:
+        return
     app.state.lora_hotswap_key_hashes = api_key_hashes(args)
-    app.include_router(cache_router)
-    if getattr(args, "weight_transfer_config", None) is not None:
-        app.include_router(router)
+    host = getattr(args, "host", None)
+    if not app.state.lora_hotswap_key_hashes and not _is_loopback(host) and not load_settings().control_routes_without_key:
+        raise OpenControlRoutes(
+            f"vllm-lora-hotswap: --weight-transfer-config mounts routes that replace the model's weights, and this "
+            f"server listens on {host or 'every address'} without an API key, so anyone who reaches it could. "
+            "Pass --api-key (or set VLLM_API_KEY), or listen on 127.0.0.1; on a trusted network, "
+            "VLLM_HOTSWAP_CONTROL_ROUTES_WITHOUT_KEY=1 allows it."
+        )
+    app.include_router(router)
+
+
+def _is_loopback(host: str | None) -> bool:
+    import ipaddress
+
+    if host in (None, "", "0.0.0.0", "::"):
+        return False  # every interface
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, not only this machine
