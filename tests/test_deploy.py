@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from vllm_lora_hotswap.metrics import HotSwapMetrics
 from vllm_lora_hotswap.settings import ENV_PREFIX, HotSwapSettings
+from vllm_lora_hotswap.store.names import check_instance_id
 from vllm_lora_hotswap.store.records import PHASES, SwapRecord
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -91,6 +92,8 @@ def test_instance_id_is_the_pod_name_and_the_store_is_the_shared_volume():
     container = _engine_container()
     env = {e["name"]: e for e in container["env"]}
     assert env["VLLM_HOTSWAP_INSTANCE_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # a Deployment's pods are named <deployment>-<replicaset hash>-<5 chars>: a valid instance id
+    check_instance_id(f"{deployment['metadata']['name']}-7d9f8b6c5d-x2x4k")
 
     root = env["VLLM_HOTSWAP_ROOT"]["value"]
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == root]
