@@ -262,6 +262,16 @@ def test_gc_removes_abandoned_partial_versions_after_the_grace(store: Checkpoint
     assert not partial.exists() and len(store.versions("lora1")) == 1
 
 
+def test_gc_removes_the_records_of_instances_gone_for_longer_than_the_grace(store: CheckpointStore, lora: Path) -> None:
+    store.publish("lora1", lora)
+    now = time.time()
+    store.write_instance_record(InstanceRecord(instance_id="alive:8000", heartbeat=now))
+    store.write_instance_record(InstanceRecord(instance_id="stale:8000", heartbeat=now - 60))
+    store.write_instance_record(InstanceRecord(instance_id="gone:8000", heartbeat=now - 7200))
+    assert store.gc(grace=3600).instances == ["gone:8000"]
+    assert sorted(r.instance_id for r in store.instance_records()) == ["alive:8000", "stale:8000"]
+
+
 def test_retire_and_revive(store: CheckpointStore, lora: Path) -> None:
     store.publish("lora1", lora)
     store.retire("lora1")

@@ -211,15 +211,17 @@ def retire(adapter: str, root: RootOption = None) -> None:
 @_friendly
 def gc(
     keep: Annotated[int | None, typer.Option(help="READY versions to keep per adapter (default: all).")] = None,
-    grace: Annotated[float, typer.Option(help="Seconds before a partial write counts as abandoned.")] = 3600.0,
+    grace: Annotated[float, typer.Option(help="Seconds before a partial write counts as abandoned, and an instance without a heartbeat as gone.")] = 3600.0,
     root: RootOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Delete old versions and abandoned partial writes (never pinned, kept or served ones)."""
+    """Delete old versions, abandoned partial writes and the records of instances long gone
+    (never pinned, kept or served versions)."""
     report = _store(root).gc(keep=keep, grace=grace)
     if as_json:
-        return _print_json({"deleted": report.deleted, "abandoned": report.abandoned})
-    typer.echo(f"deleted {len(report.deleted)} versions, {len(report.abandoned)} abandoned partial writes")
+        return _print_json({"deleted": report.deleted, "abandoned": report.abandoned, "instances": report.instances})
+    typer.echo(f"deleted {len(report.deleted)} versions, {len(report.abandoned)} abandoned partial writes, "
+               f"{len(report.instances)} records of instances gone")  # fmt: skip
     for name in report.deleted:
         typer.echo(f"  deleted {name}")
 

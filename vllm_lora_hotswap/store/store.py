@@ -112,6 +112,7 @@ class VersionEntry:
 class GcReport:
     deleted: list[str] = field(default_factory=list)  # "adapter/version"
     abandoned: list[str] = field(default_factory=list)  # paths of partial writes removed
+    instances: list[str] = field(default_factory=list)  # records of instances gone for over ``grace``
 
 
 class CheckpointStore:
@@ -471,19 +472,24 @@ class CheckpointStore:
 
         Keeps the newest ``keep`` READY versions (all when None), the pinned
         and active versions, versions marked kept, and every version an alive
-        instance has installed. Partial writes older than ``grace`` seconds go.
+        instance has installed. Partial writes older than ``grace`` seconds go,
+        and so do the records of instances with no heartbeat for ``grace`` seconds
+        (replaced pods, offline engines of finished processes).
         """
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
         report = GcReport()
         in_use: dict[str, set[str]] = {}
+        now = time.time()
         for record in self.instance_records():
-            if not record.is_stale():
+            if now - record.heartbeat > grace:
+                self.remove_instance_record(record.instance_id)
+                report.instances.append(record.instance_id)
+            elif not record.is_stale():
                 for adapter, serving in record.adapters.items():
                     in_use.setdefault(adapter, set()).update(serving.installed_versions)
                     if serving.served_version:
                         in_use[adapter].add(serving.served_version)
-        now = time.time()
         for adapter in self.adapters() if adapters is None else [check_adapter_name(a) for a in adapters]:
             adapter_dir = self.adapter_dir(adapter)
             self._clean_staging(adapter_dir / STAGING_DIR, now, grace, report)
