@@ -27,3 +27,11 @@ def test_blue_green_is_refused_at_once_when_no_instance_would_follow_the_green_n
         asyncio.run(scheduler.blue_green_update(1, write_lora(tmp_path / "src"), timeout=60))
     # Refused before anything was published, so before any wait for convergence.
     assert not CheckpointStore(tmp_path).adapter_dir("lora1-green").exists()
+
+
+def test_the_store_comes_from_the_caller_or_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_HOTSWAP_ROOT", raising=False)
+    with pytest.raises(ValueError, match="pass cpfs_base= or set VLLM_HOTSWAP_ROOT"):
+        DistributedLoRAScheduler()
+    monkeypatch.setenv("VLLM_HOTSWAP_ROOT", str(tmp_path))
+    assert DistributedLoRAScheduler().store.root == tmp_path

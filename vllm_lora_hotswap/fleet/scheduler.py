@@ -69,14 +69,14 @@ class DistributedLoRAScheduler:
         *,
         base_port: int = 8001,
         num_gpus: int = 8,
-        cpfs_base: str = "/cpfs04/shared/kilab/lora_ckpts",
+        cpfs_base: str | None = None,
         poll_interval: float = 5.0,
         enable_probe: bool = True,
         host: str = "127.0.0.1",
         api_key: str | None = None,
         configs: list[LoRAHotSwapConfig] | None = None,
     ):
-        self.store = CheckpointStore(cpfs_base)
+        self.store = CheckpointStore(_store_root(cpfs_base))
         self.poll_interval = poll_interval
         self.enable_probe = enable_probe
         self.instance_urls = [f"http://{host}:{base_port + i}" for i in range(num_gpus)]
@@ -333,13 +333,24 @@ class DistributedLoRAScheduler:
 def create_distributed_lora_scheduler(
     base_port: int = 8001,
     num_gpus: int = 8,
-    cpfs_base: str = "/cpfs04/shared/kilab/lora_ckpts",
+    cpfs_base: str | None = None,
     poll_interval: float = 5.0,
     enable_probe: bool = True,
     **kwargs: Any,
 ) -> DistributedLoRAScheduler:
-    """The seed's factory: instances on ``base_port`` … ``base_port + num_gpus - 1``."""
+    """The seed's factory: instances on ``base_port`` … ``base_port + num_gpus - 1``; the
+    store is ``cpfs_base``, else ``VLLM_HOTSWAP_ROOT`` (the seed's default was a path of its
+    own cluster)."""
     return DistributedLoRAScheduler(
         base_port=base_port, num_gpus=num_gpus, cpfs_base=cpfs_base, poll_interval=poll_interval,
         enable_probe=enable_probe, **kwargs,
     )  # fmt: skip
+
+
+def _store_root(cpfs_base: str | None) -> str:
+    import os
+
+    root = cpfs_base or os.environ.get("VLLM_HOTSWAP_ROOT")
+    if not root:
+        raise ValueError("the scheduler needs the store: pass cpfs_base= or set VLLM_HOTSWAP_ROOT")
+    return root
