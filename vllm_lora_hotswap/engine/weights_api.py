@@ -201,9 +201,9 @@ def attach(app: FastAPI) -> None:
     from ..settings import load_settings
 
     args = app.state.args
+    app.state.lora_hotswap_key_hashes = api_key_hashes(args)  # other routes of the plugin need the key too
     if getattr(args, "weight_transfer_config", None) is None:
         return
-    app.state.lora_hotswap_key_hashes = api_key_hashes(args)
     host = getattr(args, "host", None)
     if not app.state.lora_hotswap_key_hashes and not _is_loopback(host) and not load_settings().control_routes_without_key:
         raise OpenControlRoutes(
