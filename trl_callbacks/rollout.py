@@ -219,11 +219,15 @@ class FleetRollout:
         }
         return {key: value for key, value in params.items() if value is not None}
 
-    def _generate(self, prompt_ids: list[list[int]], version: str, params: dict[str, Any], group: int) -> list[dict[str, Any]]:
-        """Samples in prompt order, the prompts split into contiguous chunks across the engines."""
-        groups = max(1, len(prompt_ids) // max(1, group))
-        per_engine = -(-groups // len(self.urls)) * max(1, group)
-        chunks = [(url, prompt_ids[i : i + per_engine]) for url, i in zip(self.urls, range(0, len(prompt_ids), per_engine), strict=False)]
+    def _generate(
+        self, prompt_ids: list[list[int]], version: str, params: dict[str, Any], group: int
+    ) -> list[dict[str, Any]]:
+        """Samples in prompt order, the prompts split into contiguous chunks across the engines
+        (whole groups of ``group`` copies of a prompt per engine)."""
+        group = max(1, group)
+        per_engine = -(-max(1, len(prompt_ids) // group) // len(self.urls)) * group
+        starts = range(0, len(prompt_ids), per_engine)
+        chunks = [(url, prompt_ids[i : i + per_engine]) for url, i in zip(self.urls, starts, strict=False)]
         model_id = f"{self.adapter}@{version}"
 
         def sample(url: str, chunk: list[list[int]]) -> list[dict[str, Any]]:
@@ -233,7 +237,8 @@ class FleetRollout:
             except httpx.HTTPError as exc:
                 raise ConnectionError(f"FleetRollout: {url}/api/v1/sample failed: {type(exc).__name__}: {exc}") from None
             if response.status_code != 200:
-                raise RuntimeError(f"FleetRollout: {url}/api/v1/sample answered {response.status_code}: {response.text}")
+                status = response.status_code
+                raise RuntimeError(f"FleetRollout: {url}/api/v1/sample answered {status}: {response.text}")
             return response.json()["samples"]
 
         with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
@@ -242,8 +247,9 @@ class FleetRollout:
 
     # -- measuring ---------------------------------------------------------------------
     def sync_seconds(self, version: str) -> float | None:
-        """Seconds from the trainer's publication of ``version`` (``published_at`` in its metadata) until the last
-        engine served it (its ``updated`` event), or None if an engine has not served it (it may have skipped it).
+        """Seconds from the trainer's publication of ``version`` (``published_at`` in its metadata)
+        until the last engine served it (its ``updated`` event), or None if an engine has not
+        served it (it may have skipped it).
 
         Example: ``rollout.sync_seconds(rollout.records[-1].version)`` → ``0.84``
         """

@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..store import split_served_name
+from .endpoints import _ensure_version
 from .weights_api import require_api_key
 
 # vLLM's --api-key middleware guards /v1/* only: this route checks the key itself.
@@ -87,8 +88,6 @@ def _parse(body: Any) -> SampleRequest | JSONResponse:
 
 async def _resolve(request: Request, model_id: str | None) -> tuple[Any, str | None] | JSONResponse:
     """The LoRARequest (None: the base model) that ``model_id`` routes to now, and its version."""
-    from .endpoints import _ensure_version
-
     models = request.app.state.openai_serving_models
     if model_id is None or models.is_base_model(model_id):
         return None, None
