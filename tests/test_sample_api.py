@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 from transformers import AutoTokenizer
@@ -12,7 +13,6 @@ from tests.support.server import VllmServer
 from vllm_lora_hotswap.client import VLLMClient, VLLMClientConfig
 from vllm_lora_hotswap.store import CheckpointStore
 
-pytestmark = pytest.mark.engine
 GREEDY = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
 
 
@@ -22,6 +22,7 @@ def sample(engine: VllmServer, body: dict) -> dict:
     return response.json()
 
 
+@pytest.mark.engine
 def test_sample_answers_with_the_served_version_and_pinned_ones(
     engine: VllmServer, shared_store: CheckpointStore, make_lora, reference
 ) -> None:
@@ -60,6 +61,7 @@ def test_sample_answers_with_the_served_version_and_pinned_ones(
     assert completion["version"] == v2 and completion["token_ids"] == reference(lora_v2, PROMPTS[2])
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize(
     ("body", "status", "named"),
     [
@@ -82,7 +84,28 @@ def test_sample_errors_name_the_model_or_the_field(engine: VllmServer, body: dic
         assert error["param"] == named
 
 
+@pytest.mark.engine
 def test_sample_errors_reach_the_client_with_their_message(engine: VllmServer) -> None:
     client = VLLMClient(VLLMClientConfig(base_urls=[engine.url]))
     with pytest.raises(RuntimeError, match=r"/api/v1/sample answered 404: .*'no-such-adapter'"):
         client.generate(["x"], adapter="no-such-adapter")
+
+
+def test_sample_needs_the_servers_api_key() -> None:
+    """vLLM's --api-key middleware guards /v1/* only: the route checks the key itself."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from vllm_lora_hotswap.engine import sample_api
+    from vllm_lora_hotswap.engine.weights_api import api_key_hashes
+
+    app = FastAPI()
+    app.include_router(sample_api.router)
+    app.state.lora_hotswap_key_hashes = api_key_hashes(SimpleNamespace(api_key=["secret"]))
+    client = TestClient(app)
+    assert client.post("/api/v1/sample", json={"prompts": ["x"]}).status_code == 401
+    wrong = client.post("/api/v1/sample", json={"prompts": ["x"]}, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    # With the key the request reaches the route, whose validation answers before any engine is needed.
+    keyed = client.post("/api/v1/sample", json={"prompts": []}, headers={"Authorization": "Bearer secret"})
+    assert keyed.status_code == 400 and keyed.json()["error"]["param"] == "prompts"
