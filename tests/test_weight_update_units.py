@@ -123,7 +123,7 @@ def _client(monkeypatch: pytest.MonkeyPatch, completions: list[httpx.Response], 
 
     def handle(request: httpx.Request) -> httpx.Response:
         seen.append(request.url.path)
-        if request.url.path == "/v1/completions":
+        if request.url.path == "/api/v1/sample":
             return completions.pop(0)
         return httpx.Response(200, json={})
 
@@ -132,10 +132,11 @@ def _client(monkeypatch: pytest.MonkeyPatch, completions: list[httpx.Response], 
 
 
 def test_generation_is_retried_while_a_server_is_paused_for_a_weight_update(monkeypatch: pytest.MonkeyPatch) -> None:
-    done = httpx.Response(200, json={"model": "m", "choices": [{"index": 0, "text": " hi", "token_ids": [5]}]})
+    sample = {"text": " hi", "token_ids": [5], "model": "m", "version": None}
+    done = httpx.Response(200, json={"samples": [sample]})
     client, seen = _client(monkeypatch, [httpx.Response(503, json=PAUSED), httpx.Response(503, json=PAUSED), done])
-    assert client.generate(["hello"], {"max_tokens": 1}, adapter="m") == [{"text": " hi", "token_ids": [5], "model": "m"}]
-    assert seen.count("/v1/completions") == 3
+    assert client.generate(["hello"], {"max_tokens": 1}, adapter="m") == [sample]
+    assert seen.count("/api/v1/sample") == 3
 
 
 def test_other_errors_and_a_pause_longer_than_the_limit_are_raised(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -143,11 +144,11 @@ def test_other_errors_and_a_pause_longer_than_the_limit_are_raised(monkeypatch: 
     client, seen = _client(monkeypatch, [other])
     with pytest.raises(RuntimeError, match="answered 503: lora1@v cannot be loaded now"):
         client.generate(["hello"], adapter="lora1@v")
-    assert seen.count("/v1/completions") == 1
+    assert seen.count("/api/v1/sample") == 1
     client, seen = _client(monkeypatch, [httpx.Response(503, json=PAUSED) for _ in range(10)], paused_timeout=0.2)
     with pytest.raises(RuntimeError, match="answered 503: .*Generation is paused"):
         client.generate(["hello"], adapter="m")
-    assert 2 <= seen.count("/v1/completions") < 10
+    assert 2 <= seen.count("/api/v1/sample") < 10
 
 
 class FailingLLM:

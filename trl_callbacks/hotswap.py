@@ -315,6 +315,14 @@ class HotSwapCallback(TrainerCallback):
             )
 
     # -- publishing --------------------------------------------------------------------
+    def publish(self, state: TrainerState, model: Any, reason: str = "manual") -> None:
+        """Publish ``model``'s adapter now (``FleetRollout`` does so before its first rollout).
+
+        Example: ``callback.publish(trainer.state, trainer.model, reason="rollout")``; like every
+        publication it is appended to ``publications`` and committed in the background.
+        """
+        self._publish(state, model, (reason,))
+
     @staticmethod
     def _is_peft(model: Any) -> bool:
         return isinstance(model, PeftModel)

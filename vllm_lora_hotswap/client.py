@@ -100,6 +100,8 @@ class VLLMClient:
             delay = min(delay * 2, PAUSED_MAX_DELAY)
         if response.status_code >= 400:
             detail = response.json().get("error", response.text) if response.content else ""
+            if isinstance(detail, dict):  # vLLM's error shape: {"message", "type", "param", "code"}
+                detail = detail.get("message", detail)
             raise RuntimeError(f"{url}{path} answered {response.status_code}: {detail}")
         return response
 
@@ -114,12 +116,15 @@ class VLLMClient:
 
     # -- generation --------------------------------------------------------------------
     def generate(self, prompts: list[str], sampling_params: dict[str, Any] | None = None, adapter: str | None = None) -> list[dict[str, Any]]:
-        """One completion per prompt: ``{"text", "token_ids", "model"}`` (``model`` names the adapter version)."""
-        model = adapter or self._get(self.base_url, "/v1/models")["data"][0]["id"]
-        body = {"model": model, "prompt": prompts, "return_token_ids": True, **(sampling_params or {})}
-        response = self._send("POST", self.base_url, "/v1/completions", body, retry_paused=True).json()
-        choices = sorted(response["choices"], key=lambda c: c["index"])
-        return [{"text": c["text"], "token_ids": c.get("token_ids"), "model": response["model"]} for c in choices]
+        """One sample per prompt from the first server's ``POST /api/v1/sample``: ``{"text", "token_ids",
+        "prompt_token_ids", "finish_reason", "model", "version"}`` (plus ``"logprobs"`` with
+        ``{"logprobs": True}``). ``adapter`` is ``"lora1"`` (its served version), ``"lora1@<version>"``
+        (that version) or None (the base model); ``model`` and ``version`` name what generated each sample.
+
+        Example: ``client.generate(["Once upon a time"], {"max_tokens": 50, "temperature": 0.8}, adapter="lora1")``
+        """
+        body = {"prompts": prompts, "model_id": adapter, "sampling_params": sampling_params or {}}
+        return self._send("POST", self.base_url, "/api/v1/sample", body, retry_paused=True).json()["samples"]
 
     # -- adapters ----------------------------------------------------------------------
     def register_lora_adapter(self, adapter_id: str, lora_path: str | os.PathLike[str]) -> str:

@@ -1,86 +1,61 @@
-"""The demo's results: a table, a PNG plot and the raw figures."""
+"""The demo's results: a table, ``steps.jsonl`` and a PNG plot."""
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from .sampler import ServedRewardSampler
-from .training import TrainingResult
+from .training import StepRecord
+
+TABLE_ROWS = 12  # the table shows about this many evenly spaced steps (steps.jsonl has them all)
 
 
-def write_report(out: Path, training: TrainingResult, sampler: ServedRewardSampler, console: Console) -> tuple[Path, Path, Path]:
-    t0 = training.started_at
-    first_served = {version: at for at, version in sampler.swaps}
-    rows = []
-    for publication in training.publications:
-        version = publication["version"]
-        served = [s.reward for s in sampler.samples if s.served_by == version]
-        rows.append({
-            **publication,
-            "served_after_start_s": round(first_served[version] - t0, 1) if version in first_served else None,
-            "served_reward": sum(served) / len(served) if served else None,
-            "samples": len(served),
-        })  # fmt: skip
-
-    table = Table("step", "trainer reward", "step blocked", "served at", "served reward", "samples",
-                  title="published versions")  # fmt: skip
-    table.add_column("version", no_wrap=True)
-    lines = ["| version | step | trainer reward | step blocked | served at | served reward | samples |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for row in rows:
-        cells = [str(row["step"]), _fmt(row["reward"]), f"{1000 * row['blocked_seconds']:.0f} ms",
-                 "-" if row["served_after_start_s"] is None else f"{row['served_after_start_s']:.1f} s",
-                 _fmt(row["served_reward"]), str(row["samples"]), row["version"]]  # fmt: skip
-        table.add_row(*cells)
-        lines.append("| " + " | ".join([cells[-1], *cells[:-1]]) + " |")
-    console.print(table)
-    table_path = out / "results.md"
-    table_path.write_text("\n".join(lines) + "\n")
-
+def write_report(out: Path, steps: list[StepRecord], max_staleness: int, console: Console) -> tuple[Path, Path]:
+    steps_path = out / "steps.jsonl"
+    steps_path.write_text("".join(json.dumps(record.to_json()) + "\n" for record in steps))
     plot_path = out / "reward.png"
-    _plot(plot_path, training, sampler)
-    json_path = out / "results.json"
-    json_path.write_text(json.dumps({
-        "started_at": t0,
-        "trainer": [{"t": t - t0, "step": step, "reward": reward} for t, step, reward in training.logs],
-        "served": [{"t": s.at - t0, "served_by": s.served_by, "reward": s.reward} for s in sampler.samples],
-        "swaps": [{"t": at - t0, "version": version} for at, version in sampler.swaps],
-        "versions": rows,
-    }, indent=2))  # fmt: skip
-    return table_path, plot_path, json_path
+    _plot(plot_path, steps, max_staleness)
+
+    # Short headers and fixed-width cells: the table fits 80 columns, terminal or not.
+    table = Table(title="GRPO steps (rollouts from the engines)")
+    for header in ("step", "reward", "rollout version", "behind", "sync"):
+        table.add_column(header, no_wrap=True, justify="left" if header == "rollout version" else "right")
+    every = max(1, len(steps) // TABLE_ROWS)
+    for record in [s for s in steps if s.step % every == 0 or s is steps[-1]]:
+        sync = "-" if record.sync_seconds is None else f"{record.sync_seconds:.2f} s"
+        table.add_row(str(record.step), f"{record.reward:.2f}", ", ".join(record.rollout_versions),
+                      str(record.staleness), sync)  # fmt: skip
+    console.print(table)
+    syncs = sorted(s.sync_seconds for s in steps if s.sync_seconds is not None)
+    if syncs:
+        console.print(f"sync (publish → served on both engines): median {statistics.median(syncs):.2f} s, "
+                      f"max {syncs[-1]:.2f} s over {len(syncs)} versions; every step's rollouts on one version, "
+                      f"at most {max(s.staleness for s in steps)} behind (bound {max_staleness})")  # fmt: skip
+    return steps_path, plot_path
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _plot(path: Path, training: TrainingResult, sampler: ServedRewardSampler) -> None:
+def _plot(path: Path, steps: list[StepRecord], max_staleness: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t0 = training.started_at
-    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
-    ax.plot([t - t0 for t, _, _ in training.logs], [r for _, _, r in training.logs], label="trainer reward (GRPO logs)", color="tab:blue")
-    samples = [s for s in sampler.samples if s.at >= t0]
-    ax.scatter([s.at - t0 for s in samples], [s.reward for s in samples], s=8, color="tab:orange", alpha=0.5,
-               label="served reward (samples from vLLM)")  # fmt: skip
-    window = 6
-    smooth = [sum(s.reward for s in samples[max(0, i - window + 1) : i + 1]) / len(samples[max(0, i - window + 1) : i + 1])
-              for i in range(len(samples))]  # fmt: skip
-    ax.plot([s.at - t0 for s in samples], smooth, color="tab:orange", label="served reward (rolling mean)")
-    for index, (at, _version) in enumerate(sampler.swaps):
-        ax.axvline(at - t0, color="grey", linestyle=":", linewidth=1, label="swap (new version served)" if index == 0 else None)
-    ax.set_xlabel("seconds since training started")
-    ax.set_ylabel('reward: share of " yes" tokens')
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("GRPO publishes LoRA versions; vLLM serves each within seconds")
-    ax.legend(loc="lower right")
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), dpi=120, sharex=True, height_ratios=(2, 1))
+    x = [s.step for s in steps]
+    top.plot(x, [s.reward for s in steps], color="tab:blue", marker=".", label="reward of the step's rollouts")
+    top.set_ylabel('reward: share of " yes" tokens')
+    top.set_ylim(-0.02, 1.02)
+    top.set_title(f"GRPO with rollouts from two vLLM engines following the store (max staleness {max_staleness})")
+    top.legend(loc="lower right")
+    synced = [s for s in steps if s.sync_seconds is not None]
+    bottom.bar([s.step for s in synced], [s.sync_seconds for s in synced], color="tab:orange")
+    bottom.set_title("sync of the version the step's rollouts used: publish → served on both engines", fontsize=10)
+    bottom.set_ylabel("sync (s)")
+    bottom.set_xlabel("GRPO step")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

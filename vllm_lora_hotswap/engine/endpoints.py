@@ -71,9 +71,10 @@ class HotSwapEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        from . import weights_api
+        from . import sample_api, weights_api
 
         app.include_router(router)
+        app.include_router(sample_api.router)
         weights_api.attach(app)
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
