@@ -134,7 +134,9 @@ class VllmServer:
                 "ignore_eos": True, "return_token_ids": True, "stream": True}  # fmt: skip
         served_by: set[str] = set()
         tokens: list[int] = []
-        with self.client.stream("POST", "/v1/completions", json=body) as response:
+        # A connection of its own, closed after: many client threads would otherwise leave
+        # that many keep-alive connections open on the server (a soak counts its fds).
+        with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=120, headers=self.client.headers) as response:
             response.raise_for_status()
             for line in response.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
