@@ -31,7 +31,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m vllm_lora_hotswap.demo $(DEMO_ARGS)
+	$(PY) -m hotswap_demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(if $(QUICK),--quick)

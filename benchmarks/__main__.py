@@ -20,10 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hotswap_demo.toy_models import BENCH_MODEL
 from vllm_lora_hotswap.store import CheckpointStore
-from vllm_lora_hotswap.toy_models import BENCH_MODEL
 
-from . import base_weights, engine_stall, gpu_copy, memory, parallel_swaps, publish_latency, report, serving
+from . import (
+    base_weights,
+    engine_stall,
+    gpu_copy,
+    memory,
+    parallel_swaps,
+    publish_latency,
+    report,
+    serving,
+)
 from .assets import Assets, prepare
 from .common import SERVER_ARGS, Server, stage
 from .machine import describe

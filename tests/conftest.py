@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from hotswap_demo.toy_models import ReferenceModel, make_adapter, make_model
 from tests.support.server import VllmServer
 from vllm_lora_hotswap.store import CheckpointStore
-from vllm_lora_hotswap.toy_models import ReferenceModel, make_adapter, make_model
 
 PROMPTS = ("the quick brown fox", "hello world hello", "rewards go up when the policy")
 MAX_TOKENS = 8

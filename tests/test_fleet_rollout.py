@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import torch
 
+from hotswap_demo.toy_models import ReferenceModel
 from tests.support.server import VllmServer
 from trl_callbacks import FleetRollout, HotSwapCallback, Publication
 from vllm_lora_hotswap.store import CheckpointStore
-from vllm_lora_hotswap.toy_models import ReferenceModel
 
 PROMPTS = ["the quick brown fox", "hello world hello", "rewards go up when the policy", "yes yes"]
 STEPS = 3

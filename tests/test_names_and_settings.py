@@ -102,3 +102,18 @@ def test_any_poll_interval_string_is_a_value_or_a_config_error(value: str) -> No
     except ConfigError:
         return
     assert settings.poll_interval > 0
+
+
+def test_the_wheel_ships_neither_the_demo_nor_the_toy_models() -> None:
+    """Packages come from pyproject's find rules; the demo and toy models stay in the repository."""
+    import tomllib
+    from pathlib import Path
+
+    from setuptools import find_packages
+
+    root = Path(__file__).resolve().parents[1]
+    rules = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = find_packages(str(root), include=rules["include"])
+    assert "vllm_lora_hotswap" in packages and "trl_callbacks" in packages
+    assert not [p for p in packages if p.startswith(("hotswap_demo", "tests", "benchmarks"))], packages
+    assert not (root / "vllm_lora_hotswap" / "toy_models.py").exists()

@@ -14,11 +14,11 @@ import httpx
 import pytest
 import torch
 
+from hotswap_demo.toy_models import ReferenceModel
 from tests.conftest import PROMPTS
 from tests.support.server import VllmServer, free_port
 from vllm_lora_hotswap.client import VLLMClient, VLLMClientConfig
 from vllm_lora_hotswap.store import CheckpointStore
-from vllm_lora_hotswap.toy_models import ReferenceModel
 
 pytestmark = pytest.mark.engine
 API_KEY = "test-secret"

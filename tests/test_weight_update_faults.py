@@ -17,12 +17,12 @@ import httpx
 import pytest
 import torch
 
+from hotswap_demo.toy_models import ReferenceModel
 from tests.conftest import PROMPTS
 from tests.support.server import VllmServer, free_port
 from tests.test_weight_sync import perturbed_model
 from vllm_lora_hotswap.client import VLLMClient, VLLMClientConfig
 from vllm_lora_hotswap.store import CheckpointStore
-from vllm_lora_hotswap.toy_models import ReferenceModel
 
 pytestmark = pytest.mark.engine
 API_KEY = "faults-secret"

@@ -40,7 +40,7 @@ SERVER_ARGS = ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "2", "--
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vllm_lora_hotswap.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hotswap_demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="base model (HF id or path); default: a tiny local model made here")
     parser.add_argument("--root", type=Path, help="checkpoint store root; default: <out>/store (emptied first)")
     parser.add_argument("--steps", type=int, default=30, help="GRPO steps (default 30)")
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
 
-    from ..fleet.launcher import Launcher
+    from vllm_lora_hotswap.fleet.launcher import Launcher
 
     engine_cores, trainer_cores = _split_cores()
     with ExitStack() as stack:
@@ -112,7 +112,7 @@ def _split_cores() -> tuple[str | None, set[int] | None]:
 
 
 def _tiny_model(path: Path, console: Console) -> Path:
-    from ..toy_models import ToyModelSpec, make_model, pretrain
+    from .toy_models import ToyModelSpec, make_model, pretrain
 
     if not (path / "config.json").exists():
         with console.status("making a tiny Llama and pretraining it on a few sentences…"):
