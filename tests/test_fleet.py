@@ -224,8 +224,9 @@ def test_killed_instance_is_restarted_marked_stale_meanwhile_and_converges(
     version = store.publish(adapter, lora)
     if victim_process == "worker":
         deadline = time.monotonic() + 60
-        while httpx.get(f"{victim_url}/v1/lora/adapters", timeout=5).json()["adapters"].get(adapter, {}).get("phase") != "probe":
-            assert time.monotonic() < deadline, "the victim never started probing the new version"
+        with httpx.Client(base_url=victim_url, timeout=5) as status:  # keep-alive: a poll every few ms
+            while status.get("/v1/lora/adapters").json()["adapters"].get(adapter, {}).get("phase") != "probe":
+                assert time.monotonic() < deadline, "the victim never started probing the new version"
         _vllm_process(server, "Worker").kill()
     else:
         server.kill()
