@@ -137,6 +137,7 @@ def test_streaming_clients_during_30_swaps_each_get_exactly_one_version(
             except BaseException as exc:  # noqa: BLE001 - collected and asserted below
                 errors.append(exc)
 
+    installs_before = _installs(engine)
     threads = [threading.Thread(target=client) for _ in range(16)]
     for thread in threads:
         thread.start()
@@ -152,6 +153,9 @@ def test_streaming_clients_during_30_swaps_each_get_exactly_one_version(
             thread.join(120)
     assert not errors, errors[:3]
     assert len(results) >= 30
+    # Each version was written into a LoRA slot while staging; no install copied in the step.
+    installs = {key: count - installs_before[key] for key, count in _installs(engine).items()}
+    assert installs["slot_writes"] >= 30 and installs["step_copies"] == 0, installs
     versions_seen = set()
     for served_by, tokens in results:
         assert len(served_by) == 1, f"one response streamed from several versions: {served_by}"
@@ -163,6 +167,11 @@ def test_streaming_clients_during_30_swaps_each_get_exactly_one_version(
     info = [line for line in engine.client.get("/metrics").text.splitlines() if line.startswith("vllm:lora_requests_info{")]
     assert info and 'running_lora_adapters="stream"' in "".join(info)
     assert not [line for line in info if "stream@" in line], info
+
+
+def _installs(engine: VllmServer) -> dict[str, int]:
+    workers = engine.client.get("/v1/lora/workers").json()["workers"]
+    return {key: sum(worker[key] for worker in workers) for key in ("slot_writes", "step_copies")}
 
 
 def _commit_with_fifo_config(store: CheckpointStore, adapter: str, src: Path) -> tuple[str, Path]:

@@ -85,6 +85,11 @@ class FakeEngine:
                 statuses.append(StageStatus("ready", nbytes=1000))
         return statuses
 
+    def wait_staged(self, handle: LoraHandle, timeout: float) -> None:
+        gate = self.held.get(handle.path)
+        if gate is not None:
+            gate.wait(timeout)
+
     def install(self, requests: Sequence[InstallRequest]) -> list[float | Exception]:
         self._check_up("install")
         self.batches["install"].append(len(requests))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,13 +18,23 @@ from ..pipeline.engine_api import (
     NoCapacity,
     StageStatus,
 )
+from .stage_channel import ServerChannel
+
+RPC_STATUS_INTERVAL_S = 0.02  # without a stage channel, how often a stage is asked about
 
 
 class WorkerRpcEngine:
-    """The :class:`EngineAdapter` methods that talk to the workers' ``hotswap_*`` RPCs."""
+    """The :class:`EngineAdapter` methods that talk to the workers' ``hotswap_*`` RPCs,
+    and, where the engine has one, their stage channel."""
+
+    channel: ServerChannel | None = None
+
+    def _timed_rpc(self, method: str, *args: Any) -> tuple[list[Any], float | None]:
+        """One result per worker, and how long the engine core was held (None: unknown)."""
+        return self._rpc(method, *args), None
 
     def _rpc(self, method: str, *args: Any) -> list[Any]:
-        raise NotImplementedError
+        return self._timed_rpc(method, *args)[0]
 
     def _vllm_config(self) -> Any:
         raise NotImplementedError
@@ -47,12 +58,24 @@ class WorkerRpcEngine:
         return LoRARequest(lora_name=handle.served_name, lora_int_id=handle.lora_id, lora_path=handle.path)
 
     def stage(self, handles: Sequence[LoraHandle]) -> None:
-        self._rpc("hotswap_stage", [[h.lora_id, h.served_name, h.path] for h in handles])
+        items = [[h.lora_id, h.served_name, h.path] for h in handles]
+        if self.channel is None or not self.channel.stage(items):
+            self._rpc("hotswap_stage", items)
+
+    def wait_staged(self, handle: LoraHandle, timeout: float) -> None:
+        if self.channel is not None:
+            self.channel.wait((handle.lora_id, handle.path), timeout)
+        else:
+            time.sleep(min(timeout, RPC_STATUS_INTERVAL_S))
 
     def stage_status(self, handles: Sequence[LoraHandle]) -> list[StageStatus]:
-        ranks = self._rpc("hotswap_status", [[h.lora_id, h.path] for h in handles])
+        per_handle = [self.channel.statuses((h.lora_id, h.path)) if self.channel else None for h in handles]
+        unknown = [h for h, ranks in zip(handles, per_handle) if ranks is None]
+        if unknown:  # not staged through the channel, or its reports stopped coming
+            asked = iter(zip(*self._rpc("hotswap_status", [[h.lora_id, h.path] for h in unknown])))
+            per_handle = [next(asked) if ranks is None else ranks for ranks in per_handle]
         statuses = []
-        for per_rank in zip(*ranks):  # one handle, every rank
+        for per_rank in per_handle:  # one handle, every rank
             failed = [(i, r) for i, r in enumerate(per_rank) if r["state"] == "failed"]
             if failed:
                 rank, result = failed[0]
@@ -65,8 +88,10 @@ class WorkerRpcEngine:
 
     def install(self, requests: Sequence[InstallRequest]) -> list[float | Exception]:
         items = [[r.handle.lora_id, r.handle.path, r.replace is not None] for r in requests]
-        ranks = self._rpc("hotswap_install", items)
-        stall = max(rank["seconds"] for rank in ranks)  # the engine loop is held once for the batch
+        ranks, held = self._timed_rpc("hotswap_install", items)
+        # The engine loop is held once for the batch: measured in the engine core where it
+        # can be (the round trip to the workers included), else on the workers.
+        stall = held if held is not None else max(rank["seconds"] for rank in ranks)
         results: list[float | Exception] = []
         for per_rank in zip(*(rank["results"] for rank in ranks)):
             failed = next(((i, r) for i, r in enumerate(per_rank) if not r["ok"]), None)
@@ -78,9 +103,10 @@ class WorkerRpcEngine:
             results.append(NoCapacity(message) if error.get("capacity") else CheckpointRejected("install", message))
         return results
 
-    def worker_states(self) -> list[dict[str, Any]]:
-        """One ``WorkerHotSwap.state()`` per worker."""
-        return self._rpc("hotswap_state")
+    def worker_states(self) -> tuple[list[dict[str, Any]], float | None]:
+        """One ``WorkerHotSwap.state()`` per worker, and how long that RPC held the engine
+        core: the cost of any worker RPC between two steps (it only reads)."""
+        return self._timed_rpc("hotswap_state")
 
     def commit(self, handle: LoraHandle) -> None:
         self._rpc("hotswap_commit", handle.lora_id)
@@ -90,6 +116,8 @@ class WorkerRpcEngine:
 
     def remove(self, handle: LoraHandle) -> None:
         self._rpc("hotswap_remove", handle.lora_id, handle.path)
+        if self.channel is not None:
+            self.channel.forget((handle.lora_id, handle.path))
 
     @staticmethod
     def probe_verdict(completion: Any) -> Exception | None:

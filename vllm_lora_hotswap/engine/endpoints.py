@@ -44,11 +44,13 @@ async def list_adapters(request: Request) -> JSONResponse:
 async def list_workers(request: Request) -> JSONResponse:
     """What each worker of each engine core holds (data-parallel replicas one after the
     other, tensor-parallel ranks in order): LoRA ids registered and installed, staging
-    in progress, staged bytes, and ``disk_loads``, adapters vLLM had to read from the
-    store inside a step (0 unless something went wrong)."""
+    in progress, staged bytes, ``disk_loads`` (adapters vLLM had to read from the store
+    inside a step: 0 unless something went wrong), ``slot_writes`` and ``step_copies``
+    (installs whose copy ran while staging, or in the step for want of a free slot);
+    ``rpc_held_s``: how long this RPC held the engine core (the cost of any RPC)."""
     engine = _controller(request).engine
-    workers = await asyncio.get_running_loop().run_in_executor(None, engine.worker_states)
-    return JSONResponse({"workers": workers})
+    workers, held = await asyncio.get_running_loop().run_in_executor(None, engine.worker_states)
+    return JSONResponse({"workers": workers, "rpc_held_s": held})
 
 
 @router.get("/v1/lora/events")
@@ -108,6 +110,7 @@ class HotSwapEndpoints:
         install_serving_hooks(models, controller, settings)
         state.lora_hotswap = controller
         logger.info("vllm-lora-hotswap: following %s as instance %s", settings.root, instance_id)
+        await engine.open_stage_channel()
         if settings.probe:
             await engine.warm_up()
         await loop.run_in_executor(None, controller.start)

@@ -9,6 +9,8 @@ the RPC crosses process boundaries as msgpack.
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any
 
 
@@ -23,6 +25,11 @@ def hotswap_stage(self: Any, items: list[list[Any]]) -> None:
     hotswap = _hotswap(self)
     for lora_id, name, path in items:
         hotswap.stage(lora_id, name, path)
+
+
+def hotswap_channel(self: Any, directory: str) -> str | None:
+    """Bind the worker's end of the API server's stage channel in ``directory``; its socket path."""
+    return _hotswap(self).open_channel(directory)
 
 
 def hotswap_status(self: Any, items: list[list[Any]]) -> list[dict[str, Any]]:
@@ -54,6 +61,7 @@ def hotswap_reinstall(self: Any) -> int:
 
 def hotswap_state(self: Any) -> dict[str, Any]:
     return _hotswap(self).state()
+
 
 
 def hotswap_weight_spec(self: Any) -> dict[str, list[Any]] | None:
@@ -88,6 +96,7 @@ RPC_METHODS = {
     f.__name__: f
     for f in (
         hotswap_stage,
+        hotswap_channel,
         hotswap_status,
         hotswap_install,
         hotswap_restore,
@@ -102,8 +111,21 @@ RPC_METHODS = {
 }
 
 
+def hotswap_timed_rpc(self: Any, method: str, timeout: float | None, args: tuple[Any, ...]) -> dict[str, Any]:
+    """An engine-core utility: ``collective_rpc``, and how long it held the engine core
+    between two steps (the round trip to every worker included): an install's stall."""
+    started = time.perf_counter()
+    results = self.collective_rpc(method, timeout, args)
+    return {"held_s": time.perf_counter() - started, "results": results}
+
+
 def install_worker_rpcs() -> None:
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
     for name, method in RPC_METHODS.items():
         setattr(WorkerWrapperBase, name, method)
+    # The engine core loads plugins while its module is being used; other processes
+    # never call engine-core utilities, and need not import it.
+    core = sys.modules.get("vllm.v1.engine.core")
+    if core is not None:
+        core.EngineCore.hotswap_timed_rpc = hotswap_timed_rpc

@@ -8,6 +8,7 @@ for the result, so the loop itself never blocks on the store or on a swap.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import time
 import uuid
@@ -19,6 +20,7 @@ from vllm.sampling_params import SamplingParams
 from ..pipeline.engine_api import EngineUnavailable, LoraHandle
 from ..settings import HotSwapSettings
 from .common import WorkerRpcEngine
+from .stage_channel import ServerChannel
 
 T = TypeVar("T")
 logger = logging.getLogger("vllm.lora_hotswap")
@@ -40,17 +42,36 @@ class ServerEngine(WorkerRpcEngine):
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float = RPC_TIMEOUT) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def _rpc(self, method: str, *args: Any) -> list[Any]:
-        """``method`` on every worker of every engine core: one result per worker.
+    def _timed_rpc(self, method: str, *args: Any) -> tuple[list[Any], float | None]:
+        return self._call(self._timed_rpc_async(method, *args))
+
+    async def _timed_rpc_async(self, method: str, *args: Any) -> tuple[list[Any], float | None]:
+        """``method`` on every worker of every engine core: one result per worker, and the
+        longest time an engine core was held by it (None for an in-process engine core).
 
         ``AsyncLLM.collective_rpc`` reaches only the first engine core of a data-parallel
         server (vLLM returns the first engine's answer alone), so a stage or install that
         failed on another replica would go unseen; the call goes to each core instead."""
         core = self.client.engine_core
         if not hasattr(core, "call_utility_all_async"):  # in-process engine core: one engine
-            return self._call(self.client.collective_rpc(method, timeout=RPC_TIMEOUT, args=args))
-        per_engine = self._call(core.call_utility_all_async("collective_rpc", method, RPC_TIMEOUT, args, None))
-        return [result for workers in per_engine for result in workers]
+            return await self.client.collective_rpc(method, timeout=RPC_TIMEOUT, args=args), None
+        per_engine = await core.call_utility_all_async("hotswap_timed_rpc", method, RPC_TIMEOUT, args)
+        workers = [result for engine in per_engine for result in engine["results"]]
+        return workers, max(engine["held_s"] for engine in per_engine)
+
+    async def open_stage_channel(self) -> None:
+        """Stage requests and reports go straight between this process and the workers."""
+        try:
+            channel = ServerChannel()
+        except OSError as exc:
+            logger.warning("hot-swap: no stage channel (%s); staging by RPC", exc)
+            return
+        paths, _ = await self._timed_rpc_async("hotswap_channel", str(channel.directory))
+        if channel.connect(paths):
+            self.channel = channel
+            atexit.register(channel.close)
+        else:
+            channel.close()
 
     def _vllm_config(self) -> Any:
         return self.client.vllm_config

@@ -93,6 +93,25 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s(_LORA_MM, "LRUCacheLoRAModelManager.lora_slots", "property"),
     _s(_LORA_MM, "LRUCacheLoRAModelManager.packed_modules", "attribute"),
     _s(_LORA_MM, "LRUCacheLoRAModelManager.modules", "attribute"),
+    _s(_LORA_MM, "LRUCacheLoRAModelManager.deactivate_adapter", "method", "adapter_id"),
+    # the lock around vLLM's own changes to the LoRA manager (worker.py)
+    _s("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.set_active_adapters", "method", "requests", "mapping"),
+    _s("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.add_adapter", "method", "lora_request"),
+    _s("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.remove_adapter", "method", "adapter_id"),
+    _s("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.pin_adapter", "method", "adapter_id"),
+    _s("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.remove_all_adapters", "method"),
+    # device_slots.py: writing an adapter into a slot off the step, and the mapping flip
+    _s(_LORA_MM, "LRUCacheLoRAModelManager.lora_index_to_id", "attribute"),
+    _s(_LORA_MM, "LRUCacheLoRAModelManager._active_adapters", "attribute"),
+    _s(_LORA_MM, "LRUCacheLoRAModelManager.device", "attribute"),
+    _s(_LORA_MM, "LRUCacheLoRAModelManager._get_lora_layer_weights", "method", "lora_model", "module_name"),
+    _s(_LORA_MM, "LRUCacheLoRAModelManager._get_module_to_save_weights", "method", "lora_model", "module_name"),
+    _s(_LORA_MM, "AdapterLRUCache.deactivate_fn", "attribute"),
+    _s("vllm.lora.layers.base", "BaseLayerWithLoRA.set_lora", "method", "index", "lora_a", "lora_b"),
+    _s("vllm.lora.layers.base", "BaseLayerWithLoRA.reset_lora", "method", "index"),
+    _s("vllm.lora.layers", "ClassificationHeadWithLoRA", "class"),
+    _s("vllm.lora.layers.classifier", "ClassificationHeadWithLoRA.set_module_to_save", "method", "index", "weight", "bias"),
+    _s("vllm.lora.layers.classifier", "ClassificationHeadWithLoRA.reset_module_to_save", "method", "index"),
     # rpc.py: the hotswap_* RPCs on every worker, and vLLM's two base-weight paths they wrap
     _s("vllm.v1.worker.worker_base", "WorkerWrapperBase", "class"),
     _s("vllm.v1.worker.worker_base", "WorkerWrapperBase.worker", "attribute"),
@@ -100,6 +119,11 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s("vllm.v1.worker.gpu_worker", "Worker.reload_weights", "method"),
     _s("vllm.v1.worker.gpu_worker", "Worker.model_runner", "attribute"),
     _s("vllm.v1.worker.gpu_worker", "Worker.weight_transfer_engine", "attribute"),
+    _s("vllm.v1.worker.gpu_worker", "Worker.rank", "attribute"),
+    _s("vllm.v1.worker.gpu_worker", "Worker.vllm_config", "attribute"),
+    _s("vllm.config.parallel", "ParallelConfig.data_parallel_rank", "attribute"),
+    # the engine-core utility that times an RPC where it holds the engine
+    _s("vllm.v1.engine.core", "EngineCore.collective_rpc", "method", "method", "timeout", "args"),
     # gloo_transfer.py and weight_sync.py: the weight-transfer API
     _s(f"{_WT}.factory", "WeightTransferEngineFactory.register_engine", "method", "name", "module_path_or_cls", "class_name"),
     _s(f"{_WT}.factory", "WeightTransferEngineFactory._registry", "attribute"),

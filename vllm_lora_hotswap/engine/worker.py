@@ -1,10 +1,15 @@
 """Worker-side half of a swap: stage off the engine loop, install between steps.
 
-Runs in every vLLM worker process (each tensor-parallel rank). The methods
-reach the worker through ``collective_rpc("hotswap_*")``, which the engine
-core executes between two model steps on every rank at once; the LoRA
-manager is only ever touched from those calls (it is not thread-safe). The
-staging thread reads and prepares weights but never touches manager state.
+Runs in every vLLM worker process (each tensor-parallel rank). Staging starts
+when the API server's message reaches the worker's :mod:`.stage_channel`
+socket (or, without one, the ``hotswap_stage`` RPC): a thread reads the
+weights, checks them, and writes them into a free LoRA slot
+(:mod:`.device_slots`), all while the engine runs; it reports back on the
+channel. The other methods reach the worker through
+``collective_rpc("hotswap_*")``, which the engine core executes between two
+model steps on every rank at once: the install only flips the slot mapping.
+The LoRA manager is not thread-safe: every change to its state (vLLM's at
+the start of a step, ours) is made under :attr:`SlotWriter.lock`.
 
 Staged adapters stay in host memory for as long as they are installed, and
 ``WorkerLoRAManager._load_adapter`` is patched to return them: whenever vLLM
@@ -15,16 +20,23 @@ instead, so no step ever reads the store.
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from vllm.lora.request import LoRARequest
-from vllm.lora.worker_manager import WorkerLoRAManager
+from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
 
+from .device_slots import Reservation, SlotWriter
+from .stage_channel import WorkerChannel
+
+logger = logging.getLogger("vllm.lora_hotswap")
 _original_load_adapter = WorkerLoRAManager._load_adapter
 _by_manager: weakref.WeakKeyDictionary[Any, WorkerHotSwap] = weakref.WeakKeyDictionary()
 
@@ -42,6 +54,25 @@ def _load_adapter(manager: WorkerLoRAManager, lora_request: LoRARequest):
 WorkerLoRAManager._load_adapter = _load_adapter  # type: ignore[method-assign]
 
 
+def _under_slot_lock(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def locked(manager: WorkerLoRAManager, *args: Any, **kwargs: Any) -> Any:
+        hotswap = _by_manager.get(manager)
+        if hotswap is None:
+            return method(manager, *args, **kwargs)
+        with hotswap.slots.lock:
+            return method(manager, *args, **kwargs)
+
+    return locked
+
+
+# Everything through which vLLM changes the LoRA manager's state (the start of each
+# step, its add/remove/pin RPCs, the reset after a base-weight update) takes the lock
+# that a staging thread holds to reserve a slot.
+for _name in ("set_active_adapters", "add_adapter", "remove_adapter", "pin_adapter", "remove_all_adapters"):
+    setattr(LRUCacheWorkerLoRAManager, _name, _under_slot_lock(getattr(LRUCacheWorkerLoRAManager, _name)))
+
+
 @dataclass
 class _Staged:
     lora_id: int
@@ -52,6 +83,7 @@ class _Staged:
     lora: Any = None  # vllm LoRAModel, merged and scaled, ready for set_lora copies
     nbytes: int = 0
     cancelled: bool = False
+    slot: Reservation | None = None  # the device slot it was written into (None: the install copies)
 
 
 class WorkerHotSwap:
@@ -65,8 +97,23 @@ class WorkerHotSwap:
         self.installed: dict[int, _Staged] = {}
         self.previous: dict[int, _Staged | None] = {}  # in-place installs, kept for restore
         self.disk_loads = 0  # adapters vLLM loaded from disk inside a step instead of from us
-        self._lock = threading.Lock()
+        self.step_copies = 0  # installs that copied into a slot in the step (no free slot was staged)
+        self._lock = threading.Lock()  # guards staging and the entries' states
+        self.slots = SlotWriter(self.manager)
         _by_manager[self.worker_manager] = self
+        self.channel: WorkerChannel | None = None
+        parallel = worker.vllm_config.parallel_config
+        self.label = f"{parallel.data_parallel_rank}-{worker.rank}"
+
+    def open_channel(self, directory: str) -> str | None:
+        """Bind this worker's end of the API server's stage channel; its socket path (None: RPCs only)."""
+        try:
+            if self.channel is None or str(self.channel.path.parent) != directory:
+                self.channel = WorkerChannel(directory, self.label, self.stage)
+        except OSError as exc:
+            logger.warning("hot-swap: worker %s cannot bind the stage channel (%s); staging by RPC", self.label, exc)
+            return None
+        return str(self.channel.path)
 
     @property
     def manager(self) -> Any:  # LRUCacheLoRAModelManager
@@ -76,31 +123,49 @@ class WorkerHotSwap:
     def stage(self, lora_id: int, name: str, path: str) -> None:
         with self._lock:
             existing = self.staging.get((lora_id, path))
-            if existing is not None and existing.state != "failed":
-                return
-            entry = self.staging[(lora_id, path)] = _Staged(lora_id, name, path)
+            if existing is None or existing.state == "failed":
+                entry = self.staging[(lora_id, path)] = _Staged(lora_id, name, path)
+        if existing is not None and existing.state != "failed":
+            if existing.state == "ready" and self.channel is not None:  # asked again: answer again
+                self.channel.report(lora_id, path, self.status(lora_id, path))
+            return
         threading.Thread(target=self._stage, args=(entry,), name=f"hotswap-stage-{lora_id}", daemon=True).start()
 
     def _stage(self, entry: _Staged) -> None:
+        slot = None
         try:
             request = LoRARequest(lora_name=entry.name, lora_int_id=entry.lora_id, lora_path=entry.path)
             # vLLM's own loader: rank vs --max-lora-rank, bias, target modules the model has.
             lora = _original_load_adapter(self.worker_manager, request)
             self._check_finite(lora)
             self._check_fits(lora)
-            # Pack q/k/v (etc.), fold in the scaling and pin host memory now, off the
-            # loop; add_adapter in the install step then finds nothing left to do.
+            # Pack q/k/v (etc.) and fold in the scaling now, off the loop.
             self.manager._create_merged_loras_inplace(lora)
             nbytes = sum(_nbytes(w.lora_a) + _nbytes(w.lora_b) for w in lora.loras.values())
+            slot = self.slots.reserve()
+            if slot is not None and not self.slots.write(slot, lora):
+                slot = None  # vLLM needed the slot meanwhile: the install copies in the step
         except BaseException as exc:  # noqa: BLE001 - reported to the controller, never raised here
+            if slot is not None:
+                self.slots.release(slot)
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            entry.error = f"{type(exc).__name__}: {message}"
-            entry.state = "failed"
+            self._finish(entry, error=f"{type(exc).__name__}: {message}")
             return
+        self._finish(entry, lora=lora, nbytes=nbytes, slot=slot)
+
+    def _finish(self, entry: _Staged, *, lora: Any = None, nbytes: int = 0, slot: Reservation | None = None,
+                error: str | None = None) -> None:  # fmt: skip
         with self._lock:
-            if entry.cancelled:
-                return
-            entry.lora, entry.nbytes, entry.state = lora, nbytes, "ready"
+            cancelled = entry.cancelled
+            if not cancelled:
+                entry.lora, entry.nbytes, entry.slot = lora, nbytes, slot
+                entry.error, entry.state = error, "failed" if error else "ready"
+        if cancelled:
+            if slot is not None:
+                self.slots.release(slot)
+            return
+        if self.channel is not None:
+            self.channel.report(entry.lora_id, entry.path, self.status(entry.lora_id, entry.path))
 
     def status(self, lora_id: int, path: str) -> dict[str, Any]:
         entry = self.staging.get((lora_id, path))
@@ -147,68 +212,90 @@ class WorkerHotSwap:
         return {"results": results, "seconds": time.perf_counter() - start}
 
     def install(self, lora_id: int, path: str, replace: bool) -> dict[str, Any]:
-        """Register, activate and pin a staged adapter; with ``replace`` take over its slot id."""
+        """Register, map and pin a staged adapter; with ``replace`` take over its slot id.
+
+        Written into a slot while staging: the slot's mapping flips (size-independent).
+        Otherwise (no slot was free) vLLM's ``activate_adapter`` copies it here, in the step."""
         entry = self.staging.get((lora_id, path))
         if entry is None or entry.state != "ready":
             return {"ok": False, "error": f"adapter {lora_id} at {path} is not staged"}
         manager = self.manager
-        if replace:
-            self.previous[lora_id] = self.installed.get(lora_id)
-            manager.remove_adapter(lora_id)
-        elif lora_id not in manager.list_adapters() and len(manager) >= manager.capacity:
-            return {"ok": False, "capacity": True, "error": f"all {manager.capacity} LoRA slots (--max-cpu-loras) are in use"}
-        try:
-            manager.add_adapter(entry.lora)
-            manager.activate_adapter(lora_id)
-            manager._registered_adapters.pin(lora_id)
-        except Exception as exc:  # e.g. a tensor that does not fit its slot
-            manager.remove_adapter(lora_id)
+        with self.slots.lock:
+            if not replace and lora_id not in manager.list_adapters() and len(manager) >= manager.capacity:
+                return {"ok": False, "capacity": True, "error": f"all {manager.capacity} LoRA slots (--max-cpu-loras) are in use"}
             if replace:
-                self.restore(lora_id)
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                self.previous[lora_id] = self.installed.get(lora_id)
+            slot, entry.slot = entry.slot, None
+            try:
+                manager._registered_adapters[lora_id] = entry.lora
+                if slot is None or not self.slots.claim(slot, lora_id, replace=replace):
+                    self._copy_in_step(lora_id)
+                manager._registered_adapters.pin(lora_id)
+            except Exception as exc:  # e.g. a tensor that does not fit its slot
+                if replace:
+                    self.restore(lora_id)
+                else:
+                    manager.remove_adapter(lora_id)
+                return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         self.installed[lora_id] = entry
         self.staging.pop((lora_id, path), None)
         return {"ok": True, "error": None}
 
-    def _register(self, entry: _Staged) -> None:
-        manager = self.manager
-        manager.add_adapter(entry.lora)
-        manager._registered_adapters.pin(entry.lora_id)
+    def _copy_in_step(self, lora_id: int) -> None:
+        self.step_copies += 1
+        self.manager.deactivate_adapter(lora_id)  # replaced in place: its slot must be written again
+        self.manager.activate_adapter(lora_id)
 
     def restore(self, lora_id: int) -> None:
-        """Undo an in-place install: the replaced weights take the slot back."""
-        previous = self.previous.pop(lora_id, None)
-        self.manager.remove_adapter(lora_id)
-        self.installed.pop(lora_id, None)
-        if previous is not None:
-            self._register(previous)
-            self.manager.activate_adapter(lora_id)
+        """Undo an in-place install: the replaced weights take the slot id back (one flip,
+        when they are still in their slot)."""
+        manager = self.manager
+        with self.slots.lock:
+            previous = self.previous.pop(lora_id, None)
+            if previous is None:
+                self.slots.restore(lora_id)
+                manager.remove_adapter(lora_id)
+                self.installed.pop(lora_id, None)
+                return
+            manager._registered_adapters[lora_id] = previous.lora
+            manager._registered_adapters.pin(lora_id)
+            if not self.slots.restore(lora_id):
+                self._copy_in_step(lora_id)
             self.installed[lora_id] = previous
 
     def commit(self, lora_id: int) -> None:
-        self.previous.pop(lora_id, None)
+        with self.slots.lock:
+            self.previous.pop(lora_id, None)
+            self.slots.commit(lora_id)
 
     def remove(self, lora_id: int, path: str) -> None:
         """Free the slot of ``lora_id`` (if it holds ``path``) and forget staged copies."""
+        slot = None
         with self._lock:
             staged = self.staging.pop((lora_id, path), None)
             if staged is not None:
                 staged.cancelled = True
+                slot, staged.slot = staged.slot, None
+        if slot is not None:
+            self.slots.release(slot)
         entry = self.installed.get(lora_id)
         if entry is not None and entry.path == path:
-            self.manager.remove_adapter(lora_id)
+            with self.slots.lock:
+                self.manager.remove_adapter(lora_id)
             del self.installed[lora_id]
 
     def reinstall(self) -> int:
         """Register every installed adapter again after vLLM dropped them all
         (``reset_lora_state`` at the end of a base-weight update)."""
         manager = self.manager
-        registered = manager.list_adapters()
-        for lora_id, entry in self.installed.items():
-            if lora_id not in registered:
-                self._register(entry)
-        for lora_id in list(self.installed)[: manager.lora_slots]:
-            manager.activate_adapter(lora_id)  # into device slots now, not at the next request
+        with self.slots.lock:
+            registered = manager.list_adapters()
+            for lora_id, entry in self.installed.items():
+                if lora_id not in registered:
+                    manager._registered_adapters[lora_id] = entry.lora
+                    manager._registered_adapters.pin(lora_id)
+            for lora_id in list(self.installed)[: manager.lora_slots]:
+                manager.activate_adapter(lora_id)  # into device slots now, not at the next request
         return len(self.installed)
 
     def state(self) -> dict[str, Any]:
@@ -218,6 +305,9 @@ class WorkerHotSwap:
             "staging": len(self.staging),
             "staged_bytes": sum(e.nbytes for e in self.installed.values()),
             "disk_loads": self.disk_loads,
+            "slot_writes": self.slots.writes,  # adapters written into a slot while staging
+            "step_copies": self.step_copies,  # installs that copied in the step instead
+            "slots_lost": self.slots.lost,  # reserved slots vLLM took back for a step
         }
 
 

@@ -79,6 +79,10 @@ class EngineAdapter(Protocol):
 
     def stage_status(self, handles: Sequence[LoraHandle]) -> list[StageStatus]: ...
 
+    def wait_staged(self, handle: LoraHandle, timeout: float) -> None:
+        """Return when ``handle``'s staging may have ended (a worker reported), or after at
+        most ``timeout`` seconds; :meth:`stage_status` then says how it ended."""
+
     def install(self, requests: Sequence[InstallRequest]) -> list[float | Exception]:
         """Put staged versions into the LoRA manager at one step boundary, pinned.
 

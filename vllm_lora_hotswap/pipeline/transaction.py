@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("vllm.lora_hotswap")
 Step = tuple[str, Callable[[], None], Callable[[], None] | None]
+STAGE_WAIT_S = 0.5  # the longest wait for a staging signal before its status is asked again
 
 
 class Superseded(Exception):
@@ -134,19 +135,18 @@ class SwapTransaction:
             raise
 
     def _wait_staged(self) -> int:
-        settings = self.pipeline.settings
+        pipeline, settings = self.pipeline, self.pipeline.settings
         deadline = time.monotonic() + settings.stage_timeout
-        delay = 0.002
         while True:
-            status = self.pipeline.stage_statuses(self.handle)
+            status = pipeline.stage_statuses(self.handle)
             if status.state == "ready":
                 return status.nbytes
             if status.state == "failed":
                 raise CheckpointRejected("stage", status.error or "staging failed")
-            if time.monotonic() > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise CheckpointRejected("stage", f"not staged within {settings.stage_timeout:.0f}s (VLLM_HOTSWAP_STAGE_TIMEOUT)")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            pipeline.engine.wait_staged(self.handle, min(remaining, STAGE_WAIT_S))
 
     def _unstage(self) -> None:
         self.pipeline.engine.remove(self.handle)

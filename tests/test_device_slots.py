@@ -1,0 +1,193 @@
+"""Slot writes off the step and the install's mapping flip, against vLLM's own LoRA
+manager (its LRU caches and ``activate_adapter``) with small in-memory layers.
+
+No engine runs: the manager is vLLM's class with the state a worker's has, so
+vLLM's own activation competes with our reservations exactly as inside a step.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_lora_hotswap.engine.device_slots import SlotWriter
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+RANK, DIM = 4, 8
+
+
+class Layer:
+    """The part of a vLLM LoRA layer the manager uses: one stacked A and B, per slot."""
+
+    def __init__(self, slots: int):
+        self.a = torch.zeros(slots, RANK, DIM)
+        self.b = torch.zeros(slots, DIM, RANK)
+        self.writers: list[str] = []  # thread of every set_lora
+        self.hold: threading.Event | None = None  # set_lora waits on it (a copy in progress)
+        self.entered = threading.Event()
+
+    def reset_lora(self, index: int) -> None:
+        self.a[index] = 0
+        self.b[index] = 0
+
+    def set_lora(self, index: int, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        self.writers.append(threading.current_thread().name)
+        self.entered.set()
+        if self.hold is not None:
+            self.hold.wait(10)
+        self.reset_lora(index)
+        self.a[index, : lora_a.shape[0]] = lora_a
+        self.b[index, :, : lora_b.shape[1]] = lora_b
+
+
+def make_manager(slots: int = 2, cpu: int = 4, modules: int = 2):
+    from vllm.lora.model_manager import AdapterLRUCache, LRUCacheLoRAModelManager
+
+    manager = LRUCacheLoRAModelManager.__new__(LRUCacheLoRAModelManager)
+    manager.lora_config = SimpleNamespace(max_loras=slots, max_cpu_loras=cpu)
+    manager._registered_adapters = AdapterLRUCache(cpu, manager.deactivate_adapter)
+    manager._active_adapters = AdapterLRUCache(slots, manager._deactivate_adapter)
+    manager.lora_index_to_id = [None] * slots
+    manager.modules = {f"layer{i}": Layer(slots) for i in range(modules)}
+    manager.is_pooling_model = False
+    manager._last_mapping = None
+    manager.device = torch.device("cpu")
+    return manager
+
+
+def make_lora(lora_id: int, value: float, modules: int = 2):
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.lora_weights import LoRALayerWeights
+
+    loras = {f"layer{i}": LoRALayerWeights(f"layer{i}", RANK, RANK, torch.full((RANK, DIM), value),
+                                           torch.full((DIM, RANK), value), scaling=1.0) for i in range(modules)}  # fmt: skip
+    return LoRAModel(lora_id, RANK, loras)
+
+
+def register(manager, lora) -> None:
+    manager._registered_adapters[lora.id] = lora
+
+
+def slot_values(manager, index: int) -> set[float]:
+    return {float(layer.a[index].max()) for layer in manager.modules.values()}
+
+
+def consistent(manager) -> bool:
+    """vLLM's own invariant: the active set names exactly the slots that are taken."""
+    taken = [key for key in manager.lora_index_to_id if key is not None]
+    return sorted(taken) == sorted(manager._active_adapters.cache)
+
+
+def test_a_staged_adapter_is_written_off_the_step_and_installed_by_a_flip() -> None:
+    manager = make_manager()
+    slots = SlotWriter(manager)
+    lora = make_lora(7, 3.0)
+    reservation = slots.reserve()
+    assert reservation is not None and consistent(manager)
+    writer = threading.Thread(target=slots.write, args=(reservation, lora), name="staging")
+    writer.start()
+    writer.join()
+    assert 7 not in manager.lora_index_to_id  # written, not yet visible
+    register(manager, lora)
+    assert slots.claim(reservation, 7, replace=False)
+    assert manager.lora_index_to_id[reservation.index] == 7 and consistent(manager)
+    assert slot_values(manager, reservation.index) == {3.0}
+    manager.activate_adapter(7)  # what every step does for a running adapter: nothing left to copy
+    assert all(layer.writers == ["staging"] for layer in manager.modules.values())
+
+
+def test_without_a_free_slot_the_least_recently_used_idle_adapter_gives_its_slot() -> None:
+    from vllm.lora.layers import LoRAMapping
+
+    manager = make_manager(slots=2)
+    slots = SlotWriter(manager)
+    for lora_id in (1, 2):
+        register(manager, make_lora(lora_id, float(lora_id)))
+        manager.activate_adapter(lora_id)
+    manager.activate_adapter(1)  # 2 is now the least recently used
+    manager._last_mapping = LoRAMapping(index_mapping=(2, 2), prompt_mapping=(2,))  # ... but the running batch uses it
+    reservation = slots.reserve()
+    assert reservation is not None and manager.lora_index_to_id[reservation.index] == reservation.key
+    assert 2 in manager.lora_index_to_id and 1 not in manager.lora_index_to_id and consistent(manager)
+    manager._last_mapping = LoRAMapping(index_mapping=(2,), prompt_mapping=(2,))
+    assert slots.reserve() is None  # the batch uses the only adapter left in a slot
+
+
+def test_vllm_taking_a_reserved_slot_stops_the_write_and_the_install_copies_instead() -> None:
+    manager = make_manager(slots=2)
+    slots = SlotWriter(manager)
+    for lora_id in (1, 2):
+        register(manager, make_lora(lora_id, float(lora_id)))
+    manager.activate_adapter(1)
+    reservation = slots.reserve()
+    assert reservation is not None
+    first = manager.modules["layer0"]
+    first.hold = threading.Event()
+    writer = threading.Thread(target=slots.write, args=(reservation, make_lora(9, 9.0)), name="staging")
+    writer.start()
+    assert first.entered.wait(10)  # the staging thread is copying layer0 into the reserved slot
+    manager.activate_adapter(1)  # a step touches adapter 1: our reservation is now the oldest
+    evicting = threading.Thread(target=manager.activate_adapter, args=(2,), name="step")  # a batch needs adapter 2
+    evicting.start()
+    evicting.join(0.2)
+    assert evicting.is_alive(), "vLLM's copy must wait for the module copy in progress"
+    first.hold.set()
+    evicting.join(10)
+    writer.join(10)
+    assert reservation.lost
+    assert manager.lora_index_to_id[reservation.index] == 2 and consistent(manager)
+    assert slot_values(manager, reservation.index) == {2.0}  # vLLM's adapter, not half of ours
+    assert all(layer.writers[-1] == "step" for layer in manager.modules.values())  # no write of ours after vLLM's
+    assert not slots.claim(reservation, 9, replace=False)  # the install falls back to copying
+    assert consistent(manager)
+
+
+def test_a_replacement_flips_back_in_one_step_or_frees_the_old_slot() -> None:
+    manager = make_manager(slots=2)
+    slots = SlotWriter(manager)
+    register(manager, make_lora(5, 1.0))
+    manager.activate_adapter(5)
+    old_index = manager.lora_index_to_id.index(5)
+
+    def replace() -> int:
+        reservation = slots.reserve()
+        assert reservation is not None
+        slots.write(reservation, make_lora(5, 2.0))
+        assert slots.claim(reservation, 5, replace=True)
+        assert consistent(manager)
+        return reservation.index
+
+    new_index = replace()
+    assert manager.lora_index_to_id[new_index] == 5 and slot_values(manager, new_index) == {2.0}
+    assert manager.lora_index_to_id[old_index] is not None  # still reserved: the old weights wait for the probe
+    assert slots.restore(5)  # a failed probe
+    assert manager.lora_index_to_id == [5 if i == old_index else None for i in range(2)] and consistent(manager)
+    assert slot_values(manager, old_index) == {1.0}
+
+    new_index = replace()
+    slots.commit(5)  # the probe passed
+    assert manager.lora_index_to_id == [5 if i == new_index else None for i in range(2)] and consistent(manager)
+
+
+def test_a_released_reservation_frees_its_slot() -> None:
+    manager = make_manager(slots=2)
+    slots = SlotWriter(manager)
+    reservation = slots.reserve()
+    assert reservation is not None
+    slots.release(reservation)
+    assert manager.lora_index_to_id == [None, None] and consistent(manager)
+
+
+def test_a_reset_of_every_adapter_loses_the_reservations() -> None:
+    manager = make_manager(slots=2)
+    slots = SlotWriter(manager)
+    reservation = slots.reserve()
+    assert reservation is not None
+    manager.remove_all_adapters()  # vLLM after a base-weight update
+    assert reservation.lost
+    assert not slots.write(reservation, make_lora(3, 3.0))
+    assert not slots.claim(reservation, 3, replace=False)
+    assert manager.lora_index_to_id == [None, None] and consistent(manager)

@@ -1,0 +1,69 @@
+"""The stage channel between the API server and the workers, on real Unix sockets in one process."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from vllm_lora_hotswap.engine import stage_channel
+from vllm_lora_hotswap.engine.stage_channel import ServerChannel, WorkerChannel
+
+
+@pytest.fixture
+def channel():
+    server = ServerChannel()
+    yield server
+    server.close()
+
+
+def workers(server: ServerChannel, count: int) -> tuple[list[WorkerChannel], list[list[tuple[int, str, str]]]]:
+    received: list[list[tuple[int, str, str]]] = [[] for _ in range(count)]
+    ends = [WorkerChannel(str(server.directory), f"0-{i}", lambda *item, i=i: received[i].append(item)) for i in range(count)]
+    assert server.connect([str(end.path) for end in ends])
+    return ends, received
+
+
+def test_stage_requests_reach_every_worker_and_reports_wake_the_waiter(channel: ServerChannel) -> None:
+    ends, received = workers(channel, 2)
+    assert channel.stage([[3, "a@v1", "/store/a/v1"]])
+    deadline = time.monotonic() + 5
+    while not all(received) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert received == [[(3, "a@v1", "/store/a/v1")]] * 2
+    assert [s["state"] for s in channel.statuses((3, "/store/a/v1"))] == ["pending", "pending"]
+
+    ends[1].report(3, "/store/a/v1", {"state": "ready", "error": None, "nbytes": 10})
+    woke = threading.Event()
+
+    def waiter() -> None:
+        channel.wait((3, "/store/a/v1"), timeout=10)
+        woke.set()
+
+    threading.Thread(target=waiter, daemon=True).start()
+    assert not woke.wait(0.2), "one worker of two reported: still pending"
+    ends[0].report(3, "/store/a/v1", {"state": "failed", "error": "ValueError: NaN", "nbytes": 0})
+    assert woke.wait(5)
+    assert [s["state"] for s in channel.statuses((3, "/store/a/v1"))] == ["failed", "ready"]  # in worker order
+
+
+def test_a_stage_whose_reports_stop_coming_is_left_to_the_rpc(channel: ServerChannel, monkeypatch) -> None:
+    workers(channel, 1)
+    monkeypatch.setattr(stage_channel, "REPORT_PATIENCE_S", 0.05)
+    assert channel.statuses((1, "/x")) is None  # never staged through the channel
+    assert channel.stage([[1, "a@v1", "/x"]])
+    time.sleep(0.1)
+    assert channel.statuses((1, "/x")) is None
+
+
+def test_an_unreachable_worker_makes_the_stage_fall_back(channel: ServerChannel) -> None:
+    ends, _ = workers(channel, 1)
+    ends[0].path.unlink()
+    assert not channel.stage([[1, "a@v1", "/x"]])
+    assert channel.statuses((1, "/x")) is None
+
+
+def test_a_worker_that_could_not_bind_means_no_channel(channel: ServerChannel) -> None:
+    assert not channel.connect([None])
+    assert not channel.connect([])

@@ -1,0 +1,218 @@
+"""Adapters written into vLLM's stacked LoRA tensors off the step; installs flip a mapping.
+
+vLLM keeps one slot per adapter that a step can use (``--max-loras``) in
+stacked tensors of every LoRA-wrapped module, and ``lora_index_to_id`` says
+which adapter id each slot holds. Its own ``activate_adapter`` copies an
+adapter into a slot inside a step: it zeroes the whole max-rank slot and walks
+every module in Python while the engine waits. Here the copy happens on the
+staging thread instead:
+
+1. **reserve** a slot, under :attr:`SlotWriter.lock`: a free one, else that
+   of the least recently used adapter the running batch does not use (vLLM's
+   own LRU choice). A reservation id (a negative number no request can name)
+   goes in ``lora_index_to_id`` and in the active set, so that vLLM's own
+   activation sees the slot as taken. No request maps to it: no step reads it.
+2. **write** the adapter into that slot with the layers' own ``set_lora``
+   (which clears the slot first), module by module (on CUDA on a side stream,
+   with an event the install waits on).
+3. **flip** between two steps (the install RPC): the slot's entry becomes the
+   adapter's id. Work that does not depend on the adapter's size.
+
+The reservation stays evictable: if a step needs more slots than are free (a
+batch naming adapters vLLM loads itself), vLLM's LRU may take the reserved
+slot. The write then stops at the next module (the per-slot lock makes vLLM's
+own copy wait for a module copy in progress) and the install falls back to
+vLLM's copy. Nothing is ever left half-written in a slot a request maps to.
+
+``lock`` guards the manager's state: vLLM changes it only at the start of a
+step (``set_active_adapters``, wrapped to take the lock) and in RPCs between
+steps, the staging threads only to reserve. It is never held during a copy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from vllm.lora.layers import ClassificationHeadWithLoRA
+
+_reservation_ids = itertools.count(-(1 << 30), -1)  # negative: request ids are > 0, and -1 means "no LoRA"
+
+
+@dataclass
+class Reservation:
+    index: int  # the slot
+    key: int  # its entry in lora_index_to_id while reserved
+    lost: bool = False  # vLLM's LRU took the slot
+    written: bool = False
+    event: Any = None  # CUDA: recorded after the copy; the install's stream waits on it
+    lock: threading.Lock = field(default_factory=threading.Lock)  # held for one module's copy
+
+
+class SlotWriter:
+    def __init__(self, manager: Any):
+        self.manager = manager  # LRUCacheLoRAModelManager
+        self.lock = threading.RLock()
+        self.reserved: dict[int, Reservation] = {}  # by key
+        self.replaced: dict[int, Reservation] = {}  # by adapter id: its slot before a replacing claim
+        self._internal = False  # our own changes to the active set: no eviction to react to
+        self._deactivate = manager._active_adapters.deactivate_fn
+        manager._active_adapters.deactivate_fn = self._on_deactivate
+        self.stream = torch.cuda.Stream() if manager.device.type == "cuda" else None
+        self.writes = 0  # adapters copied into a slot off the step
+        self.lost = 0  # reservations vLLM's LRU took back
+
+    # -- on the staging thread ---------------------------------------------------------
+    def reserve(self) -> Reservation | None:
+        """A free slot, else the slot of the least recently used adapter that the running
+        batch does not use; None when the batch uses every slot (the install then copies
+        in the step)."""
+        manager = self.manager
+        with self.lock:
+            index = next((i for i, held in enumerate(manager.lora_index_to_id) if held is None), None)
+            if index is None:
+                idle = self._least_recently_used_idle()
+                if idle is None:
+                    return None
+                manager.deactivate_adapter(idle)  # vLLM copies it back in if a request needs it again
+                index = manager.lora_index_to_id.index(None)
+            reservation = Reservation(index, next(_reservation_ids))
+            manager.lora_index_to_id[index] = reservation.key
+            self._set_active(reservation.key)
+            self.reserved[reservation.key] = reservation
+            return reservation
+
+    def write(self, reservation: Reservation, lora: Any) -> bool:
+        """Copy ``lora`` (merged, scaled) into the reserved slot; False if vLLM took it meanwhile."""
+        manager, index = self.manager, reservation.index
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            for module_name, module in manager.modules.items():
+                with reservation.lock:
+                    if reservation.lost:
+                        return False
+                    _write_module(manager, lora, module_name, module, index)
+            if self.stream is not None:
+                reservation.event = torch.cuda.Event()
+                reservation.event.record(self.stream)
+        with reservation.lock:
+            if reservation.lost:
+                return False
+            reservation.written = True
+        self.writes += 1
+        return True
+
+    # -- between steps, on the engine thread ---------------------------------------------
+    def claim(self, reservation: Reservation, lora_id: int, *, replace: bool) -> bool:
+        """The reserved slot starts serving ``lora_id``; False if the slot was lost or never
+        written (the caller copies the usual way instead). With ``replace`` the slot that
+        served ``lora_id`` keeps its weights, reserved, until :meth:`commit` or :meth:`restore`."""
+        manager = self.manager
+        with self.lock:
+            self.reserved.pop(reservation.key, None)
+            if reservation.lost or not reservation.written:
+                self._drop(reservation)
+                return False
+            if reservation.event is not None:
+                torch.cuda.current_stream().wait_event(reservation.event)
+            old = manager.lora_index_to_id.index(lora_id) if lora_id in manager.lora_index_to_id else None
+            self._pop_active(reservation.key)  # first: the active set never exceeds its capacity
+            manager.lora_index_to_id[reservation.index] = lora_id
+            if replace and old is not None:
+                previous = Reservation(old, next(_reservation_ids), written=True)
+                manager.lora_index_to_id[old] = previous.key
+                self._set_active(previous.key)
+                self.reserved[previous.key] = self.replaced[lora_id] = previous
+            self._set_active(lora_id)
+            return True
+
+    def restore(self, lora_id: int) -> bool:
+        """Undo a replacing :meth:`claim` in one flip: ``lora_id`` is served from its old slot
+        again. False if there is nothing to flip back to (the caller copies instead)."""
+        manager = self.manager
+        with self.lock:
+            previous = self.replaced.pop(lora_id, None)
+            if previous is None or previous.lost:
+                return False
+            self.reserved.pop(previous.key, None)
+            if lora_id in manager.lora_index_to_id:
+                manager.lora_index_to_id[manager.lora_index_to_id.index(lora_id)] = None
+            self._pop_active(previous.key)
+            manager.lora_index_to_id[previous.index] = lora_id
+            self._set_active(lora_id)
+            return True
+
+    def commit(self, lora_id: int) -> None:
+        """The replacement stays: the replaced weights' slot is free again."""
+        previous = self.replaced.pop(lora_id, None)
+        if previous is not None:
+            self.release(previous)
+
+    def release(self, reservation: Reservation) -> None:
+        """Give a reserved slot back (a cancelled or failed stage, a committed replacement).
+        Its stale rows stay: whoever writes the slot next clears it first (here: off the step)."""
+        with self.lock:
+            self.reserved.pop(reservation.key, None)
+            self._drop(reservation)
+
+    # -- helpers (lock held) --------------------------------------------------------------
+    def _least_recently_used_idle(self) -> int | None:
+        """An adapter in a slot that the step running now does not read: its mapping was set
+        at the step's start, under the lock this thread holds."""
+        manager = self.manager
+        mapping = manager._last_mapping
+        busy = set(mapping.index_mapping) | set(mapping.prompt_mapping) if mapping is not None else set()
+        active = manager._active_adapters
+        return next((key for key in active.order if key > 0 and key not in busy and key not in active.pinned_items), None)
+
+    def _drop(self, reservation: Reservation) -> None:
+        manager = self.manager
+        if manager.lora_index_to_id[reservation.index] == reservation.key:
+            manager.lora_index_to_id[reservation.index] = None
+        self._pop_active(reservation.key)
+
+    def _set_active(self, key: int) -> None:
+        self._internal = True
+        try:
+            self.manager._active_adapters[key] = None
+        finally:
+            self._internal = False
+
+    def _pop_active(self, key: int) -> None:
+        self._internal = True
+        try:
+            self.manager._active_adapters.pop(key, None)
+        finally:
+            self._internal = False
+
+    def _on_deactivate(self, key: int) -> object:
+        """vLLM evicts an adapter from the active set (LRU, remove, reset). For one of our
+        reservations: stop its write before vLLM copies another adapter into the slot."""
+        reservation = self.reserved.get(key)
+        if reservation is not None and not self._internal:
+            with reservation.lock:  # waits for a module copy in progress, no longer
+                reservation.lost = True
+            self.reserved.pop(key, None)
+            self.lost += 1
+            if self.stream is not None:
+                torch.cuda.current_stream().wait_stream(self.stream)
+        return self._deactivate(key)
+
+
+def _write_module(manager: Any, lora: Any, module_name: str, module: Any, index: int) -> None:
+    """What vLLM's ``activate_adapter`` does for one module, into slot ``index``."""
+    if isinstance(module, ClassificationHeadWithLoRA):
+        full = manager._get_module_to_save_weights(lora, module_name)
+        if full is None:
+            module.reset_module_to_save(index)
+        else:
+            module.set_module_to_save(index, full.weight, full.bias)
+    weights = manager._get_lora_layer_weights(lora, module_name)
+    if not weights:
+        module.reset_lora(index)
+    else:
+        module.set_lora(index, weights.lora_a, weights.lora_b)
+

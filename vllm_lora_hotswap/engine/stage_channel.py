@@ -1,0 +1,153 @@
+"""Staging messages between the API server and the workers, outside the engine loop.
+
+A worker RPC runs between two engine steps: starting a stage, or asking
+whether it is done, that way first waits for the running step to end (66 ms
+on the benchmark model) and then holds the engine. Instead the API server
+sends "stage these" straight to each worker's Unix datagram socket, and each
+worker's staging thread reports back the moment it is done: a stage starts
+at once, and its completion reaches the controller as a signal.
+
+The server makes a private directory and binds ``server.sock`` in it; one
+``hotswap_channel`` RPC at start-up has every worker bind its own socket
+there and answer its path, in the order worker RPCs answer. Without a
+channel (a worker could not bind, an offline engine) staging falls back to
+RPCs, and a stage whose reports stop coming is asked about by RPC too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("vllm.lora_hotswap")
+Key = tuple[int, str]  # (lora_id, path)
+MAX_MESSAGE = 1 << 16
+# A stage with no report for this long is asked about by RPC (a worker that died
+# or restarted, a message that never came).
+REPORT_PATIENCE_S = 2.0
+
+
+def _bind(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path.unlink(missing_ok=True)
+    sock.bind(str(path))
+    return sock
+
+
+def _serve(sock: socket.socket, handle: Callable[[dict[str, Any]], None], name: str) -> None:
+    def loop() -> None:
+        while True:
+            try:
+                data = sock.recv(MAX_MESSAGE)
+            except OSError:
+                return  # closed
+            try:
+                handle(json.loads(data))
+            except Exception:  # a bad message must not end the channel
+                logger.exception("hot-swap: stage channel message not handled")
+
+    threading.Thread(target=loop, name=name, daemon=True).start()
+
+
+class WorkerChannel:
+    """A worker's end: stage requests in, staging outcomes out."""
+
+    def __init__(self, directory: str, label: str, on_stage: Callable[[int, str, str], None]):
+        self.server = str(Path(directory) / "server.sock")
+        self.path = Path(directory) / f"worker-{label}-{os.getpid()}.sock"
+        self._sock = _bind(self.path)
+        self._on_stage = on_stage
+        _serve(self._sock, self._handle, f"hotswap-channel-{label}")
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        for lora_id, name, path in message["stage"]:
+            self._on_stage(lora_id, name, path)
+
+    def report(self, lora_id: int, path: str, status: dict[str, Any]) -> None:
+        message = json.dumps({"worker": str(self.path), "lora_id": lora_id, "path": path, **status}).encode()
+        try:
+            self._sock.sendto(message, self.server)
+        except OSError:
+            pass  # the server is gone or not listening: it asks by RPC after REPORT_PATIENCE_S
+
+
+class ServerChannel:
+    """The API server's end: sends stage requests to every worker, collects their reports."""
+
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="lora-hotswap-"))
+        self._sock = _bind(self.directory / "server.sock")
+        self.workers: list[str] = []  # socket paths, in worker-RPC order
+        self._condition = threading.Condition()
+        self._started: dict[Key, float] = {}  # guarded by _condition
+        self._reports: dict[Key, dict[str, dict[str, Any]]] = {}  # key -> worker path -> status
+        _serve(self._sock, self._handle, "hotswap-channel-server")
+
+    def connect(self, worker_paths: Sequence[str | None]) -> bool:
+        if not worker_paths or any(path is None for path in worker_paths):
+            return False
+        self.workers = [str(path) for path in worker_paths]
+        return True
+
+    def close(self) -> None:
+        self._sock.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def stage(self, items: Sequence[list[Any]]) -> bool:
+        """Send ``[lora_id, name, path]`` items to every worker; False if one could not be reached."""
+        now = time.monotonic()
+        with self._condition:
+            for lora_id, _, path in items:
+                self._started[lora_id, path] = now
+                self._reports.pop((lora_id, path), None)
+        message = json.dumps({"stage": [list(item) for item in items]}).encode()
+        try:
+            for worker in self.workers:
+                self._sock.sendto(message, worker)
+        except OSError as exc:
+            logger.warning("hot-swap: stage channel to a worker failed (%s); staging by RPC", exc)
+            with self._condition:
+                for lora_id, _, path in items:
+                    self._started.pop((lora_id, path), None)
+            return False
+        return True
+
+    def statuses(self, key: Key) -> list[dict[str, Any]] | None:
+        """One status per worker (``pending`` where none came yet), or None if the channel
+        cannot tell: the key was not staged through it, or its reports stopped coming."""
+        with self._condition:
+            started = self._started.get(key)
+            if started is None:
+                return None
+            reports = self._reports.get(key, {})
+            if len(reports) < len(self.workers) and time.monotonic() - started > REPORT_PATIENCE_S:
+                return None
+            pending = {"state": "pending", "error": None, "nbytes": 0}
+            return [reports.get(worker, pending) for worker in self.workers]
+
+    def wait(self, key: Key, timeout: float) -> None:
+        """Until every worker reported on ``key``, or ``timeout`` seconds."""
+        with self._condition:
+            self._condition.wait_for(lambda: len(self._reports.get(key, ())) >= len(self.workers), timeout)
+
+    def forget(self, key: Key) -> None:
+        with self._condition:
+            self._started.pop(key, None)
+            self._reports.pop(key, None)
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        key = (message.pop("lora_id"), message.pop("path"))
+        worker = message.pop("worker")
+        with self._condition:
+            if key in self._started:
+                self._reports.setdefault(key, {})[worker] = message
+                self._condition.notify_all()
