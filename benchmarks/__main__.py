@@ -32,6 +32,7 @@ from . import (
     publish_latency,
     report,
     serving,
+    slot_stall,
 )
 from .assets import Assets, prepare
 from .common import SERVER_ARGS, Server, stage
@@ -55,12 +56,13 @@ class Plan:
     serving_seconds: float
     memory_swaps: int
     pushes: int
+    slot_swaps: int
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls(latency_swaps=15, parallel_rounds=5, stall_swaps=5, sticky_seconds=3, serving_seconds=20, memory_swaps=100, pushes=2)
-        return cls(latency_swaps=50, parallel_rounds=10, stall_swaps=20, sticky_seconds=10, serving_seconds=60, memory_swaps=1000, pushes=5)
+            return cls(latency_swaps=15, parallel_rounds=5, stall_swaps=5, sticky_seconds=3, serving_seconds=20, memory_swaps=100, pushes=2, slot_swaps=5)
+        return cls(latency_swaps=50, parallel_rounds=10, stall_swaps=20, sticky_seconds=10, serving_seconds=60, memory_swaps=1000, pushes=5, slot_swaps=10)
 
 
 def plugin_server(assets: Assets, tmp: Path, name: str, *, events: bool, poll_s: float, extra_args: list[str]) -> tuple[Server, CheckpointStore]:
@@ -143,6 +145,9 @@ def main() -> None:
         pushed = base_weights.push(events, assets, plan.pushes)
         results["weight_sync"] = {"push": pushed, "ceiling": base_weights.ceiling(pushed["bytes"], plan.pushes),
                                   "nccl": gpu_copy.NO_GPU if not _has_gpu() else NCCL_NOT_HERE}  # fmt: skip
+    stage(f"7 install stall against adapter size and --max-lora-rank {slot_stall.RANKS}, {plan.slot_swaps} swaps each")
+    load["slot_stall"] = _loadavg()
+    results["slot_stall"] = slot_stall.run(prepare(shapes=slot_stall.SIZES), tmp, plan.slot_swaps)
     stage("GPU: pinned vs pageable host-to-device copies")
     results["gpu_copy"] = gpu_copy.measure({label: assets.adapter_bytes(label) for label in assets.adapters})
 

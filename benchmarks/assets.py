@@ -66,7 +66,7 @@ def _mark_done(path: Path) -> None:
     (path / ".done").write_text("")
 
 
-def prepare(cache: Path = CACHE) -> Assets:
+def prepare(cache: Path = CACHE, shapes: tuple[AdapterShape, ...] = SHAPES) -> Assets:
     """Make (or reuse) the bench model and two adapters per shape."""
     model = cache / "bench-llama"
     spec_file = model / "spec.json"
@@ -77,7 +77,7 @@ def prepare(cache: Path = CACHE) -> Assets:
         spec_file.write_text(spec)
         _mark_done(model)
     adapters: dict[str, tuple[Path, ...]] = {}
-    for shape in SHAPES:
+    for shape in shapes:
         paths = []
         for seed in SEEDS:
             path = cache / "adapters" / f"{shape.label}-seed{seed}"
