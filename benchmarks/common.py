@@ -197,7 +197,7 @@ class StreamLoad:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._loop is not None and self._clients_task is not None:
+        if self._loop is not None and self._clients_task is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._clients_task.cancel)
         self._thread.join(60)
 
@@ -224,16 +224,21 @@ class StreamLoad:
             try:
                 async with client.stream("POST", "/v1/completions", json=body) as response:
                     response.raise_for_status()
-                    async for line in response.aiter_lines():
-                        if not line.startswith("data: {"):
-                            continue
+                    pending = ""
+                    # Not aiter_lines: it also splits at U+2028 or \x85, which vLLM's JSON
+                    # may carry unescaped in generated text.
+                    async for text in response.aiter_text():
+                        *lines, pending = (pending + text).split("\n")
                         now = time.time()
-                        chunk = json.loads(line[6:])
-                        tokens = len(chunk["choices"][0].get("token_ids") or [])
-                        if tokens:
-                            stream.chunk_times.append(now)
-                            stream.chunk_tokens.append(tokens)
-                            stream.model = chunk.get("model", stream.model)
+                        for line in lines:
+                            if not line.startswith("data: {"):
+                                continue
+                            chunk = json.loads(line[6:])
+                            tokens = len(chunk["choices"][0].get("token_ids") or [])
+                            if tokens:
+                                stream.chunk_times.append(now)
+                                stream.chunk_tokens.append(tokens)
+                                stream.model = chunk.get("model", stream.model)
             except httpx.HTTPError as exc:
                 self.errors.append(f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(0.1)

@@ -16,7 +16,7 @@ import torch
 
 from hotswap_demo.toy_models import ReferenceModel
 from tests.conftest import PROMPTS
-from tests.support.server import VllmServer, free_port
+from tests.support.server import VllmServer, free_port, sse_lines
 from vllm_lora_hotswap.client import VLLMClient, VLLMClientConfig
 from vllm_lora_hotswap.store import CheckpointStore
 
@@ -87,7 +87,7 @@ def _stream_until(engine: VllmServer, stop: threading.Event, results: list, erro
             tokens, finish = 0, None
             with engine.client.stream("POST", "/v1/completions", json=body) as response:
                 response.raise_for_status()
-                for line in response.iter_lines():
+                for line in sse_lines(response):
                     if line.startswith("data: {"):
                         choice = json.loads(line[6:])["choices"][0]
                         tokens += len(choice.get("token_ids") or [])

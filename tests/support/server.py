@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,18 @@ BASE_ARGS = (
     "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2", "--max-cpu-loras", "8",
     "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--max-num-seqs", "16",
 )  # fmt: skip
+
+
+def sse_lines(response: httpx.Response) -> Iterator[str]:
+    """The lines of a server-sent event stream. Not ``iter_lines``: that splits like
+    ``str.splitlines``, also at U+2028 or \\x85, which vLLM's JSON may carry unescaped
+    in generated text."""
+    pending = ""
+    for text in response.iter_text():
+        *lines, pending = (pending + text).split("\n")
+        yield from lines
+    if pending:
+        yield pending
 
 
 def free_port() -> int:
@@ -138,7 +150,7 @@ class VllmServer:
         # that many keep-alive connections open on the server (a soak counts its fds).
         with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=120, headers=self.client.headers) as response:
             response.raise_for_status()
-            for line in response.iter_lines():
+            for line in sse_lines(response):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
