@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -137,7 +138,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "slot_stall.json")
     options = parser.parse_args()
     tmp = options.out.parent / "tmp-slot-stall"
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     assets = prepare(shapes=SIZES)
     result = run(assets, tmp, options.swaps)
     result["targets"] = targets(result)
