@@ -22,9 +22,9 @@ RANK, DIM = 4, 8
 class Layer:
     """The part of a vLLM LoRA layer the manager uses: one stacked A and B, per slot."""
 
-    def __init__(self, slots: int):
-        self.a = torch.zeros(slots, RANK, DIM)
-        self.b = torch.zeros(slots, DIM, RANK)
+    def __init__(self, slots: int, device: str = "cpu"):
+        self.a = torch.zeros(slots, RANK, DIM, device=device)
+        self.b = torch.zeros(slots, DIM, RANK, device=device)
         self.writers: list[str] = []  # thread of every set_lora
         self.hold: threading.Event | None = None  # set_lora waits on it (a copy in progress)
         self.entered = threading.Event()
@@ -39,11 +39,11 @@ class Layer:
         if self.hold is not None:
             self.hold.wait(10)
         self.reset_lora(index)
-        self.a[index, : lora_a.shape[0]] = lora_a
-        self.b[index, :, : lora_b.shape[1]] = lora_b
+        self.a[index, : lora_a.shape[0]].copy_(lora_a, non_blocking=True)
+        self.b[index, :, : lora_b.shape[1]].copy_(lora_b, non_blocking=True)
 
 
-def make_manager(slots: int = 2, cpu: int = 4, modules: int = 2):
+def make_manager(slots: int = 2, cpu: int = 4, modules: int = 2, device: str = "cpu"):
     from vllm.lora.model_manager import AdapterLRUCache, LRUCacheLoRAModelManager
 
     manager = LRUCacheLoRAModelManager.__new__(LRUCacheLoRAModelManager)
@@ -51,10 +51,10 @@ def make_manager(slots: int = 2, cpu: int = 4, modules: int = 2):
     manager._registered_adapters = AdapterLRUCache(cpu, manager.deactivate_adapter)
     manager._active_adapters = AdapterLRUCache(slots, manager._deactivate_adapter)
     manager.lora_index_to_id = [None] * slots
-    manager.modules = {f"layer{i}": Layer(slots) for i in range(modules)}
+    manager.modules = {f"layer{i}": Layer(slots, device) for i in range(modules)}
     manager.is_pooling_model = False
     manager._last_mapping = None
-    manager.device = torch.device("cpu")
+    manager.device = torch.device(device)
     return manager
 
 
@@ -72,7 +72,7 @@ def register(manager, lora) -> None:
 
 
 def slot_values(manager, index: int) -> set[float]:
-    return {float(layer.a[index].max()) for layer in manager.modules.values()}
+    return {float(layer.a[index].max().cpu()) for layer in manager.modules.values()}
 
 
 def consistent(manager) -> bool:
@@ -191,3 +191,21 @@ def test_a_reset_of_every_adapter_loses_the_reservations() -> None:
     assert not slots.write(reservation, make_lora(3, 3.0))
     assert not slots.claim(reservation, 3, replace=False)
     assert manager.lora_index_to_id == [None, None] and consistent(manager)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_copy_runs_on_a_side_stream_and_the_install_waits_for_it() -> None:
+    manager = make_manager(device="cuda")
+    slots = SlotWriter(manager)
+    lora = make_lora(4, 4.0)
+    for weights in lora.loras.values():
+        weights.lora_a, weights.lora_b = weights.lora_a.pin_memory(), weights.lora_b.pin_memory()
+    reservation = slots.reserve()
+    assert reservation is not None
+    writer = threading.Thread(target=slots.write, args=(reservation, lora), name="staging")
+    writer.start()
+    writer.join()
+    assert reservation.event is not None
+    register(manager, lora)
+    assert slots.claim(reservation, 4, replace=False)  # the default stream now waits for the copy
+    assert slot_values(manager, reservation.index) == {4.0}
