@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.fake import write_lora
 from tests.support.fake_engine import FakeEngine
+from vllm_lora_hotswap.pipeline.batching import GroupCall
 from vllm_lora_hotswap.pipeline.controller import SwapController
 from vllm_lora_hotswap.settings import load_settings
 from vllm_lora_hotswap.store import CheckpointStore
@@ -64,6 +65,36 @@ def test_eight_adapters_swap_together_with_batched_installs_and_probes(store: Ch
         assert engine.served(adapter) == path_of(store, adapter, version)
     assert sum(engine.batches["install"]) == 8 and len(engine.batches["install"]) < 8, engine.batches
     assert sum(engine.batches["probe"]) == 8
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_group_call_with_overlap_starts_while_another_runs(overlap: bool) -> None:
+    release, groups = threading.Event(), []
+
+    def batch(items: list[int]) -> list[int]:
+        groups.append(list(items))
+        if len(groups) == 1:
+            release.wait(10)
+        return [item * 10 for item in items]
+
+    call = GroupCall(batch, overlap=overlap)
+    results: dict[int, int] = {}
+    first = threading.Thread(target=lambda: results.update({1: call(1)}))
+    first.start()
+    wait_until(lambda: len(groups) == 1, "the first call")
+    others = [threading.Thread(target=lambda i=i: results.update({i: call(i)})) for i in (2, 3)]
+    for thread in others:
+        thread.start()
+    if overlap:  # a call in flight holds no one up: the engine groups what runs together
+        wait_until(lambda: sum(map(len, groups)) == 3, "the later calls, while the first runs")
+    else:  # they wait for it, then go together
+        time.sleep(0.2)
+        assert groups == [[1]]
+    release.set()
+    for thread in (first, *others):
+        thread.join(10)
+    assert results == {1: 10, 2: 20, 3: 30}
+    assert overlap or sorted(groups[1]) == [2, 3]
 
 
 def test_a_held_stage_holds_up_no_other_adapter_nor_status_nor_pinned_requests(store: CheckpointStore, lora: Path) -> None:

@@ -26,6 +26,8 @@ from vllm_lora_hotswap.pipeline.engine_api import (
 
 
 class FakeEngine:
+    probes_overlap = False
+
     def __init__(self, max_cpu_loras: int = 8, *, install_seconds: float = 0.0):
         self.max_cpu_loras = max_cpu_loras
         self.install_seconds = install_seconds  # a slow step boundary lets concurrent installs queue up

@@ -33,6 +33,8 @@ class WorkerRpcEngine:
         """One result per worker, and how long the engine core was held (None: unknown)."""
         return self._rpc(method, *args), None
 
+    probes_overlap = False
+
     def _rpc(self, method: str, *args: Any) -> list[Any]:
         return self._timed_rpc(method, *args)[0]
 

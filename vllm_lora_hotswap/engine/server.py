@@ -28,6 +28,10 @@ RPC_TIMEOUT = 120.0
 
 
 class ServerEngine(WorkerRpcEngine):
+    # Concurrent probe calls need not wait for each other: the engine core takes every
+    # request that arrived during a step into its next one.
+    probes_overlap = True
+
     def __init__(self, engine_client: Any, models: Any, loop: asyncio.AbstractEventLoop, settings: HotSwapSettings):
         self.client = engine_client
         self.models = models  # OpenAIServingModels: lora_requests is the routing table
@@ -80,41 +84,47 @@ class ServerEngine(WorkerRpcEngine):
     def new_lora_id(self) -> int:
         return self.models.lora_id_counter.inc(1)
 
-    async def _generate_probe(self, lora_request: Any) -> Any:
+    async def _generate_probes(self, lora_requests: Sequence[Any]) -> list[Any]:
+        """One probe generation per LoRA request (None: the base model), sent to the engine
+        back to back: every prompt is rendered first, so no request waits for another's
+        rendering and the engine core finds as many of them as possible in its queue at
+        its next step. A generation that raised is returned as its exception."""
         params = SamplingParams(
             max_tokens=self.settings.probe_max_tokens, temperature=0.0, ignore_eos=True, logprobs=0, detokenize=False
         )
-        (prompt,) = await self.client.renderer.render_cmpl_async([{"prompt_token_ids": self._probe_ids}])
-        final = None
-        async for output in self.client.generate(
-            prompt, params, f"hotswap-probe-{uuid.uuid4().hex}", lora_request=lora_request
-        ):
-            final = output
-        return final
+        prompts = await self.client.renderer.render_cmpl_async(
+            [{"prompt_token_ids": list(self._probe_ids)} for _ in lora_requests]
+        )
+
+        async def generate(prompt: Any, lora_request: Any) -> Any:
+            final = None
+            async for output in self.client.generate(
+                prompt, params, f"hotswap-probe-{uuid.uuid4().hex}", lora_request=lora_request
+            ):
+                final = output
+            return final
+
+        return await asyncio.gather(*map(generate, prompts, lora_requests), return_exceptions=True)
 
     async def warm_up(self) -> None:
         """One probe on the base model at start-up: vLLM compiles its log-probability path
         on first use (~5 s on CPU), which would otherwise land on the first swap's probe."""
         started = time.perf_counter()
         try:
-            await self._generate_probe(None)
-        except Exception as exc:  # the first real probe will say what is wrong
-            logger.warning("hot-swap: probe warm-up failed: %s: %s", type(exc).__name__, exc)
+            (result,) = await self._generate_probes([None])
+        except Exception as exc:
+            result = exc
+        if isinstance(result, BaseException):  # the first real probe will say what is wrong
+            logger.warning("hot-swap: probe warm-up failed: %s: %s", type(result).__name__, result)
             return
         logger.info("hot-swap: probe path warmed up in %.1f s", time.perf_counter() - started)
 
     def probe(self, handles: Sequence[LoraHandle]) -> list[Exception | None]:
-        """All probes in one go on the loop, so the scheduler runs them in the same steps.
-        A generation that raised (engine dead, paused for a base-weight update, timed
-        out) is the engine's trouble, not a verdict on the version."""
-
-        async def run_all() -> list[Any]:
-            return await asyncio.gather(
-                *(self._generate_probe(self.lora_request(h)) for h in handles), return_exceptions=True
-            )
-
+        """Probe generations for ``handles``, submitted together. A generation that raised
+        (engine dead, paused for a base-weight update, timed out) is the engine's trouble,
+        not a verdict on the version."""
         verdicts: list[Exception | None] = []
-        for final in self._call(run_all()):
+        for final in self._call(self._generate_probes([self.lora_request(h) for h in handles])):
             if isinstance(final, BaseException):
                 verdicts.append(EngineUnavailable(f"probe generation raised {type(final).__name__}: {final}"))
             else:

@@ -104,7 +104,7 @@ class SwapController:
         self.stage_starts = GroupCall(self._stage_batch)
         self.stage_statuses = GroupCall(engine.stage_status)
         self.installs = GroupCall(engine.install)
-        self.probes = GroupCall(engine.probe)
+        self.probes = GroupCall(engine.probe, overlap=engine.probes_overlap)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._store_error: str | None = None

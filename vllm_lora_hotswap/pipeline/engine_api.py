@@ -70,6 +70,10 @@ class NoCapacity(Exception):
 
 
 class EngineAdapter(Protocol):
+    # True when ``probe`` may run again before an earlier call returns and the engine
+    # groups concurrent generations itself (a served vLLM); False: one call at a time.
+    probes_overlap: bool
+
     def limits(self) -> EngineLimits: ...
 
     def new_lora_id(self) -> int: ...
