@@ -99,6 +99,23 @@ def test_two_concurrent_publishers_of_one_adapter(store: CheckpointStore, lora: 
         store.validate("lora1", version)
 
 
+def test_publish_many_commits_every_adapter_together(store: CheckpointStore, lora: Path, tmp_path: Path) -> None:
+    store.publish("a", lora)
+    versions = store.publish_many({name: lora for name in ("a", "b", "c")}, metadata={"step": 7})
+    assert sorted(versions) == ["a", "b", "c"]
+    for adapter, version in versions.items():
+        assert store.active_version(adapter) == version
+        store.validate(adapter, version)
+        assert json.loads((store.version_dir(adapter, version) / "metadata.json").read_text())["step"] == 7
+    ready = [(store.version_dir(a, v) / "READY").stat().st_mtime for a, v in versions.items()]
+    assert max(ready) - min(ready) < 1.0  # the copies came first; the commits land together
+
+    (tmp_path / "missing").mkdir()
+    with pytest.raises(InvalidCheckpointError):  # one bad source: the others are published all the same
+        store.publish_many({"d": lora, "e": tmp_path / "missing"})
+    assert store.active_version("d") is not None and not store.adapter_dir("e").joinpath("LATEST").exists()
+
+
 def test_publisher_killed_at_random_points_never_leaves_a_partial_ready_version(
     store: CheckpointStore, tmp_path: Path
 ) -> None:
