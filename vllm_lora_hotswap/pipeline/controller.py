@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 
 from ..events import EventBus, SwapEvent
@@ -110,6 +111,12 @@ class SwapController:
         self._store_error: str | None = None
         self._last_heartbeat = 0.0
         self._heartbeat_due = False
+        # Retiring (an RPC the engine answers between steps) and the heartbeat (an fsync)
+        # run here, off the controller thread, so detecting a publish never waits for them.
+        self._housekeeper = ThreadPoolExecutor(1, thread_name_prefix="hotswap-housekeeping")
+        self._housekeeping_lock = threading.Lock()
+        self._housekeeping_wanted = False
+        self._housekeeping_running = False
 
     def _stage_batch(self, handles: list[LoraHandle]) -> list[None]:
         self.engine.stage(handles)
@@ -129,6 +136,7 @@ class SwapController:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.jobs.shutdown()
+        self._housekeeper.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
         next_poll = time.monotonic() + self.settings.poll_interval
@@ -166,16 +174,38 @@ class SwapController:
         with self.lock:
             changed |= self.slots.take_waiting()
         jobs = [self.jobs.submit(adapter) for adapter in sorted(changed)]
-        records: list[SwapRecord] = []
-        if wait:
-            done, _ = wait_for(set(jobs))
-            records = [record for job in done for record in job.result()]
+        if not wait:
+            self._housekeep_soon()
+            return []
+        done, _ = wait_for(set(jobs))
+        records = [record for job in done for record in job.result()]
         self._housekeeping(force_heartbeat=bool(records))
         return records
 
     def _job_ended(self) -> None:
         self._heartbeat_due = True
-        self.watcher.wake()  # the heartbeat, and slots that freed, from the controller thread
+        self.watcher.wake()  # the heartbeat, and slots that freed: the controller thread schedules them
+
+    def _housekeep_soon(self) -> None:
+        """Run :meth:`_housekeeping` in the housekeeping thread (again, if it runs now)."""
+        with self._housekeeping_lock:
+            self._housekeeping_wanted = True
+            if self._housekeeping_running:
+                return
+            self._housekeeping_running = True
+        self._housekeeper.submit(self._housekeep_while_wanted)
+
+    def _housekeep_while_wanted(self) -> None:
+        while True:
+            with self._housekeeping_lock:
+                if not self._housekeeping_wanted or self._stop.is_set():
+                    self._housekeeping_running = False
+                    return
+                self._housekeeping_wanted = False
+            try:
+                self._housekeeping()
+            except Exception:  # the next pass retries
+                logger.exception("hot-swap: housekeeping failed")
 
     def _housekeeping(self, force_heartbeat: bool = False) -> None:
         with self.lock:
@@ -411,7 +441,7 @@ class SwapController:
 
     def record_weight_version(self, version: str | None) -> None:
         """The engine's base weights were replaced (the served adapters stay installed).
-        The heartbeat that tells the store is written by the controller thread."""
+        The heartbeat that tells the store is written by the housekeeping thread."""
         self.weight_version = version
         if self.metrics is not None and version is not None:
             self.metrics.weights(version)
