@@ -36,9 +36,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks $(if $(QUICK),--quick)
 
-# The soak test in full: 1,000 swaps under 16 streaming clients (CI runs 100).
+# The soak test in full: 1,000 swaps under 16 streaming clients, then 10,000 publications
+# of 2 adapters without clients (CI runs 100 and 200). Its last line is the summary:
+# soak: swaps=N failures=F mixed=M rss_growth_pct=R metrics_bytes_growth_pct=P instance_records=I
 soak: $(STAMP)
-	HOTSWAP_SOAK_SWAPS=1000 $(PY) -m pytest tests/test_soak.py --timeout 5400 $(PYTEST_ARGS)
+	HOTSWAP_SOAK_SWAPS=1000 HOTSWAP_SOAK_PUBLICATIONS=10000 $(PY) -m pytest tests/test_soak.py --timeout 5400 $(PYTEST_ARGS)
 
 # The private vLLM symbols the plugin relies on, checked against a vLLM's source by
 # parsing it (never importing it, so any release can be checked here, CUDA-only ones

@@ -16,6 +16,14 @@ PROMPTS = ("the quick brown fox", "hello world hello", "rewards go up when the p
 MAX_TOKENS = 8
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The soak's one-line summary, as the very last line of the run (after pytest's own)."""
+    from tests.support.soak import REPORT
+
+    if REPORT.parts:
+        print(REPORT.line(), flush=True)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 

@@ -4,8 +4,12 @@ vLLM labels that gauge with the names of the LoRAs that have waiting and running
 requests, and never removes a label set. With a LoRA name per version
 (``lora1@<version>``) the series would grow with every version an engine has
 served: measured, about 190 bytes of ``/metrics`` per swap, 11,000 series after
-10,000 versions. Requests are counted under their adapter's name instead, so
-the series are those vLLM would have without hot-swapping.
+10,000 versions. Requests are counted under their adapter's name instead, and
+listed in name order: vLLM joins the names in the order their requests arrived,
+so each ordering of the same adapters became a series of its own (measured: 16
+streaming clients on 4 adapters, 8 KB more ``/metrics`` in 150 s without a
+swap). In name order the label sets are at most the sets of adapters that have
+requests at once.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ def count_requests_by_adapter() -> None:
                 adapter = name.partition("@")[0]
                 by_adapter[adapter] = by_adapter.get(adapter, 0) + count
             counts.clear()
-            counts.update(by_adapter)
+            counts.update(sorted(by_adapter.items()))
 
     update_scheduler_stats._lora_hotswap = True  # type: ignore[attr-defined]
     LoRARequestStates.update_scheduler_stats = update_scheduler_stats  # type: ignore[method-assign]

@@ -63,6 +63,9 @@ from .transaction import Superseded, SwapTransaction
 
 logger = logging.getLogger("vllm.lora_hotswap")
 _WAITS = (NoCapacity, VersionBusy, NotFoundError, UnreadableError)  # not the version's fault: later
+# Refused versions remembered per adapter (never retried here), newest kept. An older one
+# is still refused by the store's failure record, or by validation if a request pins it.
+REMEMBERED_FAILURES = 64
 
 
 class SwapController:
@@ -210,6 +213,7 @@ class SwapController:
     def _housekeeping(self, force_heartbeat: bool = False) -> None:
         with self.lock:
             due = self.slots.due_for_retirement()
+            self.slots.forget_released_ids()
         retired = [handle for handle in due if self.retire(handle, min_idle=self.settings.retire_grace)]
         if retired:
             self._update_slot_metrics()
@@ -333,6 +337,8 @@ class SwapController:
             state.last_error = f"{adapter}@{version} rejected at {phase}: {reason}"
             if remember:
                 state.failed[version] = reason
+                for old in sorted(state.failed)[:-REMEMBERED_FAILURES]:  # names sort in publication order
+                    del state.failed[old]
         if record_in_store:
             try:
                 self.store.record_failure(adapter, version, self.instance_id, phase, reason)

@@ -23,6 +23,10 @@ from ..store import SwapRecord
 from .engine_api import EngineLimits, LoraHandle, NoCapacity
 
 logger = logging.getLogger("vllm.lora_hotswap")
+# How long the id of a version that left its slot (or never got one) stays bound to
+# its name: a request that took its route just before retirement has long reached the
+# engine. After that the id is forgotten, so the table does not grow with versions seen.
+ID_GRACE = 600.0
 
 
 class VersionBusy(Exception):
@@ -62,9 +66,11 @@ class SlotTable:
         self.limits = limits
         self.settings = settings
         self.adapters: dict[str, AdapterState] = {}
-        # An id, once bound to a name, stays bound for the life of the process:
-        # two ids under one name kill a 0.32 engine.
+        # An id, once bound to a name, stays bound while the version may have requests
+        # (two ids under one name kill a 0.32 engine): while it is reserved or installed,
+        # and for ID_GRACE seconds after (``_released_ids``, with the time it left).
         self._ids: dict[tuple[str, str], int] = {}
+        self._released_ids: dict[tuple[str, str], tuple[int, float]] = {}
         self._reserved: dict[tuple[str, str], LoraHandle] = {}  # new slots held by transactions
         self._waiting: set[str] = set()
         self._freed = False
@@ -114,10 +120,13 @@ class SlotTable:
 
     def _new_slot(self, adapter: str, version: str, path: str, new_lora_id, make_current: bool) -> Reservation:
         name = adapter if self.settings.mode == "inplace" and make_current else f"{adapter}@{version}"
-        lora_id = self._ids.get((adapter, version))
+        key = (adapter, version)
+        lora_id = self._ids.get(key)
+        if lora_id is None and key in self._released_ids:
+            lora_id = self._ids[key] = self._released_ids.pop(key)[0]
         new_id = lora_id is None
         if lora_id is None:
-            lora_id = self._ids[(adapter, version)] = new_lora_id()
+            lora_id = self._ids[key] = new_lora_id()
         handle = LoraHandle(adapter, version, lora_id, name, path)
         self._reserved[(adapter, version)] = handle
         return Reservation(handle, None, new_id)
@@ -126,6 +135,7 @@ class SlotTable:
         """Give back a slot a transaction reserved and did not install into."""
         handle = reservation.handle
         if self._reserved.pop((handle.adapter, handle.version), None) is not None:
+            self._release_id(handle.adapter, handle.version)
             self._slot_freed()
 
     def idle_versions(self) -> list[LoraHandle]:
@@ -143,6 +153,7 @@ class SlotTable:
         self._reserved.pop((handle.adapter, handle.version), None)
         if replace is not None:
             self._ids.pop((handle.adapter, replace.version), None)  # that id no longer holds the old weights
+            self._released_ids.pop((handle.adapter, replace.version), None)
             self._ids[(handle.adapter, handle.version)] = handle.lora_id
             state.installed.pop(replace.version, None)
             state.nbytes.pop(replace.version, None)
@@ -203,5 +214,20 @@ class SlotTable:
             return False
         del state.installed[handle.version], state.idle_since[handle.version]
         state.nbytes.pop(handle.version, None)
+        self._release_id(handle.adapter, handle.version)
         self._slot_freed()
         return True
+
+    # -- ids of versions that left -----------------------------------------------------
+    def _release_id(self, adapter: str, version: str) -> None:
+        lora_id = self._ids.pop((adapter, version), None)
+        if lora_id is not None:
+            self._released_ids[(adapter, version)] = (lora_id, time.monotonic())
+
+    def forget_released_ids(self) -> int:
+        """Unbind the ids of versions that left ``ID_GRACE`` seconds ago or more; how many."""
+        now = time.monotonic()
+        old = [key for key, (_, since) in self._released_ids.items() if now - since >= ID_GRACE]
+        for key in old:
+            del self._released_ids[key]
+        return len(old)

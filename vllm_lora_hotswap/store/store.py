@@ -75,8 +75,26 @@ STAGING_DIR = ".staging"
 INSTANCES_DIR = ".instances"
 LOCK_FILE = ".lock"
 RESERVED_METADATA = frozenset({"adapter", "version", "created_at", "source", "publisher", "lora"})
-_thread_locks: dict[str, threading.Lock] = {}
+# Per adapter directory: (lock, threads holding or waiting for it); dropped when none is.
+_thread_locks: dict[str, tuple[threading.Lock, int]] = {}
 _thread_locks_guard = threading.Lock()
+
+
+@contextmanager
+def _thread_lock(key: str) -> Iterator[None]:
+    with _thread_locks_guard:
+        lock, users = _thread_locks.get(key) or (threading.Lock(), 0)
+        _thread_locks[key] = (lock, users + 1)
+    try:
+        with lock:
+            yield
+    finally:
+        with _thread_locks_guard:
+            lock, users = _thread_locks[key]
+            if users == 1:
+                del _thread_locks[key]
+            else:
+                _thread_locks[key] = (lock, users - 1)
 
 
 class StoreUnavailableError(StoreError):
@@ -300,9 +318,7 @@ class CheckpointStore:
     def _publish_lock(self, adapter_dir: Path, timeout: float = 60.0) -> Iterator[None]:
         # lockf serialises processes (and is dropped by the kernel when one dies);
         # POSIX locks are per process, so threads also take a process-local lock.
-        with _thread_locks_guard:
-            local = _thread_locks.setdefault(str(adapter_dir), threading.Lock())
-        with local:
+        with _thread_lock(str(adapter_dir)):
             fd = os.open(adapter_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 deadline = time.monotonic() + timeout
