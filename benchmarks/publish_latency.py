@@ -30,6 +30,7 @@ ADAPTER_SHAPE = "r16-qv"
 # Targets (issue 14): publish → served within the read floor and three engine steps (the install's
 # step boundary, the probe, the first response); staging a 2 MB adapter within 20 ms.
 STEPS_WITH_PROBE = 3
+QUIET_S = 2.0
 STAGE_LIMIT_S = 0.020
 
 
@@ -103,6 +104,7 @@ def run(server: Server, store: CheckpointStore, assets: Assets, swaps: int, labe
     windows: list[tuple[float, float]] = []
     progress = Progress(f"{label} swaps", swaps)
     with FirstResponseWatcher(server.url, adapter) as watcher:
+        time.sleep(QUIET_S)  # responses away from any swap: the engine step as a client sees it
         for index in range(swaps):
             publish_started = time.time()
             version = store.publish(adapter, sources[(index + 1) % len(sources)])

@@ -267,6 +267,7 @@ def _weights_section(results: dict[str, Any]) -> list[str]:
 
 def write(results: dict[str, Any], out: Path) -> None:
     """results.json (targets included), results.md and the plots."""
+    (out / "results.json").write_text(json.dumps(results, indent=1))  # first: a report bug loses no run
     results["targets"] = targets(results)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown(results))
