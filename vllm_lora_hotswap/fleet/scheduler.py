@@ -220,6 +220,9 @@ class DistributedLoRAScheduler:
         instances = {}
         for status in await asyncio.gather(*(self._instance(url) for url in self.instance_urls)):
             serving = (status.get("adapters") or {}).get(adapter)
+            if serving is None and status["instance_id"] and InstanceRecord.model_validate(status).follows_adapter(adapter):
+                # Follows the adapter but has not picked it up yet: not converged, rather than not counted.
+                serving = {"served_version": None, "state": "waiting", "last_error": None}
             if serving is not None:
                 instances[status["instance_id"] or status["url"]] = {
                     "url": status["url"], "version": serving["served_version"], "state": serving["state"],
