@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from hotswap_demo.toy_models import BENCH_MODEL
-from vllm_lora_hotswap.store import CheckpointStore
 
 from . import (
     base_weights,
@@ -34,12 +33,11 @@ from . import (
     serving,
     slot_stall,
 )
-from .assets import Assets, prepare
-from .common import SERVER_ARGS, Server, stage
+from .assets import prepare
+from .common import EVENTS_POLL_S, SERVER_ARGS, plugin_server, stage
 from .machine import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
-EVENTS_POLL_S = 5.0
 POLLING_POLL_S = 1.0
 MAX_LORA_RANK = 64
 NCCL_NOT_HERE = "not measured: this suite drives vLLM's CPU build (gloo); NCCL needs a CUDA build of vLLM"
@@ -63,22 +61,6 @@ class Plan:
         if quick:
             return cls(latency_swaps=15, parallel_rounds=5, stall_swaps=5, sticky_seconds=3, serving_seconds=20, memory_swaps=100, pushes=2, slot_swaps=5)
         return cls(latency_swaps=50, parallel_rounds=10, stall_swaps=20, sticky_seconds=10, serving_seconds=60, memory_swaps=1000, pushes=5, slot_swaps=10)
-
-
-def plugin_server(assets: Assets, tmp: Path, name: str, *, events: bool, poll_s: float, extra_args: list[str]) -> tuple[Server, CheckpointStore]:
-    root = tmp / f"store-{name}"
-    root.mkdir(parents=True)
-    env = {
-        "VLLM_HOTSWAP_ROOT": str(root),
-        "VLLM_HOTSWAP_EVENTS": "1" if events else "0",
-        "VLLM_HOTSWAP_POLL_INTERVAL": str(poll_s),
-        # Short (default 5 s), so back-to-back swaps do not wait long for the old
-        # version's slot; still ample for a routed request to reach the local engine.
-        "VLLM_HOTSWAP_RETIRE_GRACE": "0.25",
-        # The native baseline on the same server (the plugin leaves that route alone).
-        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
-    }
-    return Server(assets.model, tmp / f"{name}.log", env, extra_args), CheckpointStore(root)
 
 
 def main() -> None:

@@ -25,6 +25,10 @@ import httpx
 import numpy as np
 import psutil
 
+from vllm_lora_hotswap.store import CheckpointStore
+
+from .assets import Assets
+
 PROMPT = "the quick brown fox jumps over the lazy dog"
 # Bench-model serving arguments. Host slots (--max-cpu-loras) for every adapter
 # shape at once, each holding two versions while the old one retires, plus the
@@ -34,6 +38,25 @@ SERVER_ARGS = (
     "--enable-lora", "--max-lora-rank", "64", "--max-loras", "8", "--max-cpu-loras", "32",
     "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "32",
 )  # fmt: skip
+
+
+EVENTS_POLL_S = 5.0  # the events servers' poll, behind inotify
+
+
+def plugin_server(assets: Assets, tmp: Path, name: str, *, events: bool, poll_s: float, extra_args: list[str]) -> tuple[Server, CheckpointStore]:
+    root = tmp / f"store-{name}"
+    root.mkdir(parents=True)
+    env = {
+        "VLLM_HOTSWAP_ROOT": str(root),
+        "VLLM_HOTSWAP_EVENTS": "1" if events else "0",
+        "VLLM_HOTSWAP_POLL_INTERVAL": str(poll_s),
+        # Short (default 5 s), so back-to-back swaps do not wait long for the old
+        # version's slot; still ample for a routed request to reach the local engine.
+        "VLLM_HOTSWAP_RETIRE_GRACE": "0.25",
+        # The native baseline on the same server (the plugin leaves that route alone).
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
+    }
+    return Server(assets.model, tmp / f"{name}.log", env, extra_args), CheckpointStore(root)
 
 
 def free_port() -> int:

@@ -96,7 +96,7 @@ def _swap_shape(
     adapter, native = f"stall-{label}", f"native-{label}"
     sources = assets.adapters[label]
     server.wait_swapped(adapter, store.publish(adapter, sources[0]))
-    _load_native(server, native, str(sources[0]), inplace=False)
+    load_native(server, native, str(sources[0]), inplace=False)
     ours: list[dict[str, Any]] = []
     theirs: list[dict[str, Any]] = []
     for index in range(swaps):
@@ -116,7 +116,7 @@ def _swap_shape(
         })  # fmt: skip
         time.sleep(SETTLE_S)
         start = time.time()
-        _load_native(server, native, str(source), inplace=True)
+        load_native(server, native, str(source), inplace=True)
         end = time.time()
         theirs.append({"request_s": end - start, "windows": {"request": (start, end)}})
         time.sleep(SETTLE_S)
@@ -126,7 +126,7 @@ def _swap_shape(
     return {"adapter_bytes": assets.adapter_bytes(label), "ours": ours, "native": theirs}
 
 
-def _load_native(server: Server, name: str, path: str, *, inplace: bool) -> None:
+def load_native(server: Server, name: str, path: str, *, inplace: bool) -> None:
     body = {"lora_name": name, "lora_path": path, "load_inplace": inplace}
     response = server.http.post("/v1/load_lora_adapter", json=body)
     if response.status_code != 200:
@@ -157,7 +157,7 @@ def sticky_cost(server: Server, assets: Assets, seconds: float) -> dict[str, Any
     """Steady-state inter-token latency on an adapter last loaded with ``load_inplace=true``
     (vLLM 0.32 re-reads it from disk at every step) against the same weights loaded plainly."""
     sticky, clean = f"native-{STICKY_SHAPE}", f"native-clean-{STICKY_SHAPE}"
-    _load_native(server, clean, str(assets.adapters[STICKY_SHAPE][0]), inplace=False)
+    load_native(server, clean, str(assets.adapters[STICKY_SHAPE][0]), inplace=False)
     result: dict[str, Any] = {"adapter_shape": STICKY_SHAPE}
     for key, model in (("clean", clean), ("sticky", sticky)):
         with StreamLoad(server.url, model, (STREAM_TOKENS[0],)) as load:

@@ -21,7 +21,7 @@ from typing import Any
 from vllm_lora_hotswap.store import CheckpointStore
 
 from .assets import Assets
-from .common import Progress, Server, summary
+from .common import EVENTS_POLL_S, Progress, Server, plugin_server, summary
 from .publish_latency import ready_mtime
 
 ADAPTERS = 8
@@ -70,7 +70,6 @@ def main() -> None:
     import tempfile
     from pathlib import Path
 
-    from .__main__ import EVENTS_POLL_S, plugin_server
     from .assets import prepare
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.parallel_swaps", description=__doc__.splitlines()[0])

@@ -35,8 +35,18 @@ from typing import Any
 from vllm_lora_hotswap.store import CheckpointStore
 
 from .assets import ALL_LINEAR, QV, AdapterShape, Assets, prepare
-from .common import Progress, Server, StreamLoad, gaps_between, gaps_outside, stage, summary
-from .engine_stall import STREAM_TOKENS, _load_native, memory_bandwidth
+from .common import (
+    EVENTS_POLL_S,
+    Progress,
+    Server,
+    StreamLoad,
+    gaps_between,
+    gaps_outside,
+    plugin_server,
+    stage,
+    summary,
+)
+from .engine_stall import STREAM_TOKENS, load_native, memory_bandwidth
 
 RANKS = (16, 64, 256)
 # About 1, 10, 40 and 160 MB of float32 LoRA weights on the bench model.
@@ -48,14 +58,12 @@ SPREAD_LIMIT = 1.5
 
 
 def run(assets: Assets, tmp: Path, swaps: int) -> dict[str, Any]:
-    from .__main__ import plugin_server
-
     bandwidth = memory_bandwidth()
     ranks: dict[str, Any] = {}
     for rank in RANKS:
         shapes = [shape for shape in SIZES if shape.rank <= rank]
         stage(f"  --max-lora-rank {rank}: {len(shapes)} adapter sizes × {swaps} swaps")
-        server, store = plugin_server(assets, tmp, f"slots-r{rank}", events=True, poll_s=5.0,
+        server, store = plugin_server(assets, tmp, f"slots-r{rank}", events=True, poll_s=EVENTS_POLL_S,
                                       extra_args=["--max-lora-rank", str(rank), "--max-loras", "2"])  # fmt: skip
         with server:
             ranks[str(rank)] = _one_server(server, store, assets, shapes, swaps)
@@ -91,7 +99,7 @@ def _swap(server: Server, store: CheckpointStore, assets: Assets, label: str, sw
     adapter, native = f"slot-{label}", f"native-{label}"
     sources = assets.adapters[label]
     server.wait_swapped(adapter, store.publish(adapter, sources[0]))
-    _load_native(server, native, str(sources[0]), inplace=False)
+    load_native(server, native, str(sources[0]), inplace=False)
     ours, any_rpc, stage_s, windows, native_windows = [], [], [], [], []
     for index in range(swaps):
         source = sources[(index + 1) % len(sources)]
@@ -103,7 +111,7 @@ def _swap(server: Server, store: CheckpointStore, assets: Assets, label: str, sw
         time.sleep(SETTLE_S)
         any_rpc.append(server.http.get("/v1/lora/workers").json()["rpc_held_s"])
         started = time.time()
-        _load_native(server, native, str(source), inplace=True)
+        load_native(server, native, str(source), inplace=True)
         native_windows.append((started, time.time()))
         windows.append(native_windows[-1])
         time.sleep(SETTLE_S)
