@@ -28,15 +28,14 @@ class WorkerRpcEngine:
     and, where the engine has one, their stage channel."""
 
     channel: ServerChannel | None = None
+    probes_overlap = False
 
     def _timed_rpc(self, method: str, *args: Any) -> tuple[list[Any], float | None]:
         """One result per worker, and how long the engine core was held (None: unknown)."""
         return self._rpc(method, *args), None
 
-    probes_overlap = False
-
     def _rpc(self, method: str, *args: Any) -> list[Any]:
-        return self._timed_rpc(method, *args)[0]
+        raise NotImplementedError
 
     def _vllm_config(self) -> Any:
         raise NotImplementedError

@@ -46,6 +46,9 @@ class ServerEngine(WorkerRpcEngine):
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float = RPC_TIMEOUT) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def _rpc(self, method: str, *args: Any) -> list[Any]:
+        return self._timed_rpc(method, *args)[0]
+
     def _timed_rpc(self, method: str, *args: Any) -> tuple[list[Any], float | None]:
         return self._call(self._timed_rpc_async(method, *args))
 
