@@ -67,3 +67,31 @@ def test_an_unreachable_worker_makes_the_stage_fall_back(channel: ServerChannel)
 def test_a_worker_that_could_not_bind_means_no_channel(channel: ServerChannel) -> None:
     assert not channel.connect([None])
     assert not channel.connect([])
+
+
+def test_the_rpc_fallback_stages_what_a_late_message_has_not_started_yet(monkeypatch) -> None:
+    """Under load the RPC that asks about a silent stage can reach the worker before the
+    channel thread read the stage message: the RPC starts the stage, the late message
+    finds it started, and the version is never failed as "not staged"."""
+    from vllm_lora_hotswap.engine import worker as worker_module
+
+    started: list[tuple[int, str]] = []
+    release = threading.Event()
+
+    def fake_stage(self, entry) -> None:
+        started.append((entry.lora_id, entry.path))
+        release.wait(5)
+        self._finish(entry, lora=object(), nbytes=7)
+
+    monkeypatch.setattr(worker_module.WorkerHotSwap, "_stage", fake_stage)
+    hotswap = worker_module.WorkerHotSwap.__new__(worker_module.WorkerHotSwap)
+    hotswap.staging, hotswap._lock, hotswap.channel = {}, threading.Lock(), None
+
+    assert hotswap.status_or_stage(4, "a@v2", "/store/a/v2")["state"] == "pending"
+    hotswap.stage(4, "a@v2", "/store/a/v2")  # the channel message, late
+    release.set()
+    deadline = time.monotonic() + 5
+    while hotswap.status(4, "/store/a/v2")["state"] == "pending" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert hotswap.status_or_stage(4, "a@v2", "/store/a/v2") == {"state": "ready", "error": None, "nbytes": 7}
+    assert started == [(4, "/store/a/v2")]  # staged once

@@ -73,7 +73,7 @@ class WorkerRpcEngine:
         per_handle = [self.channel.statuses((h.lora_id, h.path)) if self.channel else None for h in handles]
         unknown = [h for h, ranks in zip(handles, per_handle) if ranks is None]
         if unknown:  # not staged through the channel, or its reports stopped coming
-            asked = iter(zip(*self._rpc("hotswap_status", [[h.lora_id, h.path] for h in unknown])))
+            asked = iter(zip(*self._rpc("hotswap_status", [[h.lora_id, h.served_name, h.path] for h in unknown])))
             per_handle = [next(asked) if ranks is None else ranks for ranks in per_handle]
         statuses = []
         for per_rank in per_handle:  # one handle, every rank

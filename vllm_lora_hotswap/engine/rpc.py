@@ -33,9 +33,10 @@ def hotswap_channel(self: Any, directory: str) -> str | None:
 
 
 def hotswap_status(self: Any, items: list[list[Any]]) -> list[dict[str, Any]]:
-    """``items``: ``[lora_id, path]`` each; one status per item."""
+    """``items``: ``[lora_id, name, path]`` each; one status per item (an item this worker
+    was never asked to stage is staged now)."""
     hotswap = _hotswap(self)
-    return [hotswap.status(lora_id, path) for lora_id, path in items]
+    return [hotswap.status_or_stage(lora_id, name, path) for lora_id, name, path in items]
 
 
 def hotswap_install(self: Any, items: list[list[Any]]) -> dict[str, Any]:

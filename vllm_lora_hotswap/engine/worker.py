@@ -168,10 +168,16 @@ class WorkerHotSwap:
             self.channel.report(entry.lora_id, entry.path, self.status(entry.lora_id, entry.path))
 
     def status(self, lora_id: int, path: str) -> dict[str, Any]:
-        entry = self.staging.get((lora_id, path))
-        if entry is None:
-            return {"state": "failed", "error": "not staged on this worker", "nbytes": 0}
+        entry = self.staging[(lora_id, path)]
         return {"state": entry.state, "error": entry.error, "nbytes": entry.nbytes}
+
+    def status_or_stage(self, lora_id: int, name: str, path: str) -> dict[str, Any]:
+        """The staging status; a stage this worker never received starts now. Its channel
+        message can be late: the API server asks by RPC when reports stop coming, and on
+        a loaded machine that RPC can overtake a message the channel thread has not read."""
+        if (lora_id, path) not in self.staging:
+            self.stage(lora_id, name, path)  # idempotent: the late message finds it started
+        return self.status(lora_id, path)
 
     @staticmethod
     def _check_finite(lora: Any) -> None:
