@@ -47,11 +47,12 @@ class Fleet:
 
 
 def launch(toy_model: Path, root: Path, log_dir: Path, base_port: int, instances: int) -> subprocess.Popen[str]:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOTSWAP_POLL_INTERVAL": "0.5", "VLLM_HOTSWAP_RETIRE_GRACE": "1",
-           "VLLM_HOTSWAP_PROBE_MAX_TOKENS": "64"}  # a probe long enough for a test to kill the engine during one
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOTSWAP_POLL_INTERVAL": "0.5", "VLLM_HOTSWAP_RETIRE_GRACE": "1"}
+    # The weight-update routes let a test hold an engine paused: a probe then waits in it.
     command = [sys.executable, "-m", "vllm_lora_hotswap.cli", "launch", "--model", str(toy_model),
                "--instances", str(instances), "--base-port", str(base_port), "--gpus-per-instance", "0",
-               "--host", "127.0.0.1", "--root", str(root), "--log-dir", str(log_dir), "--", *BASE_ARGS]  # fmt: skip
+               "--host", "127.0.0.1", "--root", str(root), "--log-dir", str(log_dir), "--", *BASE_ARGS,
+               "--weight-transfer-config", '{"backend": "gloo"}']  # fmt: skip
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -221,14 +222,17 @@ def test_killed_instance_is_restarted_marked_stale_meanwhile_and_converges(
     server = next(p for p in psutil.Process(fleet.process.pid).children()
                   if f"--port {fleet.base_port + 1}" in " ".join(p.cmdline()))  # fmt: skip
     left_behind = server.children(recursive=True)
-    version = store.publish(adapter, lora)
     if victim_process == "worker":
+        # Paused for a base-weight update, the engine holds the probe until the kill.
+        assert httpx.post(f"{victim_url}/start_weight_update", json={"mode": "wait"}, timeout=60).status_code == 200
+        version = store.publish(adapter, lora)
         deadline = time.monotonic() + 60
-        with httpx.Client(base_url=victim_url, timeout=5) as status:  # keep-alive: a poll every few ms
-            while status.get("/v1/lora/adapters").json()["adapters"].get(adapter, {}).get("phase") != "probe":
-                assert time.monotonic() < deadline, "the victim never started probing the new version"
+        while httpx.get(f"{victim_url}/v1/lora/adapters", timeout=5).json()["adapters"].get(adapter, {}).get("phase") != "probe":
+            assert time.monotonic() < deadline, "the victim never started probing the new version"
+            time.sleep(0.1)
         _vllm_process(server, "Worker").kill()
     else:
+        version = store.publish(adapter, lora)
         server.kill()
     _, alive = psutil.wait_procs([server, *left_behind], timeout=30)
     assert not alive, f"left running after the kill: {[p.name() for p in alive]}"
