@@ -22,6 +22,7 @@ from vllm_lora_hotswap.store import (
     InvalidCheckpointError,
     InvalidNameError,
     NotFoundError,
+    PartialPublishError,
     StoreUnavailableError,
     UnsafePathError,
 )
@@ -111,9 +112,13 @@ def test_publish_many_commits_every_adapter_together(store: CheckpointStore, lor
     assert max(ready) - min(ready) < 1.0  # the copies came first; the commits land together
 
     (tmp_path / "missing").mkdir()
-    with pytest.raises(InvalidCheckpointError):  # one bad source: the others are published all the same
-        store.publish_many({"d": lora, "e": tmp_path / "missing"})
-    assert store.active_version("d") is not None and not store.adapter_dir("e").joinpath("LATEST").exists()
+    with pytest.raises(PartialPublishError) as raised:  # bad sources: the others are published all the same
+        store.publish_many({"d": lora, "e": tmp_path / "missing", "f": tmp_path / "absent"})
+    assert raised.value.published == {"d": store.active_version("d")}
+    assert isinstance(raised.value.errors["e"], InvalidCheckpointError) and isinstance(raised.value.errors["f"], NotFoundError)
+    assert str(raised.value).startswith(f"published 1 of 3 adapters (d@{store.active_version('d')}); not published: e: ")
+    assert "f: NotFoundError: source" in str(raised.value)
+    assert not store.adapter_dir("e").joinpath("LATEST").exists()
 
 
 def test_publisher_killed_at_random_points_never_leaves_a_partial_ready_version(

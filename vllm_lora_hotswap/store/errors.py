@@ -24,3 +24,14 @@ class UnreadableError(StoreError):
 
 class NotFoundError(StoreError, LookupError):
     """An adapter or version does not exist (or is not READY)."""
+
+
+class PartialPublishError(StoreError):
+    """``publish_many``: some adapters were published, others not. ``published`` maps each
+    published adapter to its new version, ``errors`` each other adapter to its error."""
+
+    def __init__(self, published: dict[str, str], errors: dict[str, BaseException]):
+        self.published, self.errors = published, errors
+        done = ", ".join(f"{adapter}@{version}" for adapter, version in published.items()) or "none"
+        failed = "; ".join(f"{adapter}: {type(error).__name__}: {error}" for adapter, error in errors.items())
+        super().__init__(f"published {len(published)} of {len(published) + len(errors)} adapters ({done}); not published: {failed}")

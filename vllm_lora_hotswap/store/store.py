@@ -50,7 +50,7 @@ from .checkpoint import (
     verify_manifest,
     weight_specs,
 )
-from .errors import InvalidCheckpointError, NotFoundError, StoreError, UnreadableError
+from .errors import InvalidCheckpointError, NotFoundError, PartialPublishError, StoreError, UnreadableError
 from .files import (
     atomic_write,
     atomic_write_json,
@@ -353,19 +353,19 @@ class CheckpointStore:
         every copy is written and synced first, then the versions are committed together,
         so they become READY within milliseconds of each other instead of a copy and an
         fsync queue apart. Returns adapter -> version. Each version commits on its own: if
-        one fails, the others are still published (the error is raised after them)."""
+        some fail, the others are still published, and :class:`PartialPublishError` says
+        which were (``published``) and why each other one was not (``errors``)."""
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max(1, len(sources)), thread_name_prefix="publish") as pool:
-            copies = [pool.submit(self._copy_in, adapter, src, metadata) for adapter, src in sources.items()]
-            staged = [copy.exception() or copy.result() for copy in copies]
-            ready = [item for item in staged if isinstance(item, _CopiedVersion)]
-            commits = {item.adapter: pool.submit(self._commit_copy, item) for item in ready}
-            versions = {adapter: commit.exception() or commit.result() for adapter, commit in commits.items()}
-        for error in [item for item in staged if isinstance(item, BaseException)] + list(versions.values()):
-            if isinstance(error, BaseException):
-                raise error
-        return {adapter: str(version) for adapter, version in versions.items()}
+            copies = {adapter: pool.submit(self._copy_in, adapter, src, metadata) for adapter, src in sources.items()}
+            errors: dict[str, BaseException] = {a: e for a, copy in copies.items() if (e := copy.exception()) is not None}
+            commits = {a: pool.submit(self._commit_copy, copy.result()) for a, copy in copies.items() if a not in errors}
+            errors.update({a: e for a, commit in commits.items() if (e := commit.exception()) is not None})
+        published = {adapter: commit.result() for adapter, commit in commits.items() if adapter not in errors}
+        if errors:
+            raise PartialPublishError(published, errors)
+        return published
 
     def _copy_in(self, adapter: str, src_dir: str | os.PathLike[str], metadata: Mapping[str, Any] | None) -> _CopiedVersion:
         """The files of a new version, copied and synced into a staging directory."""
