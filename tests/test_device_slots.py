@@ -193,6 +193,77 @@ def test_a_reset_of_every_adapter_loses_the_reservations() -> None:
     assert manager.lora_index_to_id == [None, None] and consistent(manager)
 
 
+MAX_RANK = 16
+
+
+def linear_layer(slots: int):
+    """vLLM's own linear LoRA layer (its reset_lora and set_lora), with small stacked slots."""
+    from vllm.lora.layers import ReplicatedLinearWithLoRA
+
+    layer = ReplicatedLinearWithLoRA.__new__(ReplicatedLinearWithLoRA)
+    torch.nn.Module.__init__(layer)
+    layer.tp_size, layer.n_slices = 1, 1
+    layer.lora_a_stacked = (torch.zeros(slots, 1, MAX_RANK, DIM),)
+    layer.lora_b_stacked = (torch.zeros(slots, 1, DIM, MAX_RANK),)
+    return layer
+
+
+def ranked_lora(lora_id: int, rank: int, value: float):
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.lora_weights import LoRALayerWeights
+
+    weights = LoRALayerWeights("proj", rank, rank, torch.full((rank, DIM), value), torch.full((DIM, rank), value), scaling=1.0)
+    return LoRAModel(lora_id, rank, {"proj": weights})
+
+
+def stage_into_the_slot(slots: SlotWriter, lora) -> int:
+    reservation = slots.reserve()
+    assert reservation is not None and slots.write(reservation, lora)
+    slots.release(reservation)  # only the slot's contents matter here
+    return reservation.index
+
+
+def rows_holding(layer, index: int) -> list[float]:
+    """The largest value in each rank row of slot ``index`` (A and B agree)."""
+    a, b = layer.lora_a_stacked[0][index, 0], layer.lora_b_stacked[0][index, 0]
+    assert torch.equal(a.amax(dim=1), b.amax(dim=0))
+    return a.amax(dim=1).tolist()
+
+
+def test_a_slot_written_again_is_cleared_in_the_rows_its_last_adapter_wrote() -> None:
+    manager = make_manager(slots=1, modules=0)
+    layer = manager.modules["proj"] = linear_layer(slots=1)
+    slots = SlotWriter(manager)
+
+    assert stage_into_the_slot(slots, ranked_lora(1, 16, 1.0)) == 0  # history unknown: the whole slot
+    assert rows_holding(layer, 0) == [1.0] * 16 and slots.dirty_rows == {0: 16}
+    stage_into_the_slot(slots, ranked_lora(2, 4, 2.0))
+    assert rows_holding(layer, 0) == [2.0] * 4 + [0.0] * 12  # rank 16's rows are gone
+    assert slots.dirty_rows == {0: 4}
+
+    # Rows 8-15 are clean now; mark them to see that the next write leaves them untouched.
+    layer.lora_a_stacked[0][0, 0, 8:] = layer.lora_b_stacked[0][0, 0, :, 8:] = 7.0
+    stage_into_the_slot(slots, ranked_lora(3, 4, 3.0))
+    assert rows_holding(layer, 0) == [3.0] * 4 + [0.0] * 4 + [7.0] * 8  # 4 rows cleared, not 16
+
+
+def test_a_slot_vllm_copied_into_is_cleared_as_far_as_that_adapter_wrote() -> None:
+    manager = make_manager(slots=1, modules=0)
+    layer = manager.modules["proj"] = linear_layer(slots=1)
+    slots = SlotWriter(manager)
+    register(manager, ranked_lora(5, 8, 5.0))
+    manager.activate_adapter(5)  # vLLM's own copy, in a step: the whole slot cleared first
+    assert slots.dirty_rows == {0: 8}
+    manager.deactivate_adapter(5)
+    stage_into_the_slot(slots, ranked_lora(6, 2, 6.0))
+    assert rows_holding(layer, 0) == [6.0] * 2 + [0.0] * 14
+
+    # vLLM's own clears stay whole: a thread that is not writing a reservation is never limited.
+    layer.lora_a_stacked[0][0, 0, 12:] = layer.lora_b_stacked[0][0, 0, :, 12:] = 7.0
+    layer.reset_lora(0)
+    assert rows_holding(layer, 0) == [0.0] * 16
+
+
 @pytest.mark.gpu
 def test_on_cuda_the_copy_runs_on_a_side_stream_and_the_install_waits_for_it() -> None:
     manager = make_manager(device="cuda")

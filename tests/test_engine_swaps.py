@@ -34,6 +34,18 @@ def test_a_published_version_is_served_exactly(engine: VllmServer, shared_store:
     assert engine.tokens(str(engine.model), PROMPTS[0])[1] == reference(None, PROMPTS[0])
 
 
+def test_versions_of_falling_and_rising_rank_are_each_served_exactly(
+    engine: VllmServer, shared_store: CheckpointStore, make_lora, reference
+) -> None:
+    """Slots are reused and a write clears only the rank rows the slot's last adapter wrote:
+    a rank-4 version after a rank-16 one must not keep any of the rank-16 rows."""
+    for seed, rank in ((21, 16), (22, 4), (23, 12), (24, 2)):
+        lora = make_lora(seed, rank)
+        version = shared_store.publish("ranks", lora)
+        engine.wait_served("ranks", version)
+        assert_serves(engine, "ranks", lora, reference, version)
+
+
 def test_swaps_show_in_metrics_and_one_log_line_each(engine: VllmServer, shared_store: CheckpointStore, make_lora) -> None:
     version = shared_store.publish("observed", make_lora(3))
     engine.wait_served("observed", version)

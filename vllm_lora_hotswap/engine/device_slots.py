@@ -12,9 +12,12 @@ staging thread instead:
    own LRU choice). A reservation id (a negative number no request can name)
    goes in ``lora_index_to_id`` and in the active set, so that vLLM's own
    activation sees the slot as taken. No request maps to it: no step reads it.
-2. **write** the adapter into that slot with the layers' own ``set_lora``
-   (which clears the slot first), module by module (on CUDA on a side stream,
-   with an event the install waits on).
+2. **write** the adapter into that slot with the layers' own ``set_lora``,
+   module by module (on CUDA on a side stream, with an event the install
+   waits on). ``set_lora`` clears the slot first; on this thread a linear
+   layer clears only the rank rows the slot's previous adapters wrote (known
+   for every slot written since the writer started: by us, or by vLLM's
+   ``activate_adapter``), not all ``--max-lora-rank`` of them.
 3. **flip** between two steps (the install RPC): the slot's entry becomes the
    adapter's id. Work that does not depend on the adapter's size.
 
@@ -39,8 +42,27 @@ from typing import Any
 
 import torch
 from vllm.lora.layers import ClassificationHeadWithLoRA
+from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
 _reservation_ids = itertools.count(-(1 << 30), -1)  # negative: request ids are > 0, and -1 means "no LoRA"
+_writing = threading.local()  # .rows: on a staging thread, the rank rows a slot clear must zero
+_reset_lora = BaseLinearLayerWithLoRA.reset_lora
+
+
+def _reset_rows(layer: BaseLinearLayerWithLoRA, index: int) -> None:
+    """vLLM's clear of slot ``index``, limited to the rows a staging thread knows were
+    written. Every other thread (vLLM's own copies in the step) clears the whole slot."""
+    rows = getattr(_writing, "rows", None)
+    if rows is None:
+        _reset_lora(layer, index)
+        return
+    for lora_a in layer.lora_a_stacked:  # [slot, 1, rank, in]
+        lora_a[index, :, :rows] = 0
+    for lora_b in layer.lora_b_stacked:  # [slot, 1, out, rank]
+        lora_b[index, :, :, :rows] = 0
+
+
+BaseLinearLayerWithLoRA.reset_lora = _reset_rows  # type: ignore[method-assign]
 
 
 @dataclass
@@ -62,6 +84,11 @@ class SlotWriter:
         self._internal = False  # our own changes to the active set: no eviction to react to
         self._deactivate = manager._active_adapters.deactivate_fn
         manager._active_adapters.deactivate_fn = self._on_deactivate
+        self._activate = manager.activate_adapter
+        manager.activate_adapter = self._on_activate
+        # Slot -> rank rows its linear layers may hold (those an adapter wrote since the
+        # last clear). A slot not listed is cleared whole: its history is unknown.
+        self.dirty_rows: dict[int, int] = {}
         self.stream = torch.cuda.Stream() if manager.device.type == "cuda" else None
         self.writes = 0  # adapters copied into a slot off the step
         self.lost = 0  # reservations vLLM's LRU took back
@@ -89,19 +116,24 @@ class SlotWriter:
     def write(self, reservation: Reservation, lora: Any) -> bool:
         """Copy ``lora`` (merged, scaled) into the reserved slot; False if vLLM took it meanwhile."""
         manager, index = self.manager, reservation.index
-        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
-            for module_name, module in manager.modules.items():
-                with reservation.lock:
-                    if reservation.lost:
-                        return False
-                    _write_module(manager, lora, module_name, module, index)
-            if self.stream is not None:
-                reservation.event = torch.cuda.Event()
-                reservation.event.record(self.stream)
+        _writing.rows = self.dirty_rows.pop(index, None)  # unknown while half-written
+        try:
+            with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+                for module_name, module in manager.modules.items():
+                    with reservation.lock:
+                        if reservation.lost:
+                            return False
+                        _write_module(manager, lora, module_name, module, index)
+                if self.stream is not None:
+                    reservation.event = torch.cuda.Event()
+                    reservation.event.record(self.stream)
+        finally:
+            _writing.rows = None
         with reservation.lock:
             if reservation.lost:
                 return False
             reservation.written = True
+            self.dirty_rows[index] = rank_rows(lora)
         self.writes += 1
         return True
 
@@ -188,6 +220,19 @@ class SlotWriter:
         finally:
             self._internal = False
 
+    def _on_activate(self, lora_id: int) -> bool:
+        """vLLM's own copy of an adapter into a slot (in a step, or an install that copies):
+        it clears the whole slot, then writes the adapter's rows."""
+        try:
+            activated = self._activate(lora_id)
+        except BaseException:
+            self.dirty_rows.clear()  # a copy stopped half-way, in a slot we cannot tell
+            raise
+        if activated:
+            index = self.manager.lora_index_to_id.index(lora_id)
+            self.dirty_rows[index] = rank_rows(self.manager._registered_adapters[lora_id])
+        return activated
+
     def _on_deactivate(self, key: int) -> object:
         """vLLM evicts an adapter from the active set (LRU, remove, reset). For one of our
         reservations: stop its write before vLLM copies another adapter into the slot."""
@@ -200,6 +245,16 @@ class SlotWriter:
             if self.stream is not None:
                 torch.cuda.current_stream().wait_stream(self.stream)
         return self._deactivate(key)
+
+
+def rank_rows(lora: Any) -> int:
+    """The most rank rows ``lora`` writes into a slot of any linear layer."""
+    rows = 0
+    for weights in lora.loras.values():
+        for lora_a in weights.lora_a if isinstance(weights.lora_a, list) else [weights.lora_a]:
+            if lora_a is not None:
+                rows = max(rows, lora_a.shape[0])
+    return rows
 
 
 def _write_module(manager: Any, lora: Any, module_name: str, module: Any, index: int) -> None:
