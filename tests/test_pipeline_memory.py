@@ -19,7 +19,7 @@ from vllm_lora_hotswap.pipeline import slots as slots_module
 from vllm_lora_hotswap.pipeline.controller import SwapController
 from vllm_lora_hotswap.settings import load_settings
 from vllm_lora_hotswap.store import CheckpointStore
-from vllm_lora_hotswap.store import store as store_module
+from vllm_lora_hotswap.store import publish as publish_module
 
 
 @pytest.fixture
@@ -99,4 +99,4 @@ def test_the_stores_per_adapter_thread_locks_are_let_go(setup) -> None:
     for thread in threads:
         thread.join()
     assert len(store.versions("a0")) == 6
-    assert store_module._thread_locks == {}
+    assert publish_module._thread_locks == {}

@@ -19,82 +19,58 @@ order even with concurrent publishers or a clock that jumps backwards.
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import json
 import os
 import shutil
-import socket
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import (
-    CONFIG_FILE,
     METADATA_FILE,
     READY_FILE,
     AdapterConfig,
-    FileDigest,
-    ReadyManifest,
     check_lora_shapes,
     find_weight_file,
     parse_ready,
     read_adapter_config,
-    validate_checkpoint_dir,
     verify_manifest,
     weight_specs,
 )
-from .errors import InvalidCheckpointError, NotFoundError, PartialPublishError, StoreError, UnreadableError
+from .errors import (
+    InvalidCheckpointError,
+    NotFoundError,
+    PartialPublishError,
+    StoreError,
+    UnreadableError,
+)
 from .files import (
     atomic_write,
-    atomic_write_json,
-    copy_and_hash,
     ensure_inside,
-    fsync_dir,
-    hash_file,
     make_dir,
-    parse_json_bounded,
     read_json_bounded,
     read_small_text,
 )
-from .names import check_adapter_name, check_instance_id, check_version_name, is_version_name, next_version
+from .layout import (
+    FAILED_PREFIX,
+    INSTANCES_DIR,
+    KEEP_FILE,
+    LATEST_FILE,
+    PIN_FILE,
+    RETIRED_FILE,
+    STAGING_DIR,
+)
+from .names import (
+    check_adapter_name,
+    check_instance_id,
+    check_version_name,
+    is_version_name,
+)
+from .publish import CopiedVersion, commit, copy_in
 from .records import FailureRecord, InstanceRecord
-
-LATEST_FILE = "LATEST"
-PIN_FILE = "ACTIVE"
-RETIRED_FILE = "RETIRED"
-KEEP_FILE = "KEEP"
-FAILED_PREFIX = "FAILED."
-STAGING_DIR = ".staging"
-INSTANCES_DIR = ".instances"
-LOCK_FILE = ".lock"
-RESERVED_METADATA = frozenset({"adapter", "version", "created_at", "source", "publisher", "lora"})
-# Per adapter directory: (lock, threads holding or waiting for it); dropped when none is.
-_thread_locks: dict[str, tuple[threading.Lock, int]] = {}
-_thread_locks_guard = threading.Lock()
-
-
-@contextmanager
-def _thread_lock(key: str) -> Iterator[None]:
-    with _thread_locks_guard:
-        lock, users = _thread_locks.get(key) or (threading.Lock(), 0)
-        _thread_locks[key] = (lock, users + 1)
-    try:
-        with lock:
-            yield
-    finally:
-        with _thread_locks_guard:
-            lock, users = _thread_locks[key]
-            if users == 1:
-                del _thread_locks[key]
-            else:
-                _thread_locks[key] = (lock, users - 1)
 
 
 class StoreUnavailableError(StoreError):
@@ -131,19 +107,6 @@ class GcReport:
     deleted: list[str] = field(default_factory=list)  # "adapter/version"
     abandoned: list[str] = field(default_factory=list)  # paths of partial writes removed
     instances: list[str] = field(default_factory=list)  # records of instances gone for over ``grace``
-
-
-@dataclass(frozen=True)
-class _CopiedVersion:
-    """A version's files in a staging directory, not yet committed."""
-
-    adapter: str
-    adapter_dir: Path
-    staging: Path
-    src: Path
-    config: AdapterConfig
-    extra: dict[str, Any]
-    digests: dict[str, FileDigest]
 
 
 class CheckpointStore:
@@ -314,28 +277,6 @@ class CheckpointStore:
         return VersionInfo(adapter, version, directory, config, weights, self.read_metadata(adapter, version), ready_at)
 
     # -- writing -----------------------------------------------------------------------
-    @contextmanager
-    def _publish_lock(self, adapter_dir: Path, timeout: float = 60.0) -> Iterator[None]:
-        # lockf serialises processes (and is dropped by the kernel when one dies);
-        # POSIX locks are per process, so threads also take a process-local lock.
-        with _thread_lock(str(adapter_dir)):
-            fd = os.open(adapter_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                deadline = time.monotonic() + timeout
-                while True:
-                    try:
-                        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except OSError as exc:
-                        if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                            raise
-                        if time.monotonic() > deadline:
-                            raise StoreError(f"timed out after {timeout:.0f}s waiting for the publish lock of {adapter_dir}") from None
-                        time.sleep(0.01)
-                yield
-            finally:
-                os.close(fd)  # closing releases the lock
-
     def publish(
         self, adapter: str, src_dir: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None
     ) -> str:
@@ -344,7 +285,7 @@ class CheckpointStore:
         Returns the new version's name. Nothing is visible to readers unless
         the whole version (files, metadata, READY) was committed.
         """
-        return self._commit_copy(self._copy_in(adapter, src_dir, metadata))
+        return self._commit(self._copy_in(adapter, src_dir, metadata))
 
     def publish_many(
         self, sources: Mapping[str, str | os.PathLike[str]], metadata: Mapping[str, Any] | None = None
@@ -360,104 +301,19 @@ class CheckpointStore:
         with ThreadPoolExecutor(max(1, len(sources)), thread_name_prefix="publish") as pool:
             copies = {adapter: pool.submit(self._copy_in, adapter, src, metadata) for adapter, src in sources.items()}
             errors: dict[str, BaseException] = {a: e for a, copy in copies.items() if (e := copy.exception()) is not None}
-            commits = {a: pool.submit(self._commit_copy, copy.result()) for a, copy in copies.items() if a not in errors}
-            errors.update({a: e for a, commit in commits.items() if (e := commit.exception()) is not None})
-        published = {adapter: commit.result() for adapter, commit in commits.items() if adapter not in errors}
+            commits = {a: pool.submit(self._commit, copy.result()) for a, copy in copies.items() if a not in errors}
+            errors.update({a: e for a, done in commits.items() if (e := done.exception()) is not None})
+        published = {adapter: done.result() for adapter, done in commits.items() if adapter not in errors}
         if errors:
             raise PartialPublishError(published, errors)
         return published
 
-    def _copy_in(self, adapter: str, src_dir: str | os.PathLike[str], metadata: Mapping[str, Any] | None) -> _CopiedVersion:
-        """The files of a new version, copied and synced into a staging directory."""
-        adapter_dir = self.adapter_dir(adapter)
-        src = Path(src_dir)
-        if not src.is_dir():
-            raise NotFoundError(f"source {src} is not a directory")
-        config, weights = validate_checkpoint_dir(src)
-        extra = self._check_metadata(metadata)
-        make_dir(adapter_dir)
-        ensure_inside(self.root, adapter_dir)
-        make_dir(adapter_dir / STAGING_DIR)
-        staging = adapter_dir / STAGING_DIR / f"{uuid.uuid4().hex}"
-        os.mkdir(staging, 0o755)
-        try:
-            digests = {name: FileDigest(*copy_and_hash(src / name, staging / name)) for name in (CONFIG_FILE, weights.name)}
-        except OSError as exc:  # e.g. the file system is full: nothing was committed
-            shutil.rmtree(staging, ignore_errors=True)
-            raise StoreError(f"publishing {adapter} from {src} into {self.root} failed: {exc.strerror or exc}; nothing was published") from exc
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return _CopiedVersion(adapter, adapter_dir, staging, src, config, extra, digests)
+    def _copy_in(self, adapter: str, src_dir: str | os.PathLike[str], metadata: Mapping[str, Any] | None) -> CopiedVersion:
+        return copy_in(self.root, self.adapter_dir(adapter), adapter, src_dir, metadata)
 
-    def _commit_copy(self, copied: _CopiedVersion) -> str:
-        try:
-            with self._publish_lock(copied.adapter_dir):
-                return self._commit(copied.adapter_dir, copied.staging, copied.adapter, copied.src,
-                                    copied.config, copied.extra, copied.digests)  # fmt: skip
-        except OSError as exc:
-            shutil.rmtree(copied.staging, ignore_errors=True)
-            raise StoreError(f"publishing {copied.adapter} from {copied.src} into {self.root} failed: "
-                             f"{exc.strerror or exc}; nothing was published") from exc  # fmt: skip
-        except BaseException:
-            shutil.rmtree(copied.staging, ignore_errors=True)
-            raise
+    def _commit(self, copied: CopiedVersion) -> str:
+        return commit(self.root, copied, self._clock, lambda: self._version_names(copied.adapter))
 
-    def _commit(
-        self,
-        adapter_dir: Path,
-        staging: Path,
-        adapter: str,
-        src: Path,
-        config: AdapterConfig,
-        extra: dict[str, Any],
-        digests: dict[str, FileDigest],
-    ) -> str:
-        newest = max(self._version_names(adapter), default=None)
-        for _ in range(100):  # a non-cooperating writer may take a name between listing and rename
-            version = next_version(self._clock(), newest)
-            metadata = {
-                **extra,
-                "adapter": adapter,
-                "version": version,
-                "created_at": datetime.now(UTC).isoformat(),
-                "source": str(src.resolve()),
-                "publisher": f"{socket.gethostname()}:{os.getpid()}",
-                "lora": config.summary(),
-            }
-            for name in (METADATA_FILE, READY_FILE):
-                (staging / name).unlink(missing_ok=True)
-            atomic_write_json(staging / METADATA_FILE, metadata)
-            digests[METADATA_FILE] = FileDigest(*hash_file(staging / METADATA_FILE))
-            atomic_write(staging / READY_FILE, ReadyManifest(files=digests).to_json())
-            fsync_dir(staging)
-            try:
-                os.rename(staging, adapter_dir / version)
-            except OSError as exc:
-                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    newest = version
-                    continue
-                raise
-            fsync_dir(adapter_dir)
-            atomic_write(adapter_dir / LATEST_FILE, version.encode())
-            (adapter_dir / RETIRED_FILE).unlink(missing_ok=True)
-            return version
-        raise StoreError(f"could not allocate a version name under {adapter_dir}")
-
-    @staticmethod
-    def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-        if metadata is None:
-            return {}
-        if not isinstance(metadata, Mapping):
-            raise InvalidCheckpointError(f"metadata must be a JSON object, got {type(metadata).__name__}")
-        reserved = RESERVED_METADATA & set(metadata)
-        if reserved:
-            raise InvalidCheckpointError(f"metadata keys {sorted(reserved)} are reserved for the store")
-        try:
-            encoded = json.dumps(dict(metadata), allow_nan=False).encode()
-        except (TypeError, ValueError) as exc:
-            raise InvalidCheckpointError(f"metadata is not JSON-serialisable: {exc}") from None
-        return parse_json_bounded(encoded, "metadata")
 
     def pin(self, adapter: str, version: str) -> None:
         """Roll back (or forward): every engine serves ``version`` until :meth:`follow`."""
