@@ -65,7 +65,7 @@ class Plan:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions and shorter phases (~6 min)")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and shorter phases")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output directory (default: %(default)s)")
     options = parser.parse_args()
     plan = Plan.make(options.quick)
