@@ -91,7 +91,7 @@ def test_the_rpc_fallback_stages_what_a_late_message_has_not_started_yet(monkeyp
     hotswap.stage(4, "a@v2", "/store/a/v2")  # the channel message, late
     release.set()
     deadline = time.monotonic() + 5
-    while hotswap.status(4, "/store/a/v2")["state"] == "pending" and time.monotonic() < deadline:
+    while hotswap.staging[4, "/store/a/v2"].state == "pending" and time.monotonic() < deadline:
         time.sleep(0.01)
     assert hotswap.status_or_stage(4, "a@v2", "/store/a/v2") == {"state": "ready", "error": None, "nbytes": 7}
     assert started == [(4, "/store/a/v2")]  # staged once

@@ -85,6 +85,9 @@ class _Staged:
     cancelled: bool = False
     slot: Reservation | None = None  # the device slot it was written into (None: the install copies)
 
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state, "error": self.error, "nbytes": self.nbytes}
+
 
 class WorkerHotSwap:
     """Per-worker state: adapters being staged, adapters installed (by slot id)."""
@@ -127,7 +130,7 @@ class WorkerHotSwap:
                 entry = self.staging[(lora_id, path)] = _Staged(lora_id, name, path)
         if existing is not None and existing.state != "failed":
             if existing.state == "ready" and self.channel is not None:  # asked again: answer again
-                self.channel.report(lora_id, path, self.status(lora_id, path))
+                self.channel.report(lora_id, path, existing.status())
             return
         threading.Thread(target=self._stage, args=(entry,), name=f"hotswap-stage-{lora_id}", daemon=True).start()
 
@@ -165,11 +168,7 @@ class WorkerHotSwap:
                 self.slots.release(slot)
             return
         if self.channel is not None:
-            self.channel.report(entry.lora_id, entry.path, self.status(entry.lora_id, entry.path))
-
-    def status(self, lora_id: int, path: str) -> dict[str, Any]:
-        entry = self.staging[(lora_id, path)]
-        return {"state": entry.state, "error": entry.error, "nbytes": entry.nbytes}
+            self.channel.report(entry.lora_id, entry.path, entry.status())
 
     def status_or_stage(self, lora_id: int, name: str, path: str) -> dict[str, Any]:
         """The staging status; a stage this worker never received starts now. Its channel
@@ -177,7 +176,8 @@ class WorkerHotSwap:
         a loaded machine that RPC can overtake a message the channel thread has not read."""
         if (lora_id, path) not in self.staging:
             self.stage(lora_id, name, path)  # idempotent: the late message finds it started
-        return self.status(lora_id, path)
+        entry = self.staging.get((lora_id, path))
+        return entry.status() if entry is not None else _Staged(lora_id, name, path).status()  # removed meanwhile
 
     @staticmethod
     def _check_finite(lora: Any) -> None:
