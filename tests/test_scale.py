@@ -76,7 +76,12 @@ def test_200_adapters_and_10000_versions(scale_engine, make_lora, reference, mon
     (store.adapter_dir("deep") / "LATEST").write_text(first)
     for i in range(ADAPTERS):
         _fill(store, f"scale-{i:03d}", template, VERSIONS, old)
-    engine.wait_until(lambda: len(engine.adapters()) == ADAPTERS + 1, 120, "every adapter to be seen")
+
+    def settled() -> bool:  # listed as soon as seen; a few may still be mid-transaction then
+        states = [a["state"] for a in engine.adapters().values()]
+        return len(states) == ADAPTERS + 1 and "swapping" not in states
+
+    engine.wait_until(settled, 120, "every adapter to be seen and its first transaction to end")
     states = [a["state"] for a in engine.adapters().values()]
     # 8 host slots (--max-cpu-loras): the rest wait for one, and say so.
     assert states.count("serving") == 8 and states.count("no-slot") == ADAPTERS + 1 - 8, states
