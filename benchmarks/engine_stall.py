@@ -1,7 +1,8 @@
 """Benchmark 2: how long a swap holds the engine loop, ours against vLLM's native reload.
 
-Our path reports ``engine_stall`` itself (the worker-side time of the install
-RPC). Both paths are also measured from outside, the same way: two clients
+Our path reports ``engine_stall`` itself (how long the worker's install held
+the slot lock a step's start takes; the install is a flip made while the engine
+runs). Both paths are also measured from outside, the same way: two clients
 stream long completions from the base model the whole time, and a swap's
 stall is the largest inter-token gap that overlaps it minus the median gap
 away from any swap. The streams use the base model, not the adapter, because
@@ -106,7 +107,7 @@ def _swap_shape(
         swap = server.wait_swapped(adapter, version)["last_swap"]
         done = time.time()
         timings = swap["timings"]
-        # Phases run in order and end with the switch, so the install RPC's wall-clock
+        # Phases run in order and end with the switch, so the install's wall-clock
         # window is found by walking back from the record's finish time.
         install_end = swap["finished_at"] - timings["switch"] - timings.get("probe", 0.0)
         ours.append({

@@ -54,7 +54,7 @@ def stall(results: dict[str, Any]) -> plt.Figure:
         values = [results["stall"]["shapes"][s.label]["summary"][key].get("p50") for s in shapes]
         return [1000 * v if v is not None and v > 0 else float("nan") for v in values]
 
-    axis.plot(sizes, series("ours_engine_stall"), "o-", label="ours: engine_stall (install RPC, worker-side)")
+    axis.plot(sizes, series("ours_engine_stall"), "o-", label="ours: engine_stall (install, worker-side)")
     axis.plot(sizes, series("ours_external_install"), "s--", label="ours: external gap over the install")
     axis.plot(sizes, series("native_external"), "^-", label="native load_inplace: external gap")
     axis.plot(sizes, [1000 * copy_floor(results, s.label) for s in shapes], "k:", label="copy floor (adapter bytes)")

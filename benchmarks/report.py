@@ -140,9 +140,11 @@ def _slot_stall_section(result: dict[str, Any]) -> list[str]:
     return [
         "## 7. Install stall against adapter size and slot size",
         "",
-        "Staging writes the adapter into a free LoRA slot while the engine runs; the install between two steps "
-        "flips the slot's mapping. Ours: how long the install RPC held the engine core (round trip to the worker "
-        "included); any RPC: a worker RPC that only reads, timed the same way; native: vLLM's in-place reload of "
+        "Staging writes the adapter into a free LoRA slot while the engine runs; the install flips the slot's "
+        "mapping, for a new slot id on the worker while the engine runs (a stage-channel message, no step boundary). "
+        "Ours: how long the install could hold the engine: the flip under the slot lock that a step's start takes "
+        "(an install by RPC between two steps, for want of a slot: how long it held the engine core, round trip "
+        "included); any RPC: a worker RPC that only reads, timed as an RPC's hold; native: vLLM's in-place reload of "
         "the same files, from base-model streams (largest overlapping inter-token gap minus the quiet median). "
         f"{result['swaps']} swaps per row, 2 streaming clients. Over the run: {installs['slot_writes']} adapters written "
         f"into a slot while staging, {installs['step_copies']} copied in the step, {installs['slots_lost']} reserved slots "
@@ -193,7 +195,7 @@ def _stall_section(results: dict[str, Any]) -> list[str]:
         f"({_mb(results['slot_bytes'])}) zeroed at {bandwidth['zero_bytes_per_s'] / 1e9:.1f} GB/s plus the copy. "
         "External: largest inter-token gap of base-model streams overlapping the window minus the quiet median gap "
         f"({_ms(stall['baseline_gap']['p50'])}, p95 {_ms(stall['baseline_gap']['p95'])}: differences much below the "
-        "spread are noise); ours over the install RPC (the step right after it may also carry the probe's prefill) and "
+        "spread are noise); ours over the install (the step right after it may also carry the probe's prefill) and "
         "over the whole swap (commit → old version retired: staging's CPU use and the probe included), native over the "
         "`/v1/load_lora_adapter` request. Swaps of the two paths alternate on one server, on the same adapter files.",
         "",

@@ -1,15 +1,18 @@
 """Benchmark 7: how long an install holds the engine, against adapter size and slot size.
 
 Staging writes the adapter into a free LoRA slot while the engine runs, so the
-install between two steps only flips the slot's mapping: its cost should not
-depend on the adapter (1 MB to 160 MB here) or on the slot (``--max-lora-rank``
-16, 64, 256). One server per rank streams two long completions from the base
-model while adapters of each size that fits swap in; per swap:
+install only flips the slot's mapping (for a new slot id on the worker while
+the engine runs, sent over the stage channel): its cost should not depend on
+the adapter (1 MB to 160 MB here) or on the slot (``--max-lora-rank`` 16, 64,
+256). One server per rank streams two long completions from the base model
+while adapters of each size that fits swap in; per swap:
 
-* **ours**: how long the install RPC held the engine core, the round trip to the
-  worker included (the instance's ``engine_stall``);
-* **any RPC**: ``GET /v1/lora/workers``, a worker RPC that only reads, timed the
-  same way (its ``rpc_held_s``): what any install between two steps costs;
+* **ours**: the instance's ``engine_stall``: how long the worker's flip held the
+  slot lock that a step's start takes (an install that went by RPC between two
+  steps: how long it held the engine core, the round trip to the worker included);
+* **any RPC**: ``GET /v1/lora/workers``, a worker RPC that only reads, timed as
+  an RPC's hold of the engine core (its ``rpc_held_s``): what any install between
+  two steps would cost;
 * **native**: vLLM's in-place reload of the same files
   (``/v1/load_lora_adapter`` with ``load_inplace``; vLLM reads and copies the
   adapter in its ``add_lora`` utility, between two steps), from the streams:

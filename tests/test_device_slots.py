@@ -280,3 +280,63 @@ def test_on_cuda_the_copy_runs_on_a_side_stream_and_the_install_waits_for_it() -
     register(manager, lora)
     assert slots.claim(reservation, 4, replace=False)  # the default stream now waits for the copy
     assert slot_values(manager, reservation.index) == {4.0}
+
+
+def worker_with(manager):
+    """A worker's hot-swap state around ``manager``, with no vLLM worker behind it."""
+    from vllm_lora_hotswap.engine.worker import WorkerHotSwap
+
+    hotswap = WorkerHotSwap.__new__(WorkerHotSwap)
+    hotswap.worker_manager = SimpleNamespace(_adapter_manager=manager)
+    hotswap.staging, hotswap.installed, hotswap.previous = {}, {}, {}
+    hotswap._lock, hotswap.channel, hotswap.step_copies = threading.Lock(), None, 0
+    hotswap.slots = SlotWriter(manager)
+    return hotswap
+
+
+def staged(hotswap, lora_id: int, value: float, *, written: bool = True):
+    from vllm_lora_hotswap.engine.worker import _Staged
+
+    lora = make_lora(lora_id, value)
+    entry = _Staged(lora_id, f"a@v{lora_id}", f"/store/a/v{lora_id}", state="ready", lora=lora)
+    entry.slot = hotswap.slots.reserve()
+    if written:
+        assert hotswap.slots.write(entry.slot, lora)
+    hotswap.staging[lora_id, entry.path] = entry
+    return entry
+
+
+def test_an_install_off_the_step_is_a_flip_made_once_and_never_a_copy() -> None:
+    """The stage channel's install runs while a step may: it flips a written slot, says
+    ``in_step`` for anything that needs a copy (left to the install RPC between steps),
+    and an install that also came by RPC (its channel answer was late) is made once."""
+    manager = make_manager(slots=2)
+    hotswap = worker_with(manager)
+    entry = staged(hotswap, 7, 3.0)
+    index = entry.slot.index
+    result = hotswap.install_off_step(7, entry.path)
+    assert result["ok"] and result["seconds"] >= 0
+    assert manager.lora_index_to_id[index] == 7 and consistent(manager)
+    assert hotswap.install(7, entry.path, replace=False) == {"ok": True, "error": None}  # the late RPC: no-op
+    assert hotswap.step_copies == 0 and manager.lora_index_to_id.count(7) == 1
+
+    unwritten = staged(hotswap, 8, 4.0, written=False)  # e.g. vLLM took the slot while it was written
+    refused = hotswap.install_off_step(8, unwritten.path)
+    assert refused["in_step"] and not refused["ok"]
+    assert 8 not in manager.list_adapters() and 8 not in manager.lora_index_to_id  # nothing half-done
+    hotswap.slots.release(unwritten.slot)
+    unwritten.slot = None
+    assert hotswap.install(8, unwritten.path, replace=False)["ok"]  # the RPC copies it, between steps
+    assert hotswap.step_copies == 1 and slot_values(manager, manager.lora_index_to_id.index(8)) == {4.0}
+
+
+def test_an_install_off_the_step_waits_for_a_step_start_that_holds_the_slot_lock() -> None:
+    manager = make_manager(slots=2)
+    hotswap = worker_with(manager)
+    entry = staged(hotswap, 7, 3.0)
+    done = threading.Event()
+    with hotswap.slots.lock:  # what set_active_adapters holds at the start of a step
+        threading.Thread(target=lambda: (hotswap.install_off_step(7, entry.path), done.set()), daemon=True).start()
+        assert not done.wait(0.2)
+        assert 7 not in manager.lora_index_to_id
+    assert done.wait(5) and 7 in manager.lora_index_to_id

@@ -95,3 +95,31 @@ def test_the_rpc_fallback_stages_what_a_late_message_has_not_started_yet(monkeyp
         time.sleep(0.01)
     assert hotswap.status_or_stage(4, "a@v2", "/store/a/v2") == {"state": "ready", "error": None, "nbytes": 7}
     assert started == [(4, "/store/a/v2")]  # staged once
+
+
+def test_installs_reach_every_worker_and_each_answer_comes_back_in_worker_order(channel: ServerChannel) -> None:
+    answers = [{"ok": True, "error": None, "seconds": 0.001}, {"ok": False, "in_step": True, "error": "no slot", "seconds": 0.0}]
+    asked: list[list[tuple[int, str]]] = [[], []]
+
+    def on_install(i: int):
+        def install(lora_id: int, path: str) -> dict:
+            asked[i].append((lora_id, path))
+            return answers[i]
+
+        return install
+
+    ends = [WorkerChannel(str(channel.directory), f"0-{i}", lambda *_: None, on_install(i)) for i in range(2)]
+    assert channel.connect([str(end.path) for end in ends])
+    assert channel.install([(3, "/store/a/v1"), (4, "/store/b/v1")]) == [answers, answers]
+    assert asked == [[(3, "/store/a/v1"), (4, "/store/b/v1")]] * 2
+
+
+def test_an_install_a_worker_does_not_answer_is_left_to_the_rpc(channel: ServerChannel) -> None:
+    silent = threading.Event()
+    ends = [WorkerChannel(str(channel.directory), "0-0", lambda *_: None, lambda *_: {"ok": True, "error": None, "seconds": 0.0}),
+            WorkerChannel(str(channel.directory), "0-1", lambda *_: None, lambda *_: silent.wait(5) and {"ok": True})]  # fmt: skip
+    assert channel.connect([str(end.path) for end in ends])
+    assert channel.install([(3, "/store/a/v1")], timeout=0.2) == [None]
+    silent.set()
+    time.sleep(0.1)  # the late answer arrives and is dropped
+    assert channel._installs == {}

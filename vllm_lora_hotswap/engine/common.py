@@ -88,21 +88,28 @@ class WorkerRpcEngine:
         return statuses
 
     def install(self, requests: Sequence[InstallRequest]) -> list[float | Exception]:
-        items = [[r.handle.lora_id, r.handle.path, r.replace is not None] for r in requests]
-        ranks, held = self._timed_rpc("hotswap_install", items)
-        # The engine loop is held once for the batch: measured in the engine core where it
-        # can be (the round trip to the workers included), else on the workers.
-        stall = held if held is not None else max(rank["seconds"] for rank in ranks)
-        results: list[float | Exception] = []
-        for per_rank in zip(*(rank["results"] for rank in ranks)):
-            failed = next(((i, r) for i, r in enumerate(per_rank) if not r["ok"]), None)
-            if failed is None:
-                results.append(stall)
-                continue
-            rank, error = failed
-            message = _on_worker(rank, len(per_rank), error["error"])
-            results.append(NoCapacity(message) if error.get("capacity") else CheckpointRejected("install", message))
-        return results
+        """New slot ids go over the stage channel, flipped by the workers while the engine
+        runs; the rest (in-place replacements, slots that must be copied, installs whose
+        answers did not come) by one RPC between two steps."""
+        results: dict[int, float | Exception] = {}
+        if self.channel is not None:
+            flips = [i for i, r in enumerate(requests) if r.replace is None]
+            answers = self.channel.install([(requests[i].handle.lora_id, requests[i].handle.path) for i in flips])
+            for i, per_rank in zip(flips, answers):
+                if per_rank is not None and not any(answer.get("in_step") for answer in per_rank):
+                    # Nothing waited for a step boundary: the stall is the longest a step's
+                    # start could have waited for the slot lock the flip held.
+                    results[i] = _install_outcome(per_rank, max(answer["seconds"] for answer in per_rank))
+        rest = [i for i in range(len(requests)) if i not in results]
+        if rest:
+            items = [[requests[i].handle.lora_id, requests[i].handle.path, requests[i].replace is not None] for i in rest]
+            ranks, held = self._timed_rpc("hotswap_install", items)
+            # The engine loop is held once for the batch: measured in the engine core where it
+            # can be (the round trip to the workers included), else on the workers.
+            stall = held if held is not None else max(rank["seconds"] for rank in ranks)
+            for i, per_rank in zip(rest, zip(*(rank["results"] for rank in ranks))):
+                results[i] = _install_outcome(per_rank, stall)
+        return [results[i] for i in range(len(requests))]
 
     def worker_states(self) -> tuple[list[dict[str, Any]], float | None]:
         """One ``WorkerHotSwap.state()`` per worker, and how long that RPC held the engine
@@ -133,6 +140,15 @@ class WorkerRpcEngine:
         if not all(math.isfinite(v) for v in logprobs):
             return CheckpointRejected("probe", f"non-finite logprobs {logprobs}")
         return None
+
+
+def _install_outcome(per_rank: Sequence[dict[str, Any]], stall: float) -> float | Exception:
+    failed = next(((i, r) for i, r in enumerate(per_rank) if not r["ok"]), None)
+    if failed is None:
+        return stall
+    rank, error = failed
+    message = _on_worker(rank, len(per_rank), error["error"])
+    return NoCapacity(message) if error.get("capacity") else CheckpointRejected("install", message)
 
 
 def _on_worker(rank: int, workers: int, error: str) -> str:

@@ -18,8 +18,11 @@ staging thread instead:
    layer clears only the rank rows the slot's previous adapters wrote (known
    for every slot written since the writer started: by us, or by vLLM's
    ``activate_adapter``), not all ``--max-lora-rank`` of them.
-3. **flip** between two steps (the install RPC): the slot's entry becomes the
-   adapter's id. Work that does not depend on the adapter's size.
+3. **flip**: the slot's entry becomes the adapter's id. Work that does not
+   depend on the adapter's size. A new id flips while a step runs (the stage
+   channel's install: no request of a running step maps to an id it has not
+   seen); an in-place replacement of a routed id flips between two steps (the
+   install RPC).
 
 The reservation stays evictable: if a step needs more slots than are free (a
 batch naming adapters vLLM loads itself), vLLM's LRU may take the reserved
@@ -137,19 +140,31 @@ class SlotWriter:
         self.writes += 1
         return True
 
-    # -- between steps, on the engine thread ---------------------------------------------
-    def claim(self, reservation: Reservation, lora_id: int, *, replace: bool) -> bool:
+    # -- installs: a flip, between steps or (a new id) while a step runs -----------------
+    def claimable(self, reservation: Reservation | None) -> bool:
+        """:meth:`claim` would flip it (call with :attr:`lock` held: only vLLM's changes,
+        made under it, can take a reserved slot)."""
+        return reservation is not None and reservation.written and not reservation.lost
+
+    def claim(self, reservation: Reservation, lora_id: int, *, replace: bool, off_step: bool = False) -> bool:
         """The reserved slot starts serving ``lora_id``; False if the slot was lost or never
         written (the caller copies the usual way instead). With ``replace`` the slot that
-        served ``lora_id`` keeps its weights, reserved, until :meth:`commit` or :meth:`restore`."""
+        served ``lora_id`` keeps its weights, reserved, until :meth:`commit` or :meth:`restore`.
+
+        ``off_step``: called while a step may run (a new id, which no request of that step
+        maps to). On CUDA the flip then waits for the copy itself, on this thread, instead
+        of ordering it before the next kernels of the engine's stream."""
         manager = self.manager
         with self.lock:
             self.reserved.pop(reservation.key, None)
-            if reservation.lost or not reservation.written:
+            if not self.claimable(reservation):
                 self._drop(reservation)
                 return False
             if reservation.event is not None:
-                torch.cuda.current_stream().wait_event(reservation.event)
+                if off_step:
+                    reservation.event.synchronize()
+                else:
+                    torch.cuda.current_stream().wait_event(reservation.event)
             old = manager.lora_index_to_id.index(lora_id) if lora_id in manager.lora_index_to_id else None
             self._pop_active(reservation.key)  # first: the active set never exceeds its capacity
             manager.lora_index_to_id[reservation.index] = lora_id

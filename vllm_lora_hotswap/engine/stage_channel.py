@@ -12,6 +12,12 @@ The server makes a private directory and binds ``server.sock`` in it; one
 there and answer its path, in the order worker RPCs answer. Without a
 channel (a worker could not bind, an offline engine) staging falls back to
 RPCs, and a stage whose reports stop coming is asked about by RPC too.
+
+Installs of a new slot id go the same way: the worker flips the slot it
+staged into while the engine runs (no request maps to a slot it has not been
+told about) and answers. An install the worker cannot do by a flip alone (the
+slot was lost and must be copied, an in-place replacement of a routed id), or
+one whose answer does not come, goes by the install RPC between two steps.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ logger = logging.getLogger("vllm.lora_hotswap")
 Key = tuple[int, str]  # (lora_id, path)
 MAX_MESSAGE = 1 << 16
 # A stage with no report for this long is asked about by RPC (a worker that died
-# or restarted, a message that never came).
+# or restarted, a message that never came); an install with no answer goes by RPC.
 REPORT_PATIENCE_S = 2.0
 
 
@@ -61,19 +67,32 @@ def _serve(sock: socket.socket, handle: Callable[[dict[str, Any]], None], name: 
 class WorkerChannel:
     """A worker's end: stage requests in, staging outcomes out."""
 
-    def __init__(self, directory: str, label: str, on_stage: Callable[[int, str, str], None]):
+    def __init__(
+        self,
+        directory: str,
+        label: str,
+        on_stage: Callable[[int, str, str], None],
+        on_install: Callable[[int, str], dict[str, Any]] | None = None,
+    ):
         self.server = str(Path(directory) / "server.sock")
         self.path = Path(directory) / f"worker-{label}-{os.getpid()}.sock"
         self._sock = _bind(self.path)
         self._on_stage = on_stage
+        self._on_install = on_install
         _serve(self._sock, self._handle, f"hotswap-channel-{label}")
 
     def _handle(self, message: dict[str, Any]) -> None:
-        for lora_id, name, path in message["stage"]:
+        for lora_id, name, path in message.get("stage", ()):
             self._on_stage(lora_id, name, path)
+        for lora_id, path in message.get("install", ()):
+            if self._on_install is None:
+                result = {"ok": False, "in_step": True, "error": "this worker installs by RPC only", "seconds": 0.0}
+            else:
+                result = self._on_install(lora_id, path)
+            self.report(lora_id, path, result, kind="install")
 
-    def report(self, lora_id: int, path: str, status: dict[str, Any]) -> None:
-        message = json.dumps({"worker": str(self.path), "lora_id": lora_id, "path": path, **status}).encode()
+    def report(self, lora_id: int, path: str, status: dict[str, Any], *, kind: str = "stage") -> None:
+        message = json.dumps({"worker": str(self.path), "kind": kind, "lora_id": lora_id, "path": path, **status}).encode()
         try:
             self._sock.sendto(message, self.server)
         except OSError:
@@ -90,6 +109,7 @@ class ServerChannel:
         self._condition = threading.Condition()
         self._started: dict[Key, float] = {}  # guarded by _condition
         self._reports: dict[Key, dict[str, dict[str, Any]]] = {}  # key -> worker path -> status
+        self._installs: dict[Key, dict[str, dict[str, Any]]] = {}  # installs awaiting answers, the same way
         _serve(self._sock, self._handle, "hotswap-channel-server")
 
     def connect(self, worker_paths: Sequence[str | None]) -> bool:
@@ -139,6 +159,29 @@ class ServerChannel:
         with self._condition:
             self._condition.wait_for(lambda: len(self._reports.get(key, ())) >= len(self.workers), timeout)
 
+    def install(self, keys: Sequence[Key], timeout: float | None = None) -> list[list[dict[str, Any]] | None]:
+        """Ask every worker to install each ``(lora_id, path)`` by a flip, off the step. Per key,
+        every worker's answer (in worker order), or None when one did not answer within
+        ``timeout`` seconds (default :data:`REPORT_PATIENCE_S`) or could not be reached."""
+        with self._condition:
+            for key in keys:
+                self._installs[key] = {}
+        try:
+            message = json.dumps({"install": [list(key) for key in keys]}).encode()
+            for worker in self.workers:
+                self._sock.sendto(message, worker)
+        except OSError as exc:
+            logger.warning("hot-swap: install over the stage channel failed (%s); installing by RPC", exc)
+            timeout = 0.0
+
+        def answered() -> bool:
+            return all(len(self._installs[key]) >= len(self.workers) for key in keys)
+
+        with self._condition:
+            self._condition.wait_for(answered, REPORT_PATIENCE_S if timeout is None else timeout)
+            answers = {key: self._installs.pop(key) for key in keys}
+        return [[answers[key][w] for w in self.workers] if len(answers[key]) >= len(self.workers) else None for key in keys]
+
     def forget(self, key: Key) -> None:
         with self._condition:
             self._started.pop(key, None)
@@ -147,7 +190,12 @@ class ServerChannel:
     def _handle(self, message: dict[str, Any]) -> None:
         key = (message.pop("lora_id"), message.pop("path"))
         worker = message.pop("worker")
+        kind = message.pop("kind", "stage")
         with self._condition:
-            if key in self._started:
+            if kind == "install":
+                if key in self._installs:  # else an answer that came too late: the RPC installed it
+                    self._installs[key][worker] = message
+                    self._condition.notify_all()
+            elif key in self._started:
                 self._reports.setdefault(key, {})[worker] = message
                 self._condition.notify_all()

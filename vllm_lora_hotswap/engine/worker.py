@@ -5,11 +5,13 @@ when the API server's message reaches the worker's :mod:`.stage_channel`
 socket (or, without one, the ``hotswap_stage`` RPC): a thread reads the
 weights, checks them, and writes them into a free LoRA slot
 (:mod:`.device_slots`), all while the engine runs; it reports back on the
-channel. The other methods reach the worker through
-``collective_rpc("hotswap_*")``, which the engine core executes between two
-model steps on every rank at once: the install only flips the slot mapping.
-The LoRA manager is not thread-safe: every change to its state (vLLM's at
-the start of a step, ours) is made under :attr:`SlotWriter.lock`.
+channel. The install of a new slot id comes on the channel too and only
+flips the slot's mapping, also while the engine runs: no request maps to
+that id before the install answers. The other methods (and installs that
+need more than a flip) reach the worker through ``collective_rpc("hotswap_*")``,
+which the engine core executes between two model steps on every rank at
+once. The LoRA manager is not thread-safe: every change to its state (vLLM's
+at the start of a step, ours) is made under :attr:`SlotWriter.lock`.
 
 Staged adapters stay in host memory for as long as they are installed, and
 ``WorkerLoRAManager._load_adapter`` is patched to return them: whenever vLLM
@@ -112,7 +114,7 @@ class WorkerHotSwap:
         """Bind this worker's end of the API server's stage channel; its socket path (None: RPCs only)."""
         try:
             if self.channel is None or str(self.channel.path.parent) != directory:
-                self.channel = WorkerChannel(directory, self.label, self.stage)
+                self.channel = WorkerChannel(directory, self.label, self.stage, self.install_off_step)
         except OSError as exc:
             logger.warning("hot-swap: worker %s cannot bind the stage channel (%s); staging by RPC", self.label, exc)
             return None
@@ -217,16 +219,30 @@ class WorkerHotSwap:
         results = [self.install(lora_id, path, replace) for lora_id, path, replace in items]
         return {"results": results, "seconds": time.perf_counter() - start}
 
-    def install(self, lora_id: int, path: str, replace: bool) -> dict[str, Any]:
+    def install_off_step(self, lora_id: int, path: str) -> dict[str, Any]:
+        """The stage channel's install: a flip of the slot the adapter was staged into, made
+        while the engine runs (no request maps to a new id yet). ``in_step``: it needs a copy
+        into a slot, which only the install RPC between two steps may make."""
+        start = time.perf_counter()
+        result = self.install(lora_id, path, replace=False, off_step=True)
+        return {**result, "seconds": time.perf_counter() - start}
+
+    def install(self, lora_id: int, path: str, replace: bool, *, off_step: bool = False) -> dict[str, Any]:
         """Register, map and pin a staged adapter; with ``replace`` take over its slot id.
 
         Written into a slot while staging: the slot's mapping flips (size-independent).
-        Otherwise (no slot was free) vLLM's ``activate_adapter`` copies it here, in the step."""
-        entry = self.staging.get((lora_id, path))
-        if entry is None or entry.state != "ready":
-            return {"ok": False, "error": f"adapter {lora_id} at {path} is not staged"}
+        Otherwise (no slot was free) vLLM's ``activate_adapter`` copies it here, in the step.
+        Idempotent: an install that came both ways (its channel answer was late) is made once."""
         manager = self.manager
         with self.slots.lock:
+            done = self.installed.get(lora_id)
+            if not replace and done is not None and done.path == path:
+                return {"ok": True, "error": None}
+            entry = self.staging.get((lora_id, path))
+            if entry is None or entry.state != "ready":
+                return {"ok": False, "error": f"adapter {lora_id} at {path} is not staged"}
+            if off_step and not self.slots.claimable(entry.slot):
+                return {"ok": False, "in_step": True, "error": f"adapter {lora_id} is in no slot: it is copied in the step"}
             if not replace and lora_id not in manager.list_adapters() and len(manager) >= manager.capacity:
                 return {"ok": False, "capacity": True, "error": f"all {manager.capacity} LoRA slots (--max-cpu-loras) are in use"}
             if replace:
@@ -234,7 +250,7 @@ class WorkerHotSwap:
             slot, entry.slot = entry.slot, None
             try:
                 manager._registered_adapters[lora_id] = entry.lora
-                if slot is None or not self.slots.claim(slot, lora_id, replace=replace):
+                if slot is None or not self.slots.claim(slot, lora_id, replace=replace, off_step=off_step):
                     self._copy_in_step(lora_id)
                 manager._registered_adapters.pin(lora_id)
             except Exception as exc:  # e.g. a tensor that does not fit its slot
@@ -243,8 +259,8 @@ class WorkerHotSwap:
                 else:
                     manager.remove_adapter(lora_id)
                 return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        self.installed[lora_id] = entry
-        self.staging.pop((lora_id, path), None)
+            self.installed[lora_id] = entry
+            self.staging.pop((lora_id, path), None)
         return {"ok": True, "error": None}
 
     def _copy_in_step(self, lora_id: int) -> None:
@@ -284,11 +300,11 @@ class WorkerHotSwap:
                 slot, staged.slot = staged.slot, None
         if slot is not None:
             self.slots.release(slot)
-        entry = self.installed.get(lora_id)
-        if entry is not None and entry.path == path:
-            with self.slots.lock:
+        with self.slots.lock:  # an install off the step may be adding it on the channel thread
+            entry = self.installed.get(lora_id)
+            if entry is not None and entry.path == path:
                 self.manager.remove_adapter(lora_id)
-            del self.installed[lora_id]
+                del self.installed[lora_id]
 
     def reinstall(self) -> int:
         """Register every installed adapter again after vLLM dropped them all
@@ -305,11 +321,14 @@ class WorkerHotSwap:
         return len(self.installed)
 
     def state(self) -> dict[str, Any]:
+        with self.slots.lock:  # installs change these on the channel thread
+            registered = sorted(self.manager.list_adapters())
+            installed = dict(self.installed)
         return {
-            "registered": sorted(self.manager.list_adapters()),
-            "installed": {str(i): e.path for i, e in self.installed.items()},
+            "registered": registered,
+            "installed": {str(i): e.path for i, e in installed.items()},
             "staging": len(self.staging),
-            "staged_bytes": sum(e.nbytes for e in self.installed.values()),
+            "staged_bytes": sum(e.nbytes for e in installed.values()),
             "disk_loads": self.disk_loads,
             "slot_writes": self.slots.writes,  # adapters written into a slot while staging
             "step_copies": self.step_copies,  # installs that copied in the step instead
