@@ -353,3 +353,38 @@ def test_random_sequences_keep_the_invariants(machine: type[PipelineMachine], lo
     test.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
     test.runTest()
+
+
+@pytest.mark.parametrize("outcome", ["served", "probe rejected", "engine down"])
+def test_requests_wait_during_the_probe_and_go_where_the_verdict_routes_them(
+    store: CheckpointStore, lora: Path, outcome: str
+) -> None:
+    """Requests for the adapter that arrive during the probe are held: after a passing probe
+    they go to the new version (released after the route), after a failing one to the old."""
+    engine = FakeEngine()
+    controller = controller_for(store, engine)
+    v1 = store.publish("a", lora)
+    controller.sync_once()
+    engine.hold_log.clear()
+    v2 = store.publish("a", lora)
+    if outcome == "probe rejected":
+        engine.reject["probe"].add(path_of(store, "a", v2))
+    elif outcome == "engine down":
+        engine.unavailable.add("probe")
+    controller.sync_once()
+    expected = v2 if outcome == "served" else v1
+    assert [(kind, adapter) for kind, adapter, _ in engine.hold_log] == [("hold", "a"), ("release", "a")]
+    assert engine.hold_log[0][2].version == v1  # held while v1 serves...
+    assert engine.hold_log[1][2].version == expected  # ...let go once the routes say where to
+    assert engine.requests_held == set()
+
+
+def test_a_pinned_version_holds_no_request_of_the_adapter(store: CheckpointStore, lora: Path) -> None:
+    engine = FakeEngine()
+    controller = controller_for(store, engine)
+    v1 = store.publish("a", lora)
+    store.publish("a", lora)
+    controller.sync_once()
+    engine.hold_log.clear()
+    controller.ensure("a", v1)  # a request naming a@v1: the bare name keeps its route
+    assert engine.hold_log == []

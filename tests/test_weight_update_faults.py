@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from vllm_lora_hotswap.store import CheckpointStore
 pytestmark = pytest.mark.engine
 API_KEY = "faults-secret"
 ANSWER_WITHIN = 30.0  # seconds after a failed push by which completions must be answered again
+PROBE_HOLD = 60.0  # a paused engine holds a probe for as long as the test likes: so may requests wait for it
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +36,7 @@ def server(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     server = VllmServer(
         toy_model, tmp_path_factory.mktemp("faults-store"), tmp_path_factory.mktemp("logs") / "faults.log",
         args=["--weight-transfer-config", '{"backend": "gloo"}'], api_key=API_KEY,
+        env={"VLLM_HOTSWAP_PROBE_HOLD": str(PROBE_HOLD)},
     ).start()  # fmt: skip
     yield server
     server.stop()
@@ -248,3 +251,30 @@ def test_a_load_failing_after_layers_were_replaced_marks_the_engine_dead(toy_mod
         assert "loading base weights failed after layers were replaced" in server.log_path.read_text()
     finally:
         server.stop()
+
+
+def test_a_request_that_arrives_during_the_probe_is_served_by_the_new_version(server: VllmServer, make_lora) -> None:
+    """Without the hold it would be routed to the old version at once (and then wait in the
+    paused engine all the same); with it, it waits for the verdict and gets the new one."""
+    store = CheckpointStore(server.root)
+    old, new = make_lora(97), make_lora(98)
+    previous = store.publish("heldprobe", old)
+    server.wait_served("heldprobe", previous, 120)
+    http = httpx.Client(base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {API_KEY}"})
+    answer: dict[str, tuple[str, list[int]]] = {}
+    request = threading.Thread(target=lambda: answer.update(first=server.tokens("heldprobe", PROMPTS[0])))
+    assert http.post("/start_weight_update", json={"mode": "wait"}).status_code == 200
+    try:
+        version = store.publish("heldprobe", new)
+        server.wait_until(lambda: server.adapters()["heldprobe"].get("phase") == "probe", 60, "the probe")
+        request.start()
+        request.join(1.0)
+        assert request.is_alive()
+    finally:
+        assert http.post("/finish_weight_update", json={"weight_version": "held-request"}).status_code == 200
+    request.join(120)
+    # Earlier tests here pushed other base weights, so PEFT on the toy model is no oracle:
+    # each version's own output is, asked for by its pinned name.
+    expected = server.tokens(f"heldprobe@{version}", PROMPTS[0])
+    assert answer["first"] == expected
+    assert expected[1] != server.tokens(f"heldprobe@{previous}", PROMPTS[0])[1]

@@ -49,6 +49,11 @@ class HotSwapSettings(BaseSettings):
     probe_max_tokens: int = Field(
         default=1, ge=1, le=64, description="Tokens the probe generates (one is a full prefill and a sampled token)."
     )
+    probe_hold: float = Field(
+        default=1.0, ge=0, le=60,
+        description="Seconds a request for an adapter may wait while the adapter's new version is probed, "
+        "to be served by it if it passes (0: such requests go to the version serving now).",
+    )
     mode: Literal["versioned", "inplace"] = Field(
         default="versioned",
         description="versioned: each request runs on one version; inplace: new weights take "

@@ -42,6 +42,8 @@ class FakeEngine:
         self.installed_paths: list[str] = []  # every path ever installed, in order
         self.reject: dict[str, set[str]] = {"stage": set(), "install": set(), "probe": set()}  # phase -> paths
         self.held: dict[str, threading.Event] = {}  # path -> set to let its staging finish
+        self.requests_held: set[str] = set()  # adapters whose new requests wait for a probe's verdict
+        self.hold_log: list[tuple[str, str, LoraHandle | None]] = []  # (hold | release, adapter, its route then)
         self.down = False  # every call that needs the engine raises EngineUnavailable
         self.unavailable: set[str] = set()  # only these calls do ("stage", "install", "probe", ...)
         self._ids = itertools.count(1)
@@ -142,6 +144,15 @@ class FakeEngine:
         self.routes[f"{handle.adapter}@{handle.version}"] = handle
         if current:
             self.routes[handle.adapter] = handle
+
+    def hold_requests(self, adapter: str) -> None:
+        self.requests_held.add(adapter)
+        self.hold_log.append(("hold", adapter, self.routes.get(adapter)))
+
+    def release_requests(self, adapter: str) -> None:
+        if adapter in self.requests_held:
+            self.requests_held.discard(adapter)
+            self.hold_log.append(("release", adapter, self.routes.get(adapter)))
 
     def unroute(self, adapter: str, version: str | None) -> None:
         self.routes.pop(adapter if version is None else f"{adapter}@{version}", None)

@@ -117,7 +117,8 @@ class HotSwapEndpoints:
 
 
 def install_serving_hooks(models: Any, controller: SwapController, settings: HotSwapSettings) -> None:
-    """Make ``/v1/models`` list adapters by name, and ``adapter@version`` routable on demand."""
+    """Make ``/v1/models`` list adapters by name, ``adapter@version`` routable on demand, and
+    requests for an adapter wait for the verdict on a new version being probed."""
     from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelPermission
     from vllm.entrypoints.serve.engine.serving import BaseServing
 
@@ -144,7 +145,9 @@ def install_serving_hooks(models: Any, controller: SwapController, settings: Hot
     async def _check_model(self: Any, request: Any) -> Any:
         hotswap = getattr(self.models, "lora_hotswap", None)
         model = getattr(request, "model", None)
-        if hotswap is not None and model and "@" in model:
+        if hotswap is not None and model and "@" not in model:
+            await hotswap.engine.wait_if_held(model)  # its new version is being probed: wait for the verdict
+        elif hotswap is not None and model and "@" in model:
             if model in self.models.lora_requests:
                 hotswap.touch(*split_served_name(model))  # a pinned version in use is not retired
             else:

@@ -85,6 +85,13 @@ class OfflineEngine(WorkerRpcEngine):
         if current:
             self.routes[handle.adapter] = request
 
+    def hold_requests(self, adapter: str) -> None:
+        """Nothing to hold: the caller's :meth:`LocalHotSwap.sync` swaps between its own
+        ``generate`` calls, so no request can arrive during a probe."""
+
+    def release_requests(self, adapter: str) -> None:
+        pass
+
     def unroute(self, adapter: str, version: str | None) -> None:
         self.routes.pop(adapter if version is None else f"{adapter}@{version}", None)
 

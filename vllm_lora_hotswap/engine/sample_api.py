@@ -91,7 +91,9 @@ async def _resolve(request: Request, model_id: str | None) -> tuple[Any, str | N
     models = request.app.state.openai_serving_models
     if model_id is None or models.is_base_model(model_id):
         return None, None
-    if "@" in model_id and model_id not in models.lora_requests:
+    if "@" not in model_id:
+        await request.app.state.lora_hotswap.engine.wait_if_held(model_id)
+    elif model_id not in models.lora_requests:
         error = await _ensure_version(request.app.state.lora_hotswap, model_id)
         if error is not None:
             status, message = error

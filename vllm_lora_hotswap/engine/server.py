@@ -38,6 +38,7 @@ class ServerEngine(WorkerRpcEngine):
         self.loop = loop
         self.settings = settings
         self.limits()  # refuses a server without --enable-lora
+        self._held: dict[str, asyncio.Event] = {}  # adapter -> set when its probe's verdict is in (loop only)
         tokenizer = getattr(engine_client.renderer, "tokenizer", None)
         ids = tokenizer.encode(settings.probe_prompt) if tokenizer is not None else []
         self._probe_ids = list(ids) or [0]
@@ -133,6 +134,29 @@ class ServerEngine(WorkerRpcEngine):
             else:
                 verdicts.append(self.probe_verdict(final.outputs[0] if final is not None and final.outputs else None))
         return verdicts
+
+    def hold_requests(self, adapter: str) -> None:
+        # Scheduled, not awaited: it reaches the loop before the probe this precedes.
+        if self.settings.probe_hold > 0:
+            self.loop.call_soon_threadsafe(lambda: self._held.setdefault(adapter, asyncio.Event()))
+
+    def release_requests(self, adapter: str) -> None:
+        def release() -> None:
+            held = self._held.pop(adapter, None)
+            if held is not None:
+                held.set()
+
+        self.loop.call_soon_threadsafe(release)  # after a route made with _call: it is in place
+
+    async def wait_if_held(self, model: str) -> None:
+        """A request naming ``model`` waits while a new version of that adapter is probed
+        (at most ``VLLM_HOTSWAP_PROBE_HOLD`` seconds), then goes where the routes say."""
+        held = self._held.get(model)
+        if held is not None:
+            try:
+                await asyncio.wait_for(held.wait(), self.settings.probe_hold)
+            except TimeoutError:
+                pass
 
     def route(self, handle: LoraHandle, *, current: bool) -> None:
         request = self.lora_request(handle)

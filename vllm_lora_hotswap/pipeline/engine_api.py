@@ -106,6 +106,13 @@ class EngineAdapter(Protocol):
         :class:`CheckpointRejected` if it is bad, :class:`EngineUnavailable` if the
         engine could not tell."""
 
+    def hold_requests(self, adapter: str) -> None:
+        """Requests naming ``adapter`` that arrive from now on wait (up to a bound) for
+        :meth:`release_requests`, and are then routed: to the probed version if it passed."""
+
+    def release_requests(self, adapter: str) -> None:
+        """Let the requests :meth:`hold_requests` holds go on; a no-op when none are held."""
+
     def route(self, handle: LoraHandle, *, current: bool) -> None:
         """Make ``adapter@version`` (and ``adapter`` when ``current``) serve ``handle``."""
 

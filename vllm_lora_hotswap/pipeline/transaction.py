@@ -3,11 +3,14 @@
     reserve → validate → stage → install → probe → switch
 
 Each step is all or nothing (one that fails cleans up its own partial work),
-so an undo only ever reverts a step that completed. ``reserve`` takes a LoRA slot (undo: give it back), ``stage`` has the workers
-read the weights into host memory (undo: drop the staged copy), ``install``
-puts them into the slot between two engine steps (undo: free the slot, or put
-the replaced weights back for an in-place swap), ``probe`` runs a short
-generation on them, and ``switch`` routes the version's names to it. When a
+so an undo only ever reverts a step that completed. ``reserve`` takes a LoRA
+slot (undo: give it back), ``stage`` has the workers read the weights into a
+slot while the engine runs (undo: drop the staged copy), ``install`` makes
+the slot serve the version's id (undo: free the slot, or put the replaced
+weights back for an in-place swap), ``probe`` runs a short generation on it
+while requests for the adapter that arrive meanwhile wait for the verdict
+(undo: let them go to the version serving now), and ``switch`` routes the
+version's names to it and lets the waiting requests go to it. When a
 step raises, or the transaction is superseded before ``install`` or
 ``switch``, the undos of the steps already done run newest first and the
 exception goes to the controller, which decides what it means (a verdict on
@@ -70,7 +73,7 @@ class SwapTransaction:
             ("install", self._install, self._uninstall),
         ]
         if self.pipeline.settings.probe:
-            steps.append(("probe", self._probe, None))
+            steps.append(("probe", self._probe, self._let_requests_go))
         steps.append(("switch", self._switch, None))
         return steps
 
@@ -162,7 +165,19 @@ class SwapTransaction:
             self.pipeline.engine.remove(self.handle)
 
     def _probe(self) -> None:
-        self.pipeline.probes(self.handle)
+        # A request for the adapter that arrives during the probe would otherwise go to the
+        # old version and then wait behind the probe's step: it waits for the verdict instead.
+        if self.make_current:
+            self.pipeline.engine.hold_requests(self.adapter)
+        try:
+            self.pipeline.probes(self.handle)
+        except BaseException:
+            self._let_requests_go()
+            raise
+
+    def _let_requests_go(self) -> None:
+        if self.make_current:
+            self.pipeline.engine.release_requests(self.adapter)
 
     def _switch(self) -> None:
         pipeline, handle = self.pipeline, self.handle
@@ -170,6 +185,7 @@ class SwapTransaction:
         pipeline.engine.route(handle, current=self.make_current)
         with pipeline.lock:
             pipeline.slots.installed(self.reservation, self.nbytes, make_current=self.make_current)
+        self._let_requests_go()  # after the route: they go to this version
         replace = self.reservation.replace
         if replace is not None:
             pipeline.engine.commit(handle)
