@@ -13,7 +13,8 @@ Response: one sample per prompt, in order, each naming the version that generate
                   "finish_reason": "length", "model": "lora1@2025-08-18T10-00-00Z",
                   "version": "2025-08-18T10-00-00Z"}, ...]}
 
-``model_id="lora1"`` is resolved once, when the request arrives: every prompt of the
+``model_id="lora1"`` is resolved once, when the request arrives (or, if a new version
+of ``lora1`` is being probed then, once the verdict is in): every prompt of the
 request runs on that one version, even if a swap happens meanwhile. ``version`` is
 None for the base model and for ``inplace`` mode (where the weights under a name can
 change between two steps). ``logprobs`` are the sampled tokens' log-probabilities, as
