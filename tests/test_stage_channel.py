@@ -18,9 +18,14 @@ def channel():
     server.close()
 
 
+def no_install(lora_id: int, path: str) -> dict:
+    raise AssertionError("these tests send no installs")
+
+
 def workers(server: ServerChannel, count: int) -> tuple[list[WorkerChannel], list[list[tuple[int, str, str]]]]:
     received: list[list[tuple[int, str, str]]] = [[] for _ in range(count)]
-    ends = [WorkerChannel(str(server.directory), f"0-{i}", lambda *item, i=i: received[i].append(item)) for i in range(count)]
+    ends = [WorkerChannel(str(server.directory), f"0-{i}", lambda *item, i=i: received[i].append(item), no_install)
+            for i in range(count)]  # fmt: skip
     assert server.connect([str(end.path) for end in ends])
     return ends, received
 

@@ -145,10 +145,10 @@ def install_serving_hooks(models: Any, controller: SwapController, settings: Hot
     async def _check_model(self: Any, request: Any) -> Any:
         hotswap = getattr(self.models, "lora_hotswap", None)
         model = getattr(request, "model", None)
-        if hotswap is not None and model and "@" not in model:
-            await hotswap.engine.wait_if_held(model)  # its new version is being probed: wait for the verdict
-        elif hotswap is not None and model and "@" in model:
-            if model in self.models.lora_requests:
+        if hotswap is not None and model:
+            if "@" not in model:
+                await hotswap.engine.wait_if_held(model)  # its new version is being probed: wait for the verdict
+            elif model in self.models.lora_requests:
                 hotswap.touch(*split_served_name(model))  # a pinned version in use is not retired
             else:
                 error = await _ensure_version(hotswap, model)

@@ -65,14 +65,14 @@ def _serve(sock: socket.socket, handle: Callable[[dict[str, Any]], None], name: 
 
 
 class WorkerChannel:
-    """A worker's end: stage requests in, staging outcomes out."""
+    """A worker's end: stage and install requests in, their outcomes out."""
 
     def __init__(
         self,
         directory: str,
         label: str,
         on_stage: Callable[[int, str, str], None],
-        on_install: Callable[[int, str], dict[str, Any]] | None = None,
+        on_install: Callable[[int, str], dict[str, Any]],
     ):
         self.server = str(Path(directory) / "server.sock")
         self.path = Path(directory) / f"worker-{label}-{os.getpid()}.sock"
@@ -85,11 +85,7 @@ class WorkerChannel:
         for lora_id, name, path in message.get("stage", ()):
             self._on_stage(lora_id, name, path)
         for lora_id, path in message.get("install", ()):
-            if self._on_install is None:
-                result = {"ok": False, "in_step": True, "error": "this worker installs by RPC only", "seconds": 0.0}
-            else:
-                result = self._on_install(lora_id, path)
-            self.report(lora_id, path, result, kind="install")
+            self.report(lora_id, path, self._on_install(lora_id, path), kind="install")
 
     def report(self, lora_id: int, path: str, status: dict[str, Any], *, kind: str = "stage") -> None:
         message = json.dumps({"worker": str(self.path), "kind": kind, "lora_id": lora_id, "path": path, **status}).encode()
