@@ -60,7 +60,7 @@ class Plan:
     def make(cls, quick: bool) -> Plan:
         if quick:
             return cls(latency_swaps=15, parallel_rounds=5, stall_swaps=5, sticky_seconds=3, serving_seconds=20, memory_swaps=100, pushes=2, slot_swaps=5)
-        return cls(latency_swaps=50, parallel_rounds=10, stall_swaps=20, sticky_seconds=10, serving_seconds=60, memory_swaps=1000, pushes=5, slot_swaps=10)
+        return cls(latency_swaps=50, parallel_rounds=10, stall_swaps=20, sticky_seconds=10, serving_seconds=120, memory_swaps=1000, pushes=5, slot_swaps=10)
 
 
 def main() -> None:
@@ -116,7 +116,7 @@ def main() -> None:
         stage(f"2/5 engine-loop stall, ours and native, {plan.stall_swaps} swaps per adapter shape")
         load["stall"] = _loadavg()
         results["stall"] = engine_stall.run(events, events_store, assets, plan.stall_swaps, plan.sticky_seconds)
-        stage(f"3/5 serving: {serving.CLIENTS} streaming clients, {plan.serving_seconds:.0f} s with swaps every 2 s vs without")
+        stage(f"3/5 serving: {serving.CLIENTS} streaming clients, {plan.serving_seconds:.0f} s with swaps every 2 s in {serving.BLOCK_S:.0f} s blocks between blocks without")
         load["serving"] = _loadavg()
         results["serving"] = serving.run(events, events_store, assets, plan.serving_seconds)
         stage(f"4/5 memory over {plan.memory_swaps} swaps")

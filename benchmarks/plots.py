@@ -72,15 +72,16 @@ def stall(results: dict[str, Any]) -> plt.Figure:
 
 
 def throughput(results: dict[str, Any]) -> plt.Figure:
-    """Output tokens/s in 1 s bins; the swap phase shaded, every publish marked."""
+    """Output tokens/s in 1 s bins; the swap blocks shaded, every publish marked."""
     serving = results["serving"]
     timeline = serving["timeline"]
     figure, axis = plt.subplots(figsize=(11, 4))
     axis.step(timeline["bin_start_s"], timeline["tokens_per_s"], where="post", label="output tokens/s")
     publishes = serving["publish_times"]
-    if publishes:
-        axis.axvspan(serving["phase_seconds"] / 2, serving["phase_seconds"] * 1.5, color="orange", alpha=0.12,
-                     label="swap phase")  # fmt: skip
+    swap_blocks = [block for block in serving["blocks"] if block["kind"] == "swaps"]
+    for index, block in enumerate(swap_blocks):
+        axis.axvspan(block["start_s"] - serving["settle_s"], block["end_s"], color="orange", alpha=0.12,
+                     label="swap blocks" if index == 0 else None)  # fmt: skip
     for index, moment in enumerate(publishes):
         axis.axvline(moment, color="red", alpha=0.4, linewidth=0.8, label="publish" if index == 0 else None)
     for name, color in (("no_swaps", "green"), ("swaps", "red")):
