@@ -110,6 +110,13 @@ def main() -> None:
         load["latency_polling"] = _loadavg()
         results["latency_polling"] = publish_latency.run(polling, polling_store, assets, plan.latency_swaps, "polling")
         polling.stop()
+        stage(f"1/5 publish → served with events and the probe off (a third server), {plan.latency_swaps} swaps")
+        probe_off, probe_off_store = plugin_server(assets, tmp, "probe-off", events=True, poll_s=EVENTS_POLL_S,
+                                                   extra_args=[], probe=False)  # fmt: skip
+        with probe_off:
+            load["latency_events_probe_off"] = _loadavg()
+            results["latency_events_probe_off"] = publish_latency.run(probe_off, probe_off_store, assets, plan.latency_swaps,
+                                                                      "events, probe off", probe=False)  # fmt: skip
         stage(f"1/5 {parallel_swaps.ADAPTERS} adapters published at once against one, {plan.parallel_rounds} rounds")
         load["parallel"] = _loadavg()
         results["parallel"] = parallel_swaps.run(events, events_store, assets, plan.parallel_rounds)

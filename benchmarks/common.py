@@ -43,13 +43,15 @@ SERVER_ARGS = (
 EVENTS_POLL_S = 5.0  # the events servers' poll, behind inotify
 
 
-def plugin_server(assets: Assets, tmp: Path, name: str, *, events: bool, poll_s: float, extra_args: list[str]) -> tuple[Server, CheckpointStore]:
+def plugin_server(assets: Assets, tmp: Path, name: str, *, events: bool, poll_s: float, extra_args: list[str],
+                  probe: bool = True) -> tuple[Server, CheckpointStore]:  # fmt: skip
     root = tmp / f"store-{name}"
     root.mkdir(parents=True)
     env = {
         "VLLM_HOTSWAP_ROOT": str(root),
         "VLLM_HOTSWAP_EVENTS": "1" if events else "0",
         "VLLM_HOTSWAP_POLL_INTERVAL": str(poll_s),
+        "VLLM_HOTSWAP_PROBE": "1" if probe else "0",
         # Short (default 5 s), so back-to-back swaps do not wait long for the old
         # version's slot; still ample for a routed request to reach the local engine.
         "VLLM_HOTSWAP_RETIRE_GRACE": "0.25",
