@@ -10,7 +10,7 @@ TORCH_INDEX_URL ?=
 PIP_INDEX := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
-# make bench QUICK=1: fewer repetitions, shorter phases (a few minutes instead of ~40).
+# make bench QUICK=1: fewer repetitions, shorter phases (a few minutes instead of ~19).
 QUICK ?=
 
 .PHONY: install test demo bench soak compat clean
