@@ -116,7 +116,7 @@ def main() -> None:
         with probe_off:
             load["latency_events_probe_off"] = _loadavg()
             results["latency_events_probe_off"] = publish_latency.run(probe_off, probe_off_store, assets, plan.latency_swaps,
-                                                                      "events, probe off", probe=False)  # fmt: skip
+                                                                      "events, probe off")  # fmt: skip
         stage(f"1/5 {parallel_swaps.ADAPTERS} adapters published at once against one, {plan.parallel_rounds} rounds")
         load["parallel"] = _loadavg()
         results["parallel"] = parallel_swaps.run(events, events_store, assets, plan.parallel_rounds)

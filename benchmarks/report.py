@@ -1,5 +1,5 @@
 """Targets, results.md and the plots, from the results dictionary alone
-(so a report can be rewritten from a saved results.json)."""
+(so a report can be rewritten from a results.json of the same benchmark code)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     polling = results["servers"]["polling"]["poll_interval_s"]
     for key, name, poll, less_probe in (("events", "events", None, False), ("events_probe_off", "events, probe off", None, False),
                                         ("polling", "polling", polling, False), ("polling", "polling, less the probe", polling, True)):  # fmt: skip
-        result = results.get(f"latency_{key}")
-        if result is None:  # a results.json from before the probe-off server
-            continue
+        result = results[f"latency_{key}"]
         check = publish_latency.target(result, poll, less_probe=less_probe)
         extra = f"{poll:.0f} s poll + " if poll else ""
         rule = (f"≤ {extra}read floor {_ms(result['read_floor_s'])} + {check['steps']} × step "
@@ -98,6 +96,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _interval(check: dict[str, Any], pairs: int, fmt: str) -> str:
+    if check["ci95"] is None:
+        return f"{pairs} block pairs: too few for an interval"
     low, high = check["ci95"]
     note = f"95% interval {fmt.format(low)}–{fmt.format(high)} over {pairs} block pairs"
     return note + (": inconclusive" if low <= check["limit"] <= high else "")
@@ -174,9 +174,7 @@ def _slot_stall_section(result: dict[str, Any]) -> list[str]:
 def _latency_section(results: dict[str, Any]) -> list[str]:
     rows = []
     for key, mode in (("events", "events"), ("events_probe_off", "events, probe off"), ("polling", "polling")):
-        r = results.get(f"latency_{key}")
-        if r is None:
-            continue
+        r = results[f"latency_{key}"]
         rows.append([mode, str(r["publish_to_served"]["n"]), _ms(r["publish_to_served"]["p50"]), _ms(r["publish_to_served"]["p95"]),
                      *(_ms(r["phases"][p].get("p50")) for p in PHASES), _ms(r["commit_to_switch"]["p50"]),
                      _ms(r["commit_to_switch_without_probe"]["p50"])])  # fmt: skip
@@ -232,7 +230,8 @@ def _serving_section(results: dict[str, Any]) -> list[str]:
     rows = [[name.replace("_", " "), f"{s[name]['seconds']:.0f} s", f"{s[name]['tokens_per_s']:.1f}",
              _ms(s[name]["itl"].get("p50")), _ms(s[name]["itl"].get("p99"))] for name in ("no_swaps", "swaps")]  # fmt: skip
     paired = s["paired"]
-    ratios = ", ".join(f"{100 * r:.0f}%" for r in paired["throughput_ratios"])
+    throughput = ", ".join(f"{100 * r:.0f}%" for r in paired["throughput_ratios"])
+    itl = ", ".join(f"{r:.2f}×" for r in paired["p99_itl_ratios"])
     return [
         "## 3. Serving under swaps",
         "",
@@ -241,9 +240,10 @@ def _serving_section(results: dict[str, Any]) -> list[str]:
         f"published every {s['swap_every_s']:.0f} s, quiet first and last; the first {s['settle_s']:.0f} s of each "
         f"block are left out ({s['published']} published, {s['published_versions_served']} of them answered "
         f"requests; the pipeline skips to the newest when publishes outpace it). Stream errors: "
-        f"{len(s['stream_errors'])}. The targets' figures are paired: each swap block's throughput over the mean "
-        f"of the quiet blocks either side ({ratios}), and the swap blocks' p99 inter-token latency over the "
-        "quiet blocks'; the 95% intervals resample blocks.",
+        f"{len(s['stream_errors'])}. The targets' figures are paired: the mean over the swap blocks of each one's "
+        f"throughput ({throughput}) and p99 inter-token latency ({itl}) over the mean of the quiet blocks either "
+        "side, with Student's t 95% intervals whose variance takes in the covariance of neighbouring pairs. The "
+        "table pools the blocks of each kind.",
         "",
         *_table(["blocks", "measured", "output tokens/s", "ITL p50", "ITL p99"], rows),
         "![throughput over time](throughput.png)",

@@ -4,6 +4,9 @@ cost, and the pairs' spread gives the interval."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 
 from benchmarks import serving
@@ -28,13 +31,14 @@ def stream(measured: list[tuple[str, float, float]], tokens_per_chunk) -> Stream
 
 
 def test_a_steady_cost_reads_as_its_ratio_with_an_interval_around_it():
-    measured = blocks(7)
+    measured = blocks(9)
     paired = serving._paired([stream(measured, lambda kind, _: 9 if kind == "swaps" else 10)], measured)
-    assert paired["pairs"] == 3
+    assert paired["pairs"] == 4
     assert paired["throughput"] == pytest.approx(0.9)
     low, high = paired["throughput_ci95"]
     assert low == pytest.approx(0.9) and high == pytest.approx(0.9)
     assert paired["p99_itl"] == pytest.approx(1.0)  # the gaps are alike; only the tokens per chunk differ
+    assert paired["p99_itl_ci95"] == pytest.approx([1.0, 1.0])
 
 
 def test_a_machine_that_speeds_up_does_not_read_as_a_cost_or_a_gain():
@@ -46,10 +50,33 @@ def test_a_machine_that_speeds_up_does_not_read_as_a_cost_or_a_gain():
     assert paired["throughput_ci95"] == pytest.approx([1.0, 1.0])
 
 
-def test_the_targets_are_judged_on_the_paired_figures():
+def test_neighbouring_pairs_that_move_together_widen_the_interval():
+    """Neighbouring pairs share a quiet block, so their ratios move together; the same
+    ratios in runs (positively correlated neighbours) give a wider interval than when they
+    alternate, where the mean alone would give both the same width."""
+    in_runs = np.array([1.0, 1.0, 1.1, 1.1, 1.0, 1.0, 1.1, 1.1])
+    alternating = np.array([1.0, 1.1, 1.0, 1.1, 1.0, 1.1, 1.0, 1.1])
+    low_runs, high_runs = serving._interval(in_runs)
+    low_alt, high_alt = serving._interval(alternating)
+    assert (low_runs + high_runs) / 2 == pytest.approx((low_alt + high_alt) / 2) == pytest.approx(1.05)
+    assert high_runs - low_runs > high_alt - low_alt
+
+
+def test_the_targets_are_judged_on_the_paired_figures_and_few_pairs_give_no_interval():
     measured = blocks(5)
     result = {"paired": serving._paired([stream(measured, lambda kind, _: 97 if kind == "swaps" else 100)], measured)}
     checks = serving.targets(result)
     assert checks["throughput"]["measured"] == pytest.approx(0.97)
     assert not checks["throughput"]["met"]
     assert checks["p99_itl"]["met"]
+    assert checks["throughput"]["ci95"] is None and checks["p99_itl"]["ci95"] is None  # 2 pairs
+
+
+def test_a_block_without_tokens_is_no_figure_and_no_crash():
+    measured = blocks(9)
+    stalled = stream(measured, lambda kind, index: 0 if index in (2, 3, 4) else 10)
+    stalled.chunk_times, stalled.chunk_tokens = zip(*[(t, n) for t, n in zip(stalled.chunk_times, stalled.chunk_tokens) if n])
+    checks = serving.targets({"paired": serving._paired([stalled], measured)})
+    assert math.isnan(checks["throughput"]["measured"]) and not checks["throughput"]["met"]
+    assert math.isnan(checks["p99_itl"]["measured"]) and not checks["p99_itl"]["met"]
+    assert checks["throughput"]["ci95"] is None
