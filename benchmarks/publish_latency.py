@@ -153,7 +153,7 @@ def target(result: dict[str, Any], poll_interval: float | None, *, less_probe: b
     server that probes, + 2 steps on one with the probe off, + the poll interval when only polling.
     ``less_probe``: a probing server's publish→served less the probe phase, swap by swap, against
     2 steps."""
-    probed = result.get("probe", True) and not less_probe
+    probed = result["probe"] and not less_probe
     steps = STEPS_WITH_PROBE if probed else STEPS_WITH_PROBE - 1
     budget = result["read_floor_s"] + steps * result["step"]["p50"] + (poll_interval or 0.0)
     if less_probe:

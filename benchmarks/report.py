@@ -35,7 +35,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{_ms(result['step']['p50'])} = {_ms(check['limit_s'])}")  # fmt: skip
         if less_probe:
             note = "publish → served less the probe phase, swap by swap"
-        elif result.get("probe", True):
+        elif result["probe"]:
             note = f"probe {_ms(result['phases']['probe'].get('p50'))}, stage {_ms(result['phases']['stage']['p50'])}"
         else:
             note = f"a server with `VLLM_HOTSWAP_PROBE=0`; stage {_ms(result['phases']['stage']['p50'])}"

@@ -93,7 +93,7 @@ def run(server: Server, store: CheckpointStore, assets: Assets, seconds: float, 
     }
     for name, kind in (("no_swaps", "quiet"), ("swaps", "swaps")):
         result[name] = _phase(load.streams, [(a, b) for k, a, b in measured if k == kind])
-    result["paired"] = _paired(load.streams, measured)
+    result["paired"] = _paired(result["blocks"])
     return result
 
 
@@ -116,13 +116,14 @@ def _inside(t: float, windows: list[tuple[float, float]]) -> bool:
     return any(a <= t < b for a, b in windows)
 
 
-def _paired(streams: list[Stream], measured: list[tuple[str, float, float]]) -> dict[str, Any]:
-    """Per swap block, its throughput and its p99 inter-token latency over the mean of its
-    two quiet neighbours'; the mean over the blocks, with a 95% interval. A block without
-    tokens or gaps makes its pair's figures NaN."""
-    rate = [_tokens(streams, [(a, b)]) / (b - a) for _, a, b in measured]
-    p99 = [_p99(_gaps(streams, [(a, b)])) for _, a, b in measured]
-    pairs = range(len(measured) // 2)
+def _paired(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """From the blocks' figures (:func:`_phase`, quiet first and last): per swap block, its
+    throughput and its p99 inter-token latency over the mean of its two quiet neighbours';
+    the mean over the blocks, with a 95% interval. A block without tokens or gaps makes its
+    pair's figures NaN."""
+    rate = [block["tokens_per_s"] for block in blocks]
+    p99 = [block["itl"].get("p99", float("nan")) for block in blocks]
+    pairs = range(len(blocks) // 2)
     result: dict[str, Any] = {"pairs": len(pairs)}
     for name, values in (("throughput", rate), ("p99_itl", p99)):
         ratios = np.array([_ratio(values[2 * i + 1], (values[2 * i] + values[2 * i + 2]) / 2) for i in pairs])
@@ -151,10 +152,6 @@ def _interval(ratios: np.ndarray) -> list[float] | None:
 
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else float("nan")
-
-
-def _p99(gaps: list[float]) -> float:
-    return float(np.percentile(gaps, 99)) if gaps else float("nan")
 
 
 def _timeline(streams: list[Stream], start: float, end: float) -> dict[str, list[float]]:

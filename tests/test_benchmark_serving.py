@@ -30,9 +30,13 @@ def stream(measured: list[tuple[str, float, float]], tokens_per_chunk) -> Stream
     return result
 
 
+def paired_figures(load: Stream, measured: list[tuple[str, float, float]]) -> dict:
+    return serving._paired([serving._phase([load], [(a, b)]) for _, a, b in measured])
+
+
 def test_a_steady_cost_reads_as_its_ratio_with_an_interval_around_it():
     measured = blocks(9)
-    paired = serving._paired([stream(measured, lambda kind, _: 9 if kind == "swaps" else 10)], measured)
+    paired = paired_figures(stream(measured, lambda kind, _: 9 if kind == "swaps" else 10), measured)
     assert paired["pairs"] == 4
     assert paired["throughput"] == pytest.approx(0.9)
     low, high = paired["throughput_ci95"]
@@ -45,7 +49,7 @@ def test_a_machine_that_speeds_up_does_not_read_as_a_cost_or_a_gain():
     """Every block at the machine's speed, which rises block by block: each swap block
     against the mean of its neighbours is 1, and so is the interval."""
     measured = blocks(9)
-    paired = serving._paired([stream(measured, lambda kind, index: 10 + index)], measured)
+    paired = paired_figures(stream(measured, lambda kind, index: 10 + index), measured)
     assert paired["throughput_ratios"] == pytest.approx([1.0] * 4)
     assert paired["throughput_ci95"] == pytest.approx([1.0, 1.0])
 
@@ -64,7 +68,7 @@ def test_neighbouring_pairs_that_move_together_widen_the_interval():
 
 def test_the_targets_are_judged_on_the_paired_figures_and_few_pairs_give_no_interval():
     measured = blocks(5)
-    result = {"paired": serving._paired([stream(measured, lambda kind, _: 97 if kind == "swaps" else 100)], measured)}
+    result = {"paired": paired_figures(stream(measured, lambda kind, _: 97 if kind == "swaps" else 100), measured)}
     checks = serving.targets(result)
     assert checks["throughput"]["measured"] == pytest.approx(0.97)
     assert not checks["throughput"]["met"]
@@ -76,7 +80,7 @@ def test_a_block_without_tokens_is_no_figure_and_no_crash():
     measured = blocks(9)
     stalled = stream(measured, lambda kind, index: 0 if index in (2, 3, 4) else 10)
     stalled.chunk_times, stalled.chunk_tokens = zip(*[(t, n) for t, n in zip(stalled.chunk_times, stalled.chunk_tokens) if n])
-    checks = serving.targets({"paired": serving._paired([stalled], measured)})
+    checks = serving.targets({"paired": paired_figures(stalled, measured)})
     assert math.isnan(checks["throughput"]["measured"]) and not checks["throughput"]["met"]
     assert math.isnan(checks["p99_itl"]["measured"]) and not checks["p99_itl"]["met"]
     assert checks["throughput"]["ci95"] is None
