@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -77,14 +78,18 @@ def test_200_adapters_and_10000_versions(scale_engine, make_lora, reference, mon
     for i in range(ADAPTERS):
         _fill(store, f"scale-{i:03d}", template, VERSIONS, old)
 
-    def settled() -> bool:  # listed as soon as seen; a few may still be mid-transaction then
-        states = [a["state"] for a in engine.adapters().values()]
-        return len(states) == ADAPTERS + 1 and "swapping" not in states
+    def settled() -> bool:
+        # An adapter is listed as soon as it is seen, in state "waiting" until its first
+        # transaction starts: only a recorded swap says that transaction has ended.
+        adapters = engine.adapters().values()
+        return len(adapters) == ADAPTERS + 1 and all(a["last_swap"] and a["state"] != "swapping" for a in adapters)
 
     engine.wait_until(settled, 120, "every adapter to be seen and its first transaction to end")
-    states = [a["state"] for a in engine.adapters().values()]
+    adapters = engine.adapters()
+    states = Counter(a["state"] for a in adapters.values())
     # 8 host slots (--max-cpu-loras): the rest wait for one, and say so.
-    assert states.count("serving") == 8 and states.count("no-slot") == ADAPTERS + 1 - 8, states
+    unexpected = {name: (a["state"], a["last_error"]) for name, a in adapters.items() if a["state"] not in ("serving", "no-slot")}
+    assert states == {"serving": 8, "no-slot": ADAPTERS + 1 - 8}, (states, unexpected)
     assert engine.adapters()["deep"]["served_version"] == first
 
     after = _decode_rate(engine, "deep")
