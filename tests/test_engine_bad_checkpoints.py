@@ -93,6 +93,8 @@ CASES: dict[str, tuple[Callable[[Path], None], str] | tuple[Callable[[Path], Non
     "corrupt": (_corrupt, "corrupt"),
     "nan": (_replace(lambda d: write_lora(d, value=float("nan"))), "NaN or inf"),
     "inf": (_replace(lambda d: write_lora(d, value=float("inf"))), "NaN or inf"),
+    # Finite weights whose product overflows float32: only the probe's generation can tell.
+    "overflow": (_replace(lambda d: write_lora(d, value=1e30)), "non-finite logprobs"),
     "rank": (_replace(lambda d: write_lora(d, rank=32)), "exceeds the engine's --max-lora-rank 16"),
     "modules": (_replace(lambda d: write_lora(d, modules=("nonexistent_proj",))), "nonexistent_proj"),
     "base-name": (_replace(lambda d: write_lora(d, base_model="meta-llama/Llama-3-8B")), "trained on base model"),

@@ -85,6 +85,18 @@ def test_settings_defaults_and_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.serves("lora1") and settings.serves("team-a") and not settings.serves("lora2")
 
 
+def test_the_probe_prompt_is_one_token_unless_set(tmp_path) -> None:
+    from hotswap_demo.toy_models import make_tokenizer
+    from vllm_lora_hotswap.engine.common import probe_token_ids
+
+    tokenizer = make_tokenizer(tmp_path / "tokenizer")
+    assert probe_token_ids(tokenizer, None) == [tokenizer.bos_token_id]
+    assert probe_token_ids(tokenizer, "Hello there") == tokenizer.encode("Hello there")
+    tokenizer.bos_token = None  # a tokenizer without BOS (Qwen's): the first token of "Hello"
+    assert probe_token_ids(tokenizer, None) == tokenizer.encode("Hello", add_special_tokens=False)[:1]
+    assert probe_token_ids(None, None) == [0]  # vLLM started without a tokenizer
+
+
 @pytest.mark.parametrize(
     ("var", "value"),
     [("POLL_INTERVAL", "abc"), ("POLL_INTERVAL", "-1"), ("MODE", "sideways"), ("PROBE", "maybe"), ("ADAPTERS", " , ")],

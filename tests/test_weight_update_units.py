@@ -172,10 +172,10 @@ class FailingLLM:
 def test_offline_workers_without_the_plugin_are_named(error: Exception) -> None:
     from vllm_lora_hotswap.engine.offline import OfflineEngine
 
-    engine = OfflineEngine(FailingLLM(error), "Hello", 1)
+    engine = OfflineEngine(FailingLLM(error), [0], 1)
     with pytest.raises(RuntimeError, match="set VLLM_HOTSWAP_ROOT before creating the LLM"):
         engine._rpc("hotswap_stage", 1, "a", "/p")
-    other = OfflineEngine(FailingLLM(ValueError("something else")), "Hello", 1)
+    other = OfflineEngine(FailingLLM(ValueError("something else")), [0], 1)
     with pytest.raises(ValueError, match="something else"):
         other._rpc("hotswap_stage", 1, "a", "/p")
 

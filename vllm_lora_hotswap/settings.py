@@ -43,8 +43,9 @@ class HotSwapSettings(BaseSettings):
     probe: bool = Field(
         default=True, description="Run a short greedy generation on a new version before serving it."
     )
-    probe_prompt: str = Field(
-        default="Hello", min_length=1, description="Prompt text of the probe generation."
+    probe_prompt: str | None = Field(
+        default=None, min_length=1,
+        description="Prompt text of the probe generation (unset: one token, the tokenizer's BOS).",
     )
     probe_max_tokens: int = Field(
         default=1, ge=1, le=64, description="Tokens the probe generates (one is a full prefill and a sampled token)."

@@ -23,6 +23,21 @@ from .stage_channel import ServerChannel
 RPC_STATUS_INTERVAL_S = 0.02  # without a stage channel, how often a stage is asked about
 
 
+def probe_token_ids(tokenizer: Any, prompt: str | None) -> list[int]:
+    """The probe's prompt as token ids: ``prompt`` if set, else one token, the tokenizer's
+    BOS (without one, the first token of "Hello"). One position runs every LoRA module of
+    the new version and a NaN anywhere in its weights reaches the sampled token's logprob,
+    and on vLLM's CPU backend a step costs about its number of tokens, so the probe's
+    prefill is kept to one."""
+    if tokenizer is None:
+        return [0]
+    if prompt is not None:
+        return list(tokenizer.encode(prompt)) or [0]
+    if tokenizer.bos_token_id is not None:
+        return [tokenizer.bos_token_id]
+    return list(tokenizer.encode("Hello", add_special_tokens=False))[:1] or [0]
+
+
 class WorkerRpcEngine:
     """The :class:`EngineAdapter` methods that talk to the workers' ``hotswap_*`` RPCs,
     and, where the engine has one, their stage channel."""

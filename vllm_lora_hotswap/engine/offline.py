@@ -33,7 +33,7 @@ from ..pipeline.controller import SwapController
 from ..pipeline.engine_api import EngineUnavailable, LoraHandle
 from ..settings import load_settings
 from ..store import CheckpointStore, InstanceRecord, NotFoundError, SwapRecord, split_served_name
-from .common import WorkerRpcEngine
+from .common import WorkerRpcEngine, probe_token_ids
 
 # Offline users pick their own LoRA ids; start ours far above any hand-picked one.
 _FIRST_LORA_ID = 1 << 20
@@ -42,11 +42,11 @@ _FIRST_LORA_ID = 1 << 20
 class OfflineEngine(WorkerRpcEngine):
     """:class:`~vllm_lora_hotswap.pipeline.engine_api.EngineAdapter` for ``vllm.LLM``."""
 
-    def __init__(self, llm: Any, probe_prompt: str, probe_max_tokens: int):
+    def __init__(self, llm: Any, probe_token_ids: list[int], probe_max_tokens: int):
         self.llm = llm
         self.routes: dict[str, LoRARequest] = {}
         self._ids = itertools.count(_FIRST_LORA_ID)
-        self._probe_prompt = probe_prompt
+        self._probe_prompt = {"prompt_token_ids": probe_token_ids}
         self._probe_max_tokens = probe_max_tokens
 
     def _rpc(self, method: str, *args: Any) -> list[Any]:
@@ -107,7 +107,8 @@ class LocalHotSwap:
         self.settings = load_settings(**({"root": root} if root is not None else {}), **settings)
         if self.settings.root is None:
             raise ValueError("LocalHotSwap needs a store: pass root= or set VLLM_HOTSWAP_ROOT")
-        self.engine = OfflineEngine(llm, self.settings.probe_prompt, self.settings.probe_max_tokens)
+        probe_ids = probe_token_ids(llm.llm_engine.tokenizer, self.settings.probe_prompt)
+        self.engine = OfflineEngine(llm, probe_ids, self.settings.probe_max_tokens)
         self.controller = SwapController(
             CheckpointStore(self.settings.root),
             self.engine,

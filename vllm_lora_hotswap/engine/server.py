@@ -19,7 +19,7 @@ from vllm.sampling_params import SamplingParams
 
 from ..pipeline.engine_api import EngineUnavailable, LoraHandle
 from ..settings import HotSwapSettings
-from .common import WorkerRpcEngine
+from .common import WorkerRpcEngine, probe_token_ids
 from .stage_channel import ServerChannel
 
 T = TypeVar("T")
@@ -40,8 +40,7 @@ class ServerEngine(WorkerRpcEngine):
         self.limits()  # refuses a server without --enable-lora
         self._held: dict[str, asyncio.Event] = {}  # adapter -> set when its probe's verdict is in (loop only)
         tokenizer = getattr(engine_client.renderer, "tokenizer", None)
-        ids = tokenizer.encode(settings.probe_prompt) if tokenizer is not None else []
-        self._probe_ids = list(ids) or [0]
+        self._probe_ids = probe_token_ids(tokenizer, settings.probe_prompt)
 
     # -- plumbing ----------------------------------------------------------------------
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float = RPC_TIMEOUT) -> T:
