@@ -237,7 +237,7 @@ def _serving_section(results: dict[str, Any]) -> list[str]:
         "",
         f"{s['clients']} clients streaming {s['max_tokens']}-token completions from the adapter, through "
         f"{len(s['blocks'])} blocks of {s['block_s']:.0f} s that alternate between no swaps and a new version "
-        f"published every {s['swap_every_s']:.0f} s, quiet first and last (the quiet blocks publish the same "
+        f"published every {s['swap_every_s']:.0f} s, quiet first and last (the quiet blocks publish as many "
         "versions at the same times into a store no engine watches, so the publisher's own CPU weighs on both); "
         f"the first {s['settle_s']:.0f} s of each "
         f"block are left out ({s['published']} published, {s['published_versions_served']} of them answered "

@@ -12,8 +12,9 @@ confidence interval.
 
 Publishing is a trainer's work, done on another machine in production but here
 on the two cores the engine uses (8.7 ms of CPU per 2 MB version, measured
-alone). So that it weighs on both sides alike, the quiet blocks publish the
-same versions at the same times into a second store that no engine watches:
+alone). So that it weighs on both sides alike, the quiet blocks publish as
+many versions of the same adapter at the same times into a second store that
+no engine watches:
 the only difference between the blocks is the engine following the store.
 
 The first ``SETTLE_S`` of each block are left out, so that a swap block is

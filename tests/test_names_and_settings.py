@@ -99,7 +99,8 @@ def test_the_probe_prompt_is_one_token_unless_set(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("var", "value"),
-    [("POLL_INTERVAL", "abc"), ("POLL_INTERVAL", "-1"), ("MODE", "sideways"), ("PROBE", "maybe"), ("ADAPTERS", " , ")],
+    [("POLL_INTERVAL", "abc"), ("POLL_INTERVAL", "-1"), ("MODE", "sideways"), ("PROBE", "maybe"), ("ADAPTERS", " , "),
+     ("PROBE_PROMPT", "")],
 )
 def test_bad_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
     monkeypatch.setenv(f"VLLM_HOTSWAP_{var}", value)

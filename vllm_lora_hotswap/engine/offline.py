@@ -42,11 +42,11 @@ _FIRST_LORA_ID = 1 << 20
 class OfflineEngine(WorkerRpcEngine):
     """:class:`~vllm_lora_hotswap.pipeline.engine_api.EngineAdapter` for ``vllm.LLM``."""
 
-    def __init__(self, llm: Any, probe_token_ids: list[int], probe_max_tokens: int):
+    def __init__(self, llm: Any, probe_ids: list[int], probe_max_tokens: int):
         self.llm = llm
         self.routes: dict[str, LoRARequest] = {}
         self._ids = itertools.count(_FIRST_LORA_ID)
-        self._probe_prompt = {"prompt_token_ids": probe_token_ids}
+        self._probe_ids = probe_ids
         self._probe_max_tokens = probe_max_tokens
 
     def _rpc(self, method: str, *args: Any) -> list[Any]:
@@ -72,7 +72,7 @@ class OfflineEngine(WorkerRpcEngine):
         params = SamplingParams(max_tokens=self._probe_max_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
         try:  # one generate call: the probes run as one batch
             outputs = self.llm.generate(
-                [self._probe_prompt] * len(handles), params,
+                [{"prompt_token_ids": list(self._probe_ids)} for _ in handles], params,
                 lora_request=[self.lora_request(h) for h in handles], use_tqdm=False,
             )  # fmt: skip
         except Exception as exc:  # the engine's trouble, not a verdict on the versions
