@@ -47,7 +47,13 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10) ->
 
 
 def served(controller: SwapController, adapter: str) -> str | None:
-    return controller.status().adapters[adapter].served_version
+    record = controller.status().adapters.get(adapter)  # listed once its job has begun
+    return record.served_version if record else None
+
+
+def phase(controller: SwapController, adapter: str) -> str | None:
+    record = controller.status().adapters.get(adapter)
+    return record.phase if record else None
 
 
 def path_of(store: CheckpointStore, adapter: str, version: str) -> str:
@@ -106,7 +112,7 @@ def test_a_held_stage_holds_up_no_other_adapter_nor_status_nor_pinned_requests(s
     a2 = store.publish("a", lora)
     gate = engine.hold_staging(path_of(store, "a", a2))
     controller.sync_once(wait=False)
-    wait_until(lambda: controller.status().adapters["a"].phase == "stage", "a's staging to start")
+    wait_until(lambda: phase(controller, "a") == "stage", "a's staging to start")
 
     assert controller.ensure("a", a1).version == a1  # an installed version answers at once
     b2 = store.publish("b", lora)
@@ -127,7 +133,7 @@ def test_a_superseded_version_is_never_installed(store: CheckpointStore, lora: P
     v2 = store.publish("a", lora)
     gate = engine.hold_staging(path_of(store, "a", v2))
     controller.sync_once(wait=False)
-    wait_until(lambda: controller.status().adapters["a"].phase == "stage", "v2's staging to start")
+    wait_until(lambda: phase(controller, "a") == "stage", "v2's staging to start")
     v3 = store.publish("a", lora)
     controller.sync_once(wait=False)  # the running job is told the store moved on
     gate.set()
@@ -231,7 +237,7 @@ def test_status_does_not_wait_for_a_swap(store: CheckpointStore, lora: Path) -> 
     v1 = store.publish("a", lora)
     gate = engine.hold_staging(path_of(store, "a", v1))
     controller.sync_once(wait=False)
-    wait_until(lambda: controller.status().adapters["a"].phase == "stage", "staging to start")
+    wait_until(lambda: phase(controller, "a") == "stage", "staging to start")
     with controller.lock:  # the lock is free: no transaction holds it while it stages
         pass
     gate.set()
