@@ -14,8 +14,8 @@ Publishing is a trainer's work, done on another machine in production but here
 on the two cores the engine uses (8.7 ms of CPU per 2 MB version, measured
 alone). So that it weighs on both sides alike, the quiet blocks publish as
 many versions of the same adapter at the same times into a second store that
-no engine watches:
-the only difference between the blocks is the engine following the store.
+no engine watches: the only difference between the blocks is the engine
+following the store.
 
 The first ``SETTLE_S`` of each block are left out, so that a swap block is
 measured once its first version is being served. Requests begun in one block
@@ -78,9 +78,9 @@ def run(server: Server, store: CheckpointStore, assets: Assets, seconds: float, 
                 source = sources[(len(publishes) + 1) % len(sources)]
                 if kind == "quiet":
                     unwatched.publish(adapter, source)
-                    continue
-                publishes.append((time.time(), store.publish(adapter, source)))
-                progress.advance()
+                else:
+                    publishes.append((time.time(), store.publish(adapter, source)))
+                    progress.advance()
             time.sleep(max(0.0, block_start + BLOCK_S - time.time()))
             blocks.append((kind, block_start, block_start + BLOCK_S))
             block_start += BLOCK_S
