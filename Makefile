@@ -13,7 +13,7 @@ DEMO_ARGS ?=
 # make bench QUICK=1: fewer repetitions, shorter phases (a few minutes instead of ~19).
 QUICK ?=
 
-.PHONY: install test demo bench soak compat clean
+.PHONY: install test demo bench soak compat gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,9 +44,10 @@ soak: $(STAMP)
 
 # The private vLLM symbols the plugin relies on, checked against a vLLM's source by
 # parsing it (never importing it, so any release can be checked here, CUDA-only ones
-# included): make compat VLLM=0.33.0 (downloads that wheel once, without its
-# dependencies, into VLLM_WHEELS) or make compat VLLM_SOURCE=<unpacked tree>.
-# Needs no virtualenv: a bare $(PYTHON) with pip.
+# included): make compat VLLM=0.34.0 (downloads that wheel once, without its
+# dependencies, into VLLM_WHEELS), make compat VLLM=latest (the newest release on the
+# index: beyond the supported range, a warning naming what differs) or
+# make compat VLLM_SOURCE=<unpacked tree>. Needs no virtualenv: a bare $(PYTHON) with pip.
 VLLM ?=
 VLLM_SOURCE ?=
 VLLM_WHEELS ?= /tmp/vllm-wheels
@@ -54,12 +55,18 @@ compat:
 ifneq ($(VLLM_SOURCE),)
 	PYTHONPATH=. $(PYTHON) -m vllm_lora_hotswap.engine.vllm_symbols --source '$(VLLM_SOURCE)'
 else ifneq ($(VLLM),)
-	@ls $(VLLM_WHEELS)/vllm-$(VLLM)-*.whl >/dev/null 2>&1 || \
-	  $(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: 'vllm==$(VLLM)' -d $(VLLM_WHEELS)
-	PYTHONPATH=. $(PYTHON) -m vllm_lora_hotswap.engine.vllm_symbols --source "$$(ls $(VLLM_WHEELS)/vllm-$(VLLM)-*.whl | head -1)"
+	PYTHONPATH=. $(PYTHON) -m vllm_lora_hotswap.engine.release_check '$(VLLM)' --wheels '$(VLLM_WHEELS)'
 else
-	@echo "usage: make compat VLLM=<version>  or  make compat VLLM_SOURCE=<unpacked vLLM tree>" >&2; exit 2
+	@echo "usage: make compat VLLM=<version>|latest  or  make compat VLLM_SOURCE=<unpacked vLLM tree>" >&2; exit 2
 endif
+
+# The plugin's CUDA paths that need no vLLM engine (side-stream slot copies, the flip's
+# wait, a slot lost mid-write, the reload memory check) and host-to-device copy figures,
+# on one GPU, with torch alone: runs from a source tree on a GPU machine without vLLM.
+# Without a GPU it says so and exits 0. Results: benchmarks/results/gpu_check.json.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	PYTHONPATH=. $(GPU_PYTHON) -m benchmarks.gpu_check --out benchmarks/results/gpu_check.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

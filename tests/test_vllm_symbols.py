@@ -72,8 +72,54 @@ def test_a_release_outside_the_range_is_refused_by_version(source_copy: Path) ->
     path = source_copy / "vllm" / "_version.py"
     text = path.read_text()
     major_minor = text.split("__version__ = version = '")[1].split("'")[0]
-    path.write_text(text.replace(major_minor, "0.34.0"))
-    assert check_source(source_copy) == ("0.34.0", f"vllm-lora-hotswap supports vLLM {RANGE}; found vLLM 0.34.0")
+    path.write_text(text.replace(major_minor, "0.35.0"))
+    assert check_source(source_copy) == ("0.35.0", f"vllm-lora-hotswap supports vLLM {RANGE}; found vLLM 0.35.0")
+
+
+def test_the_endpoint_plugin_wrapper_is_bypassed_by_a_module_level_import(source_copy: Path) -> None:
+    """vLLM's loader is wrapped (no VLLM_PLUGINS needed): a caller that bound it at import
+    time would call the original, and the plugin's routes would silently be missing."""
+    _edit(source_copy, "plugins/endpoint_plugins/interface.py", "    from vllm.plugins import load_endpoint_plugins\n", "")
+    module_level = "from fastapi import FastAPI\nfrom vllm.plugins import load_endpoint_plugins\n"
+    _edit(source_copy, "plugins/endpoint_plugins/interface.py", "from fastapi import FastAPI\n", module_level)
+    _, error = check_source(source_copy)
+    assert error is not None
+    assert (
+        "vllm.plugins.endpoint_plugins.interface.attach_endpoint_plugins: no longer imports "
+        "vllm.plugins.load_endpoint_plugins when called, so the plugin's wrapper of it is bypassed"
+    ) in error
+
+
+def test_the_live_check_reads_the_wrapped_callers_body() -> None:
+    import vllm.plugins.endpoint_plugins.interface  # noqa: F401 - inspected live, not parsed
+
+    assert vllm_symbols.check_installed() is None
+
+
+@pytest.fixture(scope="module")
+def vllm_034(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """vLLM 0.34.0's Python files, from the wheel `make compat VLLM=0.34.0` downloads (CI does
+    so before the tests); it is a CUDA build, so it is parsed here, never installed."""
+    import zipfile
+
+    wheels = sorted(Path(os.environ.get("VLLM_WHEELS", "/tmp/vllm-wheels")).glob("vllm-0.34.0-*.whl"))
+    if not wheels:
+        pytest.skip("no vLLM 0.34.0 wheel in VLLM_WHEELS: run `make compat VLLM=0.34.0` first")
+    root = tmp_path_factory.mktemp("vllm-0.34.0")
+    with zipfile.ZipFile(wheels[0]) as archive:
+        archive.extractall(root, [name for name in archive.namelist() if name.startswith("vllm/") and name.endswith(".py")])
+    return root
+
+
+def test_vllm_034_matches_and_a_renamed_lora_mapping_is_named(vllm_034: Path) -> None:
+    assert check_source(vllm_034) == ("0.34.0", None)
+    _edit(vllm_034, "lora/model_manager.py", "self._last_mapping", "self._previous_mapping")
+    try:
+        version, error = check_source(vllm_034)
+    finally:
+        _edit(vllm_034, "lora/model_manager.py", "self._previous_mapping", "self._last_mapping")
+    assert version == "0.34.0" and error is not None
+    assert "vllm.lora.model_manager.LRUCacheLoRAModelManager._last_mapping: no such attribute" in error
 
 
 def test_a_wheel_is_read_in_place(installed_source: Path, tmp_path: Path) -> None:
@@ -149,7 +195,7 @@ def test_on_a_mismatch_the_plugin_logs_one_error_and_installs_nothing(
 def test_every_symbol_names_a_vllm_module_and_a_known_kind() -> None:
     assert all(s.module.startswith("vllm") and s.kind in {"class", "function", "method", "property", "attribute"} for s in SYMBOLS)
     # Each entry that differs between releases exists in some supported release.
-    assert {s.versions for s in SYMBOLS} == {"", "<0.33", vllm_symbols.WEIGHT_SOURCE_V2}
+    assert {s.versions for s in SYMBOLS} == {"", "<0.33", "<0.34", vllm_symbols.WEIGHT_SOURCE_V2, vllm_symbols.RELOAD_LIFECYCLE}
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
-"""Bad base-weight pushes on a real server (gloo, CPU): an unknown parameter, a wrong shape
-and a trainer killed half-way each leave the engine serving its previous weights, not
-paused; a probe that lands in an update is not recorded as the version's failure."""
+"""Bad base-weight pushes on a real server (gloo, CPU): an unknown parameter, a wrong shape,
+an update the engine lacks the memory to reload and a trainer killed half-way each leave
+the engine serving its previous weights, not paused; a probe that lands in an update is
+not recorded as the version's failure."""
 
 from __future__ import annotations
 
@@ -31,12 +32,23 @@ ANSWER_WITHIN = 30.0  # seconds after a failed push by which completions must be
 PROBE_HOLD = 60.0  # a paused engine holds a probe for as long as the test likes: so may requests wait for it
 
 
+LOW_MEMORY_SITE = Path(__file__).parent / "support" / "low_memory"
+
+
 @pytest.fixture(scope="module")
-def server(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+def free_bytes_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """While this file exists, the server's reload memory check reads its free memory from it."""
+    return tmp_path_factory.mktemp("memory") / "free_bytes"
+
+
+@pytest.fixture(scope="module")
+def server(toy_model: Path, tmp_path_factory: pytest.TempPathFactory, free_bytes_file: Path) -> Iterator[VllmServer]:
+    python_path = os.pathsep.join(filter(None, [str(LOW_MEMORY_SITE), os.environ.get("PYTHONPATH")]))
     server = VllmServer(
         toy_model, tmp_path_factory.mktemp("faults-store"), tmp_path_factory.mktemp("logs") / "faults.log",
         args=["--weight-transfer-config", '{"backend": "gloo"}'], api_key=API_KEY,
-        env={"VLLM_HOTSWAP_PROBE_HOLD": str(PROBE_HOLD)},
+        env={"VLLM_HOTSWAP_PROBE_HOLD": str(PROBE_HOLD), "PYTHONPATH": python_path,
+             "HOTSWAP_TEST_FREE_BYTES_FILE": str(free_bytes_file)},
     ).start()  # fmt: skip
     yield server
     server.stop()
@@ -168,6 +180,27 @@ def test_a_trainer_killed_half_way_leaves_the_previous_weights_serving(
             trainer.kill()
     assert_serves_the_previous_weights(server, toy_model)
     assert server.client.get("/weight_info").json()["weight_version"] != "never"
+
+
+def test_an_update_short_of_memory_is_refused_before_any_layer_is_touched(
+    server: VllmServer, client: VLLMClient, toy_model: Path, tmp_path: Path, free_bytes_file: Path
+) -> None:
+    """The reload would run out of memory half-way (the check reads 1 MiB free): the update
+    is refused before a byte is sent, naming what to set; the engine serves on, unpaused."""
+    model = perturbed_model(toy_model, tmp_path / "big", seed=9)
+    refusal = (
+        r"/update_weights answered 500: .*not enough memory for this update: the update needs about "
+        r"[0-9.]+ [MG]iB of free host memory \([0-9.]+ [MG]iB to hold the update \+ 3 x its largest layer of "
+        r"[0-9.]+ [MG]iB to reload it layer by layer\) and 1.0 MiB is free\. Lower VLLM_CPU_KVCACHE_SPACE"
+    )
+    free_bytes_file.write_text(str(1 << 20))
+    try:
+        with pytest.raises(RuntimeError, match=refusal):
+            client.update_model_weights(model, "short-of-memory")
+    finally:
+        free_bytes_file.unlink()
+    assert_serves_the_previous_weights(server, toy_model)
+    assert server.client.get("/weight_info").json()["weight_version"] != "short-of-memory"
 
 
 def test_a_good_push_after_the_failures_serves_the_new_weights(

@@ -191,3 +191,98 @@ def test_a_probe_aborted_by_a_weight_update_is_not_the_versions_failure() -> Non
     assert isinstance(verdict, EngineUnavailable) and "aborted by the engine" in str(verdict)
     empty = WorkerRpcEngine.probe_verdict(SimpleNamespace(finish_reason="length", token_ids=[], logprobs=[]))
     assert isinstance(empty, CheckpointRejected) and "no tokens" in str(empty)
+
+
+# -- the reload's memory check, and the worker's incomplete-update flag --------------------
+
+
+def _model_of(*sizes: int) -> torch.nn.Module:
+    """Layers of ``sizes`` float32 elements each: the largest is the one a reload holds at once."""
+    return torch.nn.Sequential(*(torch.nn.Linear(size, 1, bias=False) for size in sizes))
+
+
+@pytest.mark.parametrize(
+    ("device", "free", "short"),
+    [
+        ("cpu", {"cpu": 10_000}, None),  # 4,000 of the update + 3 x 1,600 of the largest layer fit
+        ("cpu", {"cpu": 8_000}, "8,800"),
+        ("cuda", {"cuda": 5_000, "cpu": 4_000}, None),  # the device holds the reload, the host the update
+        ("cuda", {"cuda": 4_000, "cpu": 1 << 30}, "cuda"),
+        ("cuda", {"cuda": 1 << 30, "cpu": 3_000}, "host"),
+    ],
+)
+def test_the_reload_memory_check_counts_the_update_and_three_times_its_largest_layer(
+    monkeypatch: pytest.MonkeyPatch, device: str, free: dict[str, int], short: str | None
+) -> None:
+    from vllm_lora_hotswap.engine import reload
+
+    monkeypatch.setattr(reload, "free_bytes", lambda where: free[where.type])
+    monkeypatch.setattr(reload, "reload_lifecycle", lambda: False)  # vLLM 0.32 here: its own figures are 0.34's
+    verdict = reload.shortfall(_model_of(100, 400, 250), torch.device(device), update_bytes=4_000)
+    if short is None:
+        assert verdict is None
+        return
+    assert verdict is not None
+    if device == "cpu":
+        assert verdict.startswith(
+            "the update needs about 0.0 MiB of free host memory (0.0 MiB to hold the update + 3 x its largest "
+            "layer of 0.0 MiB to reload it layer by layer) and 0.0 MiB is free."
+        )
+        assert "Lower VLLM_CPU_KVCACHE_SPACE" in verdict
+    else:
+        assert f"of free {short} memory" in verdict
+        assert "--gpu-memory-utilization below 1.0" in verdict and "/start_weight_update" in verdict
+
+
+def test_the_largest_layer_is_the_largest_module_of_its_own_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm_lora_hotswap.engine import reload
+
+    monkeypatch.setattr(reload, "reload_lifecycle", lambda: False)
+    assert reload.largest_layer_bytes(_model_of(100, 400, 250)) == 400 * 4
+
+
+class FakeWorker:
+    """vLLM 0.34's worker as the plugin's ``update_weights`` RPC sees it."""
+
+    def __init__(self, error: BaseException) -> None:
+        self._incomplete_weight_updates = {False}  # set by start_weight_update
+        self._weight_update_is_draft = False
+        self.error = error
+
+    def update_weights(self, update_info: Any) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "incomplete"),
+    [
+        ("refused", set()),  # nothing was replaced: the weights are complete
+        ("cut off", set()),
+        ("other", {False}),  # another engine's failure may have replaced layers: as vLLM leaves it
+    ],
+)
+def test_an_update_that_loaded_nothing_takes_back_the_incomplete_mark(error: str, incomplete: set[bool]) -> None:
+    from types import SimpleNamespace
+
+    from vllm_lora_hotswap.engine import rpc
+    from vllm_lora_hotswap.engine.reload import NothingLoaded, UpdateRefused
+
+    raised = {"refused": UpdateRefused("no"), "cut off": NothingLoaded("cut"), "other": RuntimeError("half")}[error]
+    worker = FakeWorker(raised)
+    with pytest.raises(type(raised)):
+        rpc.update_weights(SimpleNamespace(worker=worker), {"names": []})
+    assert worker._incomplete_weight_updates == incomplete
+
+
+def test_an_update_on_a_vllm_without_the_mark_only_raises() -> None:
+    from types import SimpleNamespace
+
+    from vllm_lora_hotswap.engine import rpc
+    from vllm_lora_hotswap.engine.reload import UpdateRefused
+
+    class OldWorker:  # vLLM 0.32 and 0.33
+        def update_weights(self, update_info: Any) -> None:
+            raise UpdateRefused("no")
+
+    with pytest.raises(UpdateRefused, match="no"):
+        rpc.update_weights(SimpleNamespace(worker=OldWorker()), {})

@@ -40,6 +40,8 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
+from . import reload
+from .reload import NothingLoaded, UpdateRefused
 from .vllm_symbols import source_metadata, source_tensors
 from .weight_spec import check_update, spec_of
 
@@ -154,14 +156,16 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         """Nothing left to do: each ``update_weights`` call finished its own load."""
 
     def receive_weights(self, update_info: GlooWeightTransferUpdateInfo) -> None:
-        """All or nothing: check the announced parameters against the engine's, receive
-        every byte into host memory, and only then load them, through vLLM's layer-wise
-        reload, finished within this call: between two calls the model is never half on
-        the meta device, whatever the trainer does next. A refused update or a transfer
-        cut off half-way leaves the old weights serving; a failure once layers are being
-        replaced ends this worker, so the engine is reported dead (and restarted by its
-        launcher) instead of serving a half-loaded model. Send whole layers per call
-        (the plugin's trainer sends the whole model in one)."""
+        """All or nothing: check the announced parameters against the engine's and the
+        memory a reload of them needs (:func:`.reload.shortfall`), receive every byte into
+        host memory, and only then load them, through vLLM's reload (layer-wise, or in
+        place with 0.34's ``VLLM_RELOAD_MODE=direct``), finished within this call: between
+        two calls the model is never half-replaced, whatever the trainer does next. A
+        refused update or a transfer cut off half-way raises :class:`.reload.NothingLoaded`
+        and leaves the old weights serving; a failure once layers are being replaced ends
+        this worker, so the engine is reported dead (and restarted by its launcher) instead
+        of serving a half-loaded model. Send whole layers per call (the plugin's trainer
+        sends the whole model in one)."""
         if self.group is None:
             raise RuntimeError("gloo weight transfer is not initialised: call init_weight_transfer_engine first")
         params = update_info.params()
@@ -174,14 +178,15 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         # byte is sent, so a refusal never leaves the others waiting for buckets.
         refusals = _count(self.group, refusal is not None)
         if refusal is not None:
-            raise refusal
+            reason = str(refusal).rstrip(".")
+            raise UpdateRefused(f"{reason}. Nothing was loaded: the previous weights keep serving.") from refusal
         if refusals:
-            raise RuntimeError("another engine of the transfer group refused this update; nothing was loaded")
+            raise NothingLoaded("another engine of the transfer group refused this update; nothing was loaded")
         plan = buckets(params, self.bucket_bytes)
         started = time.perf_counter()
         received = self._receive(plan, params)
         if not _status(self.group, True):
-            raise RuntimeError(
+            raise NothingLoaded(
                 "the trainer abandoned this update before its end (see its error); nothing was loaded, "
                 "the previous weights keep serving"
             )
@@ -194,16 +199,20 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         )  # fmt: skip
 
     def _check(self, update_info: GlooWeightTransferUpdateInfo) -> None:
+        """Refuse (ValueError) what this engine cannot load: a parameter its model lacks
+        or has in another shape or dtype, or more than its free memory holds."""
         spec = spec_of(self.model)
-        if spec is None:
-            if not self._warned_no_spec:
-                logger.warning(
-                    "hot-swap: this model was not loaded by vLLM's default loader, so base-weight "
-                    "updates are not checked against its parameters before loading"
-                )
-                self._warned_no_spec = True
-            return
-        check_update(zip(update_info.names, update_info.shapes, update_info.dtype_names), spec)
+        if spec is not None:
+            check_update(zip(update_info.names, update_info.shapes, update_info.dtype_names), spec)
+        elif not self._warned_no_spec:
+            logger.warning(
+                "hot-swap: this model was not loaded by vLLM's default loader, so base-weight "
+                "updates are not checked against its parameters before loading"
+            )
+            self._warned_no_spec = True
+        short = reload.shortfall(self.model, self.device, sum(_nbytes(m) for m in update_info.params()))
+        if short is not None:
+            raise ValueError(f"not enough memory for this update: {short}")
 
     def _receive(self, plan: list[list[int]], params: list[ParamMeta]) -> list[torch.Tensor]:
         """Every bucket into host memory, two on the wire at a time."""
@@ -225,13 +234,11 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         return received
 
     def _load(self, plan: list[list[int]], params: list[ParamMeta], received: list[torch.Tensor]) -> None:
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
-
         try:
-            initialize_layerwise_reload(self.model)
+            reload.begin(self.model)
             for bucket, flat in zip(plan, received, strict=True):
                 self.model.load_weights(list(_unpack(flat, [params[i] for i in bucket])))
-            finalize_layerwise_reload(self.model, self.model_config)
+            reload.finish(self.model, self.model_config, self.device)
         except BaseException:
             logger.critical(
                 "hot-swap: loading base weights failed after layers were replaced; this worker exits so "

@@ -79,6 +79,22 @@ def _reinstall(wrapper: Any) -> None:
         hotswap.reinstall()
 
 
+def update_weights(self: Any, update_info: Any) -> None:
+    """vLLM 0.34 marks the weights incomplete when an update starts, until a successful
+    finish. An update the gloo backend ends before replacing any layer (refused, or cut
+    off in transfer) leaves them complete, so the mark is taken back; any other failure
+    keeps it, as vLLM's own engines do (their weights may be half-replaced)."""
+    from .reload import NothingLoaded
+
+    try:
+        self.worker.update_weights(update_info)
+    except NothingLoaded:
+        incomplete = getattr(self.worker, "_incomplete_weight_updates", None)
+        if incomplete is not None:
+            incomplete.discard(self.worker._weight_update_is_draft)
+        raise
+
+
 def finish_weight_update(self: Any) -> None:
     """vLLM drops every adapter at the end of a base-weight update (``reset_lora_state``);
     ours are registered again at once, from their staged copies, not re-read from disk."""
@@ -106,6 +122,7 @@ RPC_METHODS = {
         hotswap_reinstall,
         hotswap_state,
         hotswap_weight_spec,
+        update_weights,
         finish_weight_update,
         reload_weights,
     )

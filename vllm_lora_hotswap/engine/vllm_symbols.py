@@ -42,6 +42,9 @@ from .. import SUPPORTED_VLLM
 # Releases whose weight-transfer base has the 0.33 WeightSource API
 # (``metadata`` a property, ``iter_full()``/``iter_local()`` instead of ``__iter__``).
 WEIGHT_SOURCE_V2 = ">=0.33"
+# Releases with the reload lifecycle (``start_reload``/``finish_reload``, following
+# ``VLLM_RELOAD_MODE``), the worker's incomplete-update flag and KV-cache lending.
+RELOAD_LIFECYCLE = ">=0.34"
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,10 @@ class Symbol:
     (set on the instance in a method, declared on the class, or a property).
     ``params``: parameter names the plugin passes (by position or keyword); each
     must exist in the signature. ``versions``: the releases it applies to (a
-    specifier; empty for every supported release).
+    specifier; empty for every supported release). ``imports_at_call``: a dotted
+    ``module.name`` the function must import inside its body, when called, so that
+    the plugin's replacement of that module attribute is what it calls (an import
+    at module level would bind vLLM's original before the plugin loads).
     """
 
     module: str
@@ -60,13 +66,15 @@ class Symbol:
     kind: str
     params: tuple[str, ...] = ()
     versions: str = ""
+    imports_at_call: str = ""
+
 
     def __str__(self) -> str:
         return f"{self.module}.{self.name}"
 
 
-def _s(module: str, name: str, kind: str, *params: str, versions: str = "") -> Symbol:
-    return Symbol(module, name, kind, params, versions)
+def _s(module: str, name: str, kind: str, *params: str, versions: str = "", imports_at_call: str = "") -> Symbol:
+    return Symbol(module, name, kind, params, versions, imports_at_call)
 
 
 _WT = "vllm.distributed.weight_transfer"
@@ -107,6 +115,9 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s(_LORA_MM, "LRUCacheLoRAModelManager._get_lora_layer_weights", "method", "lora_model", "module_name"),
     _s(_LORA_MM, "LRUCacheLoRAModelManager._get_module_to_save_weights", "method", "lora_model", "module_name"),
     _s(_LORA_MM, "AdapterLRUCache.deactivate_fn", "attribute"),
+    _s(_LORA_MM, "LRUCacheLoRAModelManager._last_mapping", "attribute"),
+    _s(_LORA_MM, "AdapterLRUCache.order", "property"),
+    _s(_LORA_MM, "AdapterLRUCache.pinned_items", "attribute"),
     _s("vllm.lora.layers.base", "BaseLayerWithLoRA.set_lora", "method", "index", "lora_a", "lora_b"),
     _s("vllm.lora.layers.base", "BaseLayerWithLoRA.reset_lora", "method", "index"),
     _s("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA.reset_lora", "method", "index"),
@@ -125,6 +136,10 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s("vllm.v1.worker.gpu_worker", "Worker.rank", "attribute"),
     _s("vllm.v1.worker.gpu_worker", "Worker.vllm_config", "attribute"),
     _s("vllm.config.parallel", "ParallelConfig.data_parallel_rank", "attribute"),
+    # gloo_transfer.py: this worker's rank in the transfer group
+    _s("vllm.config.parallel", "ParallelConfig.data_parallel_index", "attribute"),
+    _s("vllm.config.parallel", "ParallelConfig.world_size", "attribute"),
+    _s("vllm.config.parallel", "ParallelConfig.rank", "attribute"),
     # the engine-core utility that times an RPC where it holds the engine
     _s("vllm.v1.engine.core", "EngineCore.collective_rpc", "method", "method", "timeout", "args"),
     # gloo_transfer.py and weight_sync.py: the weight-transfer API
@@ -159,16 +174,38 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s(f"{_WT}.nccl_engine", "NCCLTrainerWeightTransferEngine.trainer_init", "method", "init_info", "client", "source"),
     _s("vllm.distributed.utils", "stateless_init_torch_distributed_process_group", "function",
        "host", "port", "rank", "world_size", "backend", "timeout"),  # fmt: skip
-    _s("vllm.model_executor.model_loader.reload", "initialize_layerwise_reload", "function", "model"),
-    _s("vllm.model_executor.model_loader.reload", "finalize_layerwise_reload", "function"),
+    # reload.py: replacing the weights, and the memory that takes
+    _s("vllm.model_executor.model_loader.reload", "initialize_layerwise_reload", "function", "model", versions="<0.34"),
+    _s("vllm.model_executor.model_loader.reload", "finalize_layerwise_reload", "function", versions="<0.34"),
+    _s("vllm.model_executor.model_loader.reload", "start_reload", "function", "model", versions=RELOAD_LIFECYCLE),
+    _s("vllm.model_executor.model_loader.reload", "finish_reload", "function", "model", "model_config", "device",
+       versions=RELOAD_LIFECYCLE),
+    _s("vllm.model_executor.model_loader.reload.layerwise", "max_layer_reload_bytes", "function", "model",
+       versions=RELOAD_LIFECYCLE),
+    _s("vllm.v1.worker.extensible_kv_cache", "WEIGHT_UPDATE_PEAK_LAYER_FACTOR", "attribute", versions=RELOAD_LIFECYCLE),
+    _s(f"{_WT}.base", "WeightTransferEngine.device", "attribute"),
+    # rpc.py: a refused update leaves the weights complete, so the worker's flag is cleared
+    _s("vllm.v1.worker.gpu_worker", "Worker.update_weights", "method", "update_info"),
+    _s("vllm.v1.worker.gpu_worker", "Worker._incomplete_weight_updates", "attribute", versions=RELOAD_LIFECYCLE),
+    _s("vllm.v1.worker.gpu_worker", "Worker._weight_update_is_draft", "attribute", versions=RELOAD_LIFECYCLE),
     _s("vllm.model_executor.model_loader.default_loader", "DefaultModelLoader.get_all_weights", "method",
        "model_config", "model"),  # fmt: skip
     # endpoints.py and server.py: the API server's routing table and engine client
+    # endpoints.enable_endpoint_plugin: vLLM's endpoint-plugin loader, wrapped so the plugin is
+    # included without VLLM_PLUGINS; it works only while the caller looks the loader up when called
     _s("vllm.plugins", "load_endpoint_plugins", "function", "supported_tasks"),
+    _s("vllm.plugins.endpoint_plugins.interface", "attach_endpoint_plugins", "function", "app", "supported_tasks",
+       imports_at_call="vllm.plugins.load_endpoint_plugins"),
+    _s("vllm.plugins.endpoint_plugins.interface", "init_endpoint_plugins_state", "function",
+       "engine_client", "state", "args"),
+    _s("vllm.plugins.endpoint_plugins.interface", "EndpointPlugin.name", "attribute"),
+    _s("vllm.plugins.endpoint_plugins.interface", "EndpointPlugin.required_tasks", "attribute"),
+    _s("vllm.plugins.endpoint_plugins.interface", "EndpointPlugin.attach_router", "method", "app"),
+    _s("vllm.plugins.endpoint_plugins.interface", "EndpointPlugin.init_state", "method", "engine_client", "state", "args"),
     _s("vllm.entrypoints.serve.engine.protocol", "ModelCard", "class", "id", "root", "parent", "permission"),
     _s("vllm.entrypoints.serve.engine.protocol", "ModelPermission", "class"),
     _s("vllm.entrypoints.serve.engine.serving", "BaseServing._check_model", "method", "request"),
-    _s("vllm.entrypoints.serve.engine.serving", "BaseServing.create_error_response", "method", "err_type", "status_code"),
+    _s("vllm.entrypoints.serve.engine.serving", "BaseServing.create_error_response", "method", "message", "err_type", "status_code"),
     _s("vllm.entrypoints.serve.engine.serving", "BaseServing.models", "attribute"),
     _s(_MODELS, "OpenAIServingModels.lora_requests", "attribute"),
     _s(_MODELS, "OpenAIServingModels.lora_id_counter", "attribute"),
@@ -201,14 +238,93 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s("vllm.v1.metrics.stats", "LoRARequestStates.update_scheduler_stats", "method", "scheduler_stats"),
     _s("vllm.v1.metrics.stats", "SchedulerStats.running_lora_adapters", "attribute"),
     _s("vllm.v1.metrics.stats", "SchedulerStats.waiting_lora_adapters", "attribute"),
+    # What the plugin reads of vLLM's objects, by where it reads it (worker.py, device_slots.py,
+    # common.py, server.py, offline.py, sample_api.py, endpoints.py, weights_api.py, gloo_transfer.py)
+    _s("vllm.v1.worker.lora_model_runner_mixin", "LoRAModelRunnerMixin.lora_manager", "attribute"),
+    _s("vllm.config.vllm", "VllmConfig.parallel_config", "attribute"),
+    _s("vllm.config.vllm", "VllmConfig.lora_config", "attribute"),
+    _s("vllm.config.vllm", "VllmConfig.model_config", "attribute"),
+    _s("vllm.config.model", "ModelConfig.model", "attribute"),
+    _s("vllm.config.model", "ModelConfig.served_model_name", "attribute"),
+    _s("vllm.config.model", "ModelConfig.logprobs_mode", "attribute"),
+    _s("vllm.config.lora", "LoRAConfig.max_lora_rank", "attribute"),
+    _s("vllm.config.lora", "LoRAConfig.max_loras", "attribute"),
+    _s("vllm.config.lora", "LoRAConfig.max_cpu_loras", "attribute"),
+    _s("vllm.config.parallel", "ParallelConfig.data_parallel_size", "attribute"),
+    _s("vllm.lora.lora_model", "LoRAModel.loras", "attribute"),
+    _s("vllm.lora.lora_weights", "LoRALayerWeights.lora_a", "attribute"),
+    _s("vllm.lora.lora_weights", "LoRALayerWeights.lora_b", "attribute"),
+    _s("vllm.lora.lora_weights", "LoRAFullModuleWeights", "class", "weight", "bias"),
+    _s("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA.base_layer", "attribute"),
+    _s("vllm.lora.layers.utils", "LoRAMapping", "class", "index_mapping", "prompt_mapping"),
+    _s(_LORA_MM, "AdapterLRUCache.pop", "method", "key"),
+    # read with getattr and a default: a rename would silently turn the adapter shape check off
+    _s("vllm.model_executor.layers.linear", "LinearBase.input_size", "attribute"),
+    _s("vllm.model_executor.layers.linear", "LinearBase.output_size", "attribute"),
+    _s("vllm.model_executor.layers.linear", "MergedColumnParallelLinear.output_sizes", "attribute"),
+    _s("vllm.model_executor.layers.linear", "QKVParallelLinear.output_sizes", "attribute"),
+    _s("vllm.model_executor.layers.linear", "QKVParallelLinear.num_kv_head_replicas", "attribute"),
+    _s("vllm.v1.engine.core", "EngineCoreProc._handle_client_request", "method"),
+    _s("vllm.v1.serial_utils", "run_method", "function", "obj", "method", "args", "kwargs"),
+    _s("vllm.tokenizers.protocol", "TokenizerLike.encode", "method", "text", "add_special_tokens"),
+    _s("vllm.tokenizers.protocol", "TokenizerLike.bos_token_id", "property"),
+    _s("vllm.outputs", "RequestOutput.outputs", "attribute"),
+    _s("vllm.outputs", "RequestOutput.prompt_token_ids", "attribute"),
+    _s("vllm.outputs", "CompletionOutput.text", "attribute"),
+    _s("vllm.outputs", "CompletionOutput.token_ids", "attribute"),
+    _s("vllm.outputs", "CompletionOutput.logprobs", "attribute"),
+    _s("vllm.outputs", "CompletionOutput.finish_reason", "attribute"),
+    _s("vllm.logprobs", "Logprob.logprob", "attribute"),
+    _s("vllm.inputs", "TokensPrompt.prompt_token_ids", "attribute"),
+    _s("vllm.inputs", "TextPrompt.prompt", "attribute"),
+    _s(_MODELS, "OpenAIServingModels.is_base_model", "method", "model_name"),
+    _s(_MODELS, "OpenAIModelRegistry.show_available_models", "method"),
+    _s("vllm.exceptions", "VLLMValidationError.parameter", "attribute"),
+    _s("vllm.entrypoints.serve.engine.protocol", "ModelList.data", "attribute"),
+    _s("vllm.entrypoints.openai.models.protocol", "BaseModelPath.name", "attribute"),
+    _s("vllm.lora.request", "LoRARequest.base_model_name", "attribute"),
+    _s("vllm.entrypoints.launchers.api_server.app_state", "init_app_state", "function", "engine_client", "state", "args"),
+    _s("vllm.entrypoints.launchers.cli_args", "FrontendArgs.host", "attribute", versions="<0.33"),
+    _s("vllm.entrypoints.launchers.cli_args", "FrontendArgs.port", "attribute", versions="<0.33"),
+    _s("vllm.entrypoints.launchers.cli_args", "FrontendArgs.api_key", "attribute", versions="<0.33"),
+    _s("vllm.entrypoints.common.cli_args", "FrontendArgs.host", "attribute", versions=">=0.33"),
+    _s("vllm.entrypoints.common.cli_args", "FrontendArgs.port", "attribute", versions=">=0.33"),
+    _s("vllm.entrypoints.common.cli_args", "FrontendArgs.api_key", "attribute", versions=">=0.33"),
+    _s("vllm.engine.arg_utils", "EngineArgs.weight_transfer_config", "attribute"),
+    # gloo_transfer.py overrides and calls of the weight-transfer base classes
+    _s(f"{_WT}.base", "WeightTransferEngine.__init__", "method"),
+    _s(f"{_WT}.base", "WeightTransferEngine.init_transfer_engine", "method", "init_info"),
+    _s(f"{_WT}.base", "WeightTransferEngine.start_weight_update", "method"),
+    _s(f"{_WT}.base", "WeightTransferEngine.finish_weight_update", "method"),
+    _s(f"{_WT}.base", "WeightTransferEngine.shutdown", "method"),
+    _s(f"{_WT}.base", "TrainerInitInfo.backend", "attribute"),
+    _s(f"{_WT}.base", "TrainerWeightTransferEngine.init_info_cls", "attribute"),
+    _s(f"{_WT}.base", "TrainerWeightTransferEngine.trainer_init", "method", "init_info", "client", "source"),
+    _s(f"{_WT}.base", "TrainerWeightTransferEngine.send_weights", "method"),
+    _s(f"{_WT}.base", "TrainerWeightTransferEngine.shutdown", "method"),
+    _s(f"{_WT}.base", "TrainerWeightTransferEngine.is_sender", "attribute"),
+    _s(f"{_WT}.base", "TrainerWeightTransferEngine.client", "attribute"),
+    _s(f"{_WT}.base", "VLLMWeightSyncClient.init_weight_transfer_engine", "method", "init_info"),
+    _s(f"{_WT}.base", "VLLMWeightSyncClient.start_weight_update", "method"),
+    _s(f"{_WT}.base", "VLLMWeightSyncClient.update_weights", "method", "update_info"),
+    _s(f"{_WT}.base", "VLLMWeightSyncClient.finish_weight_update", "method", "weight_version"),
+    _s("vllm.model_executor.model_loader.reload.layerwise", "finalize_layerwise_processing", "function",
+       "model", "model_config", versions="<0.34"),
+    # weight_sync.py: vLLM's own NCCL trainer engine
+    _s(f"{_WT}.nccl_engine", "NCCLTrainerWeightTransferEngine.send_weights", "method"),
+    _s(f"{_WT}.nccl_engine", "NCCLTrainerWeightTransferEngine.shutdown", "method"),
+    # fleet/launcher.py and cli.py start `python -m vllm.entrypoints.openai.api_server`
+    _s("vllm.entrypoints.openai.api_server", "run_server", "function"),
     # offline.py: vllm.LLM
     _s("vllm.entrypoints.llm", "LLM.collective_rpc", "method", "method", "args"),
     _s("vllm.entrypoints.llm", "LLM.generate", "method", "prompts", "sampling_params", "use_tqdm", "lora_request"),
     _s("vllm.entrypoints.llm", "LLM.llm_engine", "attribute"),
     _s("vllm.v1.engine.llm_engine", "LLMEngine.vllm_config", "attribute"),
     _s("vllm.v1.engine.llm_engine", "LLMEngine.output_processor", "attribute"),
+    _s("vllm.v1.engine.llm_engine", "LLMEngine.tokenizer", "property"),
     _s("vllm.sampling_params", "SamplingParams", "class",
-       "max_tokens", "temperature", "ignore_eos", "logprobs", "detokenize"),  # fmt: skip
+       "max_tokens", "temperature", "ignore_eos", "logprobs", "detokenize",
+       "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop"),  # fmt: skip
 )
 
 
@@ -328,6 +444,23 @@ def _check_live(symbol: Symbol) -> None:
         except (TypeError, ValueError):
             raise Mismatch(symbol, "has no inspectable signature") from None
         _check_params(symbol, list(parameters))
+    if symbol.imports_at_call:
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(target)))
+        except (OSError, TypeError, SyntaxError):
+            raise Mismatch(symbol, "has no readable source") from None
+        _check_imports_at_call(symbol, tree.body[0] if tree.body else tree)
+
+
+def _check_imports_at_call(symbol: Symbol, function: ast.AST) -> None:
+    module, _, name = symbol.imports_at_call.rpartition(".")
+    for node in ast.walk(function):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module == module:
+            if any(alias.name == name for alias in node.names):
+                return
+    raise Mismatch(
+        symbol, f"no longer imports {symbol.imports_at_call} when called, so the plugin's wrapper of it is bypassed"
+    )
 
 
 def _check_params(symbol: Symbol, names: list[str]) -> None:
@@ -508,6 +641,10 @@ class SourceTree:
             raise Mismatch(symbol, f"is not a {symbol.kind}" + (" (it is a property)" if is_property else ""))
         if symbol.params:
             self._check_node_params(symbol, node)
+        if symbol.imports_at_call:
+            if not is_function:
+                raise Mismatch(symbol, "is not a function")
+            _check_imports_at_call(symbol, node)
 
     def _check_node_params(self, symbol: Symbol, node: ast.AST) -> None:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -569,13 +706,19 @@ def check_source(root: str | Path) -> tuple[str, str | None]:
     """(vLLM version, the one error line or None) for an unpacked vLLM tree or a wheel."""
     tree = SourceTree(root)
     version = tree.version
+    return version, report(version, source_mismatches(tree, version))
+
+
+def source_mismatches(tree: SourceTree, version: str) -> list[Mismatch]:
+    """Every symbol that applies to ``version`` and differs in ``tree``, whether or not
+    ``version`` is supported (a newer release is checked all the same: :mod:`.release_check`)."""
     problems = []
     for symbol in symbols_for(version):
         try:
             tree.check(symbol)
         except Mismatch as exc:
             problems.append(exc)
-    return version, report(version, problems)
+    return problems
 
 
 # -- what differs between supported releases --------------------------------------------
@@ -585,6 +728,12 @@ def check_source(root: str | Path) -> tuple[str, str | None]:
 def weight_source_v2() -> bool:
     """Whether the installed vLLM has the 0.33 ``WeightSource`` API."""
     return _in(installed_version(), WEIGHT_SOURCE_V2)
+
+
+@cache
+def reload_lifecycle() -> bool:
+    """Whether the installed vLLM has ``start_reload``/``finish_reload`` (0.34)."""
+    return _in(installed_version(), RELOAD_LIFECYCLE)
 
 
 def source_metadata(source: Any) -> list[Any]:

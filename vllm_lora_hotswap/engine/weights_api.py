@@ -95,7 +95,10 @@ async def start_weight_update(request: Request, mode: Annotated[PauseMode, Body(
     engine = _engine(request)
 
     async def start() -> dict[str, Any]:
-        await engine.pause_generation(mode=mode, clear_cache=False)
+        # The cache is cleared: finish resets it anyway (no KV computed under the old
+        # weights is reused, kept requests included), and from vLLM 0.34 only a cleared
+        # cache is lent to the update's reload, whose memory it may need.
+        await engine.pause_generation(mode=mode, clear_cache=True)
         try:
             await engine.start_weight_update()
         except BaseException:
