@@ -5,7 +5,8 @@
 Two vLLM servers with the plugin: ``events`` (inotify plus a 5 s poll) runs
 benchmarks 1–5 and also serves vLLM's native ``/v1/load_lora_adapter`` for
 the baseline, side by side; ``polling`` (events off, a 1 s poll) repeats
-benchmark 1. Servers, stores and logs live in results/tmp/ while they run
+benchmark 1, then again with the publisher's notice after each publish (an
+engine on another node of an NFS store, told by its trainer). Servers, stores and logs live in results/tmp/ while they run
 (kept when a run fails, for its server logs).
 """
 
@@ -28,12 +29,15 @@ from . import (
     gpu_copy,
     memory,
     parallel_swaps,
+    policy_sync,
     publish_latency,
     report,
     serving,
     slot_stall,
 )
 from .assets import prepare
+from vllm_lora_hotswap.notify import CommitNotifier
+
 from .common import EVENTS_POLL_S, SERVER_ARGS, plugin_server, stage
 from .machine import describe
 
@@ -109,6 +113,12 @@ def main() -> None:
         stage(f"1/5 publish → served with polling only, {plan.latency_swaps} swaps")
         load["latency_polling"] = _loadavg()
         results["latency_polling"] = publish_latency.run(polling, polling_store, assets, plan.latency_swaps, "polling")
+        stage(f"1/5 publish → served with polling only, each publish notified, {plan.latency_swaps} swaps")
+        load["latency_polling_notified"] = _loadavg()
+        notifier = CommitNotifier([polling.url])
+        results["latency_polling_notified"] = publish_latency.run(polling, polling_store, assets, plan.latency_swaps,
+                                                                  "polling, notified", notifier)  # fmt: skip
+        notifier.close()
         polling.stop()
         stage(f"1/5 publish → served with events and the probe off (a third server), {plan.latency_swaps} swaps")
         probe_off, probe_off_store = plugin_server(assets, tmp, "probe-off", events=True, poll_s=EVENTS_POLL_S,
@@ -129,14 +139,16 @@ def main() -> None:
         stage(f"4/5 memory over {plan.memory_swaps} swaps")
         load["memory"] = _loadavg()
         results["memory"] = memory.run(events, events_store, assets, plan.memory_swaps)
-        stage(f"5/5 base-weight sync over gloo, {plan.pushes} pushes, and the plain gloo ceiling")
+        stage(f"5/5 base-weight sync over gloo: {plan.pushes} pushes alternated with plain gloo broadcasts of the same bytes")
         load["weight_sync"] = _loadavg()
-        pushed = base_weights.push(events, assets, plan.pushes)
-        results["weight_sync"] = {"push": pushed, "ceiling": base_weights.ceiling(pushed["bytes"], plan.pushes),
+        results["weight_sync"] = {**base_weights.run(events, assets, plan.pushes),
                                   "nccl": gpu_copy.NO_GPU if not _has_gpu() else NCCL_NOT_HERE}  # fmt: skip
     stage(f"7 install stall against adapter size and --max-lora-rank {slot_stall.RANKS}, {plan.slot_swaps} swaps each")
     load["slot_stall"] = _loadavg()
     results["slot_stall"] = slot_stall.run(prepare(shapes=slot_stall.SIZES), tmp, plan.slot_swaps)
+    stage("8 policy sync per RL step: ours on 2 and 1 engines against TRL's adapter and merged paths")
+    load["policy_sync"] = _loadavg()
+    policy_sync.run(options.out, quick=options.quick)
     stage("GPU: pinned vs pageable host-to-device copies")
     results["gpu_copy"] = gpu_copy.measure({label: assets.adapter_bytes(label) for label in assets.adapters})
 

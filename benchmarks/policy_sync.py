@@ -3,10 +3,16 @@
     python -m benchmarks.policy_sync [--quick]
 
 On the benchmark model and one adapter (rank 16 on every linear layer, as the demo trains),
-each "step" changes the adapter's weights and measures until the engines can generate with it:
+each "step" changes the adapter's weights and measures until the engines answer a first token
+from the new weights, as the next rollout batch needs:
 
-- **ours**: save the adapter, publish it into the store, until *two* engines that follow the
-  store serve it (the last engine's ``updated`` event; what ``HotSwapCallback`` + ``FleetRollout`` do);
+- **ours, 2 engines and 1 engine**: ``HotSwapCallback``'s path: save the adapter straight into
+  the store's staging directory, commit it, notify the engines (``POST /v1/lora/notify``), wait
+  on each (``GET /v1/lora/wait?sampling=1``, as ``FleetRollout`` does), then one token from
+  ``adapter@version`` through ``/api/v1/sample`` on each: a version still being probed answers
+  it beside the probe, once the verdict is in. Trainer phases (save, commit, notice) and the
+  last engine's swap phases are reported. The second engine serves only the two-engine adapter
+  (``VLLM_HOTSWAP_ADAPTERS``), so the one-engine adapter is followed by one engine alone;
 - **TRL GRPOTrainer, vLLM server mode**: merge the adapter, push every base weight through
   vLLM's weight-transfer API (start, update, finish), unmerge, reset the prefix cache, on one
   engine. TRL 1.16 drives that API over NCCL only (``VLLMClient.init_communicator`` raises
@@ -16,6 +22,8 @@ each "step" changes the adapter's weights and measures until the engines can gen
   (``load_inplace`` false, the request TRL sends), unload the previous one, on one engine (TRL
   falls back to merged sync when one server has several data-parallel replicas, and its
   client talks to one server).
+
+Never more engines than cores: each engine's worker is bound to a core of its own.
 
 Rollout tokens/s: the same batch (32 prompts, 64 sampled tokens each) from the two engines
 through ``/api/v1/sample`` (split as ``FleetRollout`` splits it; each engine's worker bound to its
@@ -32,7 +40,6 @@ import json
 import os
 import shutil
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -49,7 +56,8 @@ from .machine import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADAPTER_SHAPE = "r16-all"
-ADAPTER = "policy"
+ADAPTER = "policy"  # followed by both engines
+SOLO = "solo"  # followed by the first engine alone
 PROMPTS = ["the quick brown fox", "hello world"] * 16  # 2 prompts x 16 generations, as the demo's GRPO batch
 MAX_TOKENS = 64
 
@@ -76,28 +84,57 @@ def first_token(server: Server, model: str) -> None:
     server.http.post("/v1/completions", json=body).raise_for_status()
 
 
-def ours(model: Any, servers: list[Server], store: CheckpointStore, steps: int) -> tuple[list[float], list[dict[str, float]]]:
-    """Save + publish → served on every server (the last ``updated`` event; a probe generation on
-    the new version has run on each). Also returns the last engine's swap phases at each step."""
+def ours(model: Any, servers: list[Server], store: CheckpointStore, adapter: str, steps: int) -> dict[str, Any]:
+    """Publish (save into staging, commit, notify) → a first token of ``adapter@version`` on
+    every server; the trainer's phases and the last engine's swap phases of each step."""
+    from vllm_lora_hotswap.notify import WAIT_PATH, CommitNotifier
+
+    notifier = CommitNotifier([server.url for server in servers])
     generator = torch.Generator().manual_seed(0)
-    seconds, phases = [], []
-    for _ in range(steps):
-        _step(model, generator)
-        started = time.time()
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            version = store.publish(ADAPTER, tmp)
-        for server in servers:
-            server.wait_for(lambda s=server: s.adapters().get(ADAPTER, {}).get("served_version") == version,
-                            f"{ADAPTER}@{version}")  # fmt: skip
-        served = []
-        for server in servers:
-            events = server.http.get("/v1/lora/events").json()["events"]
-            served.append(next(e for e in events if e["kind"] == "updated" and e["version"] == version))
-        last = max(served, key=lambda e: e["at"])
-        seconds.append(last["at"] - started)
-        phases.append(last["timings"])
-    return seconds, phases
+    seconds, trainer_phases, engine_phases = [], [], []
+
+    def first_token_of(server: Server, version: str) -> None:
+        params = {"adapter": adapter, "version": version, "timeout": 60, "sampling": True}
+        server.http.get(WAIT_PATH, params=params).raise_for_status()
+        body = {"prompts": ["hello"], "model_id": f"{adapter}@{version}", "sampling_params": {"max_tokens": 1}}
+        server.http.post("/api/v1/sample", json=body).raise_for_status()
+
+    with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+        for _ in range(steps):
+            _step(model, generator)
+            started = time.perf_counter()
+            staged = store.open_version(adapter)
+            model.save_pretrained(staged.path, safe_serialization=True)
+            saved = time.perf_counter()
+            version = staged.commit()
+            committed = time.perf_counter()
+            notifier.notify(adapter, version)
+            noticed = time.perf_counter()
+            list(pool.map(lambda server: first_token_of(server, version), servers))
+            seconds.append(time.perf_counter() - started)
+            trainer_phases.append({"save": saved - started, "commit": committed - saved, "notice": noticed - committed})
+            served = [_updated_event(server, adapter, version) for server in servers]
+            engine_phases.append(max(served, key=lambda e: e["at"])["timings"])
+    notifier.close()
+    return {**_summary(seconds), "trainer_phases_p50": _medians(trainer_phases), "phases_p50": _medians(engine_phases)}
+
+
+def _updated_event(server: Server, adapter: str, version: str) -> dict[str, Any]:
+    """The server's ``updated`` event for ``adapter@version`` (it follows the first token: a
+    version answered beside its probe is switched right after)."""
+    deadline = time.monotonic() + 60
+    while True:
+        events = server.http.get("/v1/lora/events").json()["events"]
+        found = [e for e in events if e["kind"] == "updated" and e["adapter"] == adapter and e["version"] == version]
+        if found:
+            return found[0]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{server.url} never served {adapter}@{version}")
+        time.sleep(0.01)
+
+
+def _medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {phase: statistics.median(row.get(phase, 0.0) for row in rows) for phase in rows[0]}
 
 
 def async_grpo(model: Any, server: Server, directory: Path, steps: int) -> list[float]:
@@ -208,12 +245,21 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "| path | engines | p50 | max |",
         "|---|---|---|---|",
     ]
-    for key, label, engines in (("ours", "ours: adapter through the store", 2),
-                                ("trl_merged_gloo", "TRL GRPOTrainer: merge + full-weight push (gloo, as NCCL cannot run here)", 1),
-                                ("trl_async_load_lora", "TRL AsyncGRPOTrainer: /v1/load_lora_adapter", 1)):  # fmt: skip
-        lines.append(f"| {label} | {engines} | {sync[key]['p50']:.2f} s | {sync[key]['max']:.2f} s |")
-    phases = ", ".join(f"{phase} {1000 * value:.0f} ms" for phase, value in sync["ours"]["phases_p50"].items())
-    lines += ["", f"Ours, the last engine's swap phases (p50): {phases}"]
+    rows = (
+        ("ours", "ours: adapter through the store", 2),
+        ("ours_one_engine", "ours: adapter through the store", 1),
+        ("trl_async_load_lora", "TRL AsyncGRPOTrainer: /v1/load_lora_adapter", 1),
+        ("trl_merged_gloo", "TRL GRPOTrainer: merge + full-weight push (gloo, as NCCL cannot run here)", 1),
+    )
+    for key, label, engines in rows:
+        lines.append(f"| {label} | {engines} | {sync[key]['p50']:.3f} s | {sync[key]['max']:.3f} s |")
+    trl = sync["trl_async_load_lora"]["p50"]
+    two, one = sync["ours"]["p50"] / trl, sync["ours_one_engine"]["p50"] / trl
+    lines += ["", f"Ours ÷ TRL AsyncGRPO (p50): {two:.2f} on 2 engines (target ≤ 1.0), {one:.2f} on 1 engine (target ≤ 0.8)"]
+    for key, engines in (("ours", 2), ("ours_one_engine", 1)):
+        trainer = ", ".join(f"{phase} {1000 * value:.1f} ms" for phase, value in sync[key]["trainer_phases_p50"].items())
+        engine = ", ".join(f"{phase} {1000 * value:.1f} ms" for phase, value in sync[key]["phases_p50"].items())
+        lines += ["", f"Ours on {engines} engine(s), p50: trainer {trainer}; last engine {engine}"]
     lines += ["", f"Rollout: {len(PROMPTS)} prompts x {MAX_TOKENS} sampled tokens", "",
               "| generation | tokens/s (median) |", "|---|---|",
               f"| two engines, /api/v1/sample | {rollout['engines']['tokens_per_s']:.0f} |",
@@ -229,12 +275,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="output directory (default: %(default)s)")
     parser.add_argument("--cache", type=Path, default=CACHE, help="benchmark model cache (default: %(default)s)")
     options = parser.parse_args()
-    steps, repeats = (5, 2) if options.quick else (20, 3)
-    tmp = options.out / "tmp" / "policy_sync"
+    print(run(options.out, options.cache, quick=options.quick).read_text())
+
+
+def run(out: Path, cache: Path = CACHE, *, quick: bool = False) -> Path:
+    """Every path side by side in one run; writes ``out/policy_sync.json`` and ``.md`` (its path)."""
+    steps, repeats = (5, 2) if quick else (20, 3)
+    tmp = out / "tmp" / "policy_sync"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     stage("assets: benchmark model and adapters")
-    assets = prepare(options.cache)
+    assets = prepare(cache)
     adapter_dir = assets.adapters[ADAPTER_SHAPE][0]
     root = tmp / "store"
     root.mkdir()
@@ -243,7 +294,8 @@ def main() -> None:
     first = Server(assets.model, tmp / "engine-1.log",
                    {**env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_OMP_THREADS_BIND": str(cores[0])},
                    ["--weight-transfer-config", '{"backend": "gloo"}'])  # fmt: skip
-    second = Server(assets.model, tmp / "engine-2.log", {**env, "VLLM_CPU_OMP_THREADS_BIND": str(cores[1 % len(cores)])})
+    second_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": str(cores[1 % len(cores)]), "VLLM_HOTSWAP_ADAPTERS": ADAPTER}
+    second = Server(assets.model, tmp / "engine-2.log", second_env)
     results: dict[str, Any] = {"model": "benchmark Llama (hidden 1024, 8 layers, 415 MB)", "steps": steps,
                                "adapter_bytes": assets.adapter_bytes(ADAPTER_SHAPE), "machine": describe()}  # fmt: skip
     with ExitStack() as stack:
@@ -256,10 +308,10 @@ def main() -> None:
         model = _trainer_model(assets.model, adapter_dir)
         store = CheckpointStore(root)
         results["load_average"] = [round(x, 1) for x in os.getloadavg()]
-        stage(f"ours: {steps} publications → served on both engines")
-        seconds, phases = ours(model, [first, second], store, steps)
-        sync = {"ours": {**_summary(seconds), "phases_p50": {
-            phase: statistics.median(p.get(phase, 0.0) for p in phases) for phase in phases[0]}}}  # fmt: skip
+        stage(f"ours: {steps} publications → a first token on both engines")
+        sync = {"ours": ours(model, [first, second], store, ADAPTER, steps)}
+        stage(f"ours: {steps} publications → a first token on one engine")
+        sync["ours_one_engine"] = ours(model, [first], store, SOLO, steps)
         stage(f"AsyncGRPOTrainer's /v1/load_lora_adapter path: {steps} steps on one engine")
         sync["trl_async_load_lora"] = _summary(async_grpo(model, first, tmp / "async-adapters", steps))
         stage(f"rollout tokens/s: two engines vs HF generate, {repeats} batches each")
@@ -267,9 +319,9 @@ def main() -> None:
         stage(f"GRPOTrainer's merged path (gloo): {steps} steps on one engine")
         sync["trl_merged_gloo"] = _summary(merged(model, assets.model, first, steps))
         results["sync"] = sync
-    path = write(results, options.out)
+    path = write(results, out)
     shutil.rmtree(tmp, ignore_errors=True)
-    print(path.read_text())
+    return path
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Two real CPU instances under `lora-hotswap launch`, driven through the seed's scheduler API."""
+"""Two real CPU instances under `lora-hotswap launch`, driven through the scheduler API."""
 
 from __future__ import annotations
 

@@ -394,3 +394,30 @@ def test_a_pinned_version_holds_no_request_of_the_adapter(store: CheckpointStore
     engine.hold_log.clear()
     controller.ensure("a", v1)  # a request naming a@v1: the bare name keeps its route
     assert engine.hold_log == []
+
+
+@pytest.mark.parametrize("outcome", ["served", "probe rejected", "engine down"])
+def test_sample_requests_pinning_the_version_may_start_during_its_probe(
+    store: CheckpointStore, lora: Path, outcome: str
+) -> None:
+    """The version is open to pinned sample requests from before its probe until its verdict:
+    closed as passed only once it is routed, as failed when it will not be served (their
+    answers are then withheld and their generations ended before its slot is freed)."""
+    engine = FakeEngine()
+    controller = controller_for(store, engine)
+    store.publish("a", lora)
+    controller.sync_once()
+    engine.sampling_log.clear()
+    v2 = store.publish("a", lora)
+    if outcome == "probe rejected":
+        engine.reject["probe"].add(path_of(store, "a", v2))
+    elif outcome == "engine down":
+        engine.unavailable.add("probe")
+    controller.sync_once()
+    closed = "passed" if outcome == "served" else "failed"
+    assert engine.sampling_log == [("open", f"a@{v2}"), (closed, f"a@{v2}")]
+    assert engine.sampling_open == set()
+    if outcome == "served":
+        assert engine.routes[f"a@{v2}"].version == v2  # routed before it was closed as passed
+    else:
+        assert f"a@{v2}" not in engine.routes

@@ -55,7 +55,7 @@ def test_sample_answers_with_the_served_version_and_pinned_ones(
     (s,) = base["samples"]
     assert s["version"] is None and s["model"] == str(engine.model) and s["token_ids"] == reference(None, PROMPTS[1])
 
-    # The seed's client API goes through the same route.
+    # The `vllm_backend`-compatible client API goes through the same route.
     client = VLLMClient(VLLMClientConfig(base_urls=[engine.url]))
     (completion,) = client.generate([PROMPTS[2]], GREEDY, adapter="sampled")
     assert completion["version"] == v2 and completion["token_ids"] == reference(lora_v2, PROMPTS[2])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.crash import kill_publishes
+from tests.support.crash import kill_at_every_step, kill_publishes
 from tests.support.fake import write_lora
 from vllm_lora_hotswap.store import (
     AdapterServing,
@@ -156,6 +156,71 @@ def test_publisher_killed_at_random_points_never_leaves_a_partial_ready_version(
         store.validate("lora1", version)
     report = store.gc(grace=0)
     assert report.abandoned and not list(staging.iterdir())
+
+
+def test_publisher_in_place_killed_before_each_step_never_leaves_a_torn_or_half_visible_version(
+    store: CheckpointStore, tmp_path: Path
+) -> None:
+    """A publish straight into the store (``open_version``, as ``HotSwapCallback`` saves)
+    SIGKILLed just before each of its file-system calls in turn: after each kill every
+    version directory is a whole READY version, LATEST names one, and the only leftovers
+    are in ``.staging``, which gc removes."""
+    source = write_lora(tmp_path / "src", rank=16, hidden=512, layers=4)
+    adapter_dir = store.adapter_dir("lora1")
+    committed = []  # per kill: whether its version was committed before it
+    for step, steps in kill_at_every_step(store, source):
+        names = sorted(p.name for p in adapter_dir.iterdir() if not p.name.startswith(".") and p.is_dir())
+        assert names == store.versions("lora1"), f"killed before step {step}: a version directory without READY"
+        for version in names:
+            store.validate("lora1", version)  # every file whole, hashes as READY records
+        latest = (adapter_dir / "LATEST").read_text()
+        assert latest in names, f"killed before step {step}: LATEST names {latest!r}"
+        committed.append(store.read_metadata("lora1", names[-1])["kill_at"] == step)
+    assert steps > 10 and len(committed) == steps
+    assert not committed[0] and committed[-1]  # kills landed before and after the commit
+    staging = adapter_dir / ".staging"
+    assert any(staging.iterdir()), "no kill left a partial write"
+    store.gc(grace=0)
+    assert not list(staging.iterdir())
+
+
+def test_open_version_commits_on_a_clean_exit_and_publishes_nothing_on_an_exception(
+    store: CheckpointStore, lora: Path
+) -> None:
+    with store.open_version("lora1", {"step": 1}) as staged:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            (staged.path / name).write_bytes((lora / name).read_bytes())
+        (staged.path / "README.md").write_text("a model card: not part of a version")
+    assert staged.version is not None and store.versions("lora1") == [staged.version]
+    directory = store.version_dir("lora1", staged.version)
+    assert sorted(os.listdir(directory)) == ["READY", "adapter_config.json", "adapter_model.safetensors", "metadata.json"]
+    info = store.validate("lora1", staged.version)
+    assert info.metadata["step"] == 1 and info.metadata["source"] is None
+    assert all(stat.S_IMODE(os.stat(directory / n).st_mode) == 0o644 for n in os.listdir(directory))
+
+    with pytest.raises(RuntimeError, match="the save failed"):
+        with store.open_version("lora1") as failed:
+            (failed.path / "adapter_config.json").write_bytes((lora / "adapter_config.json").read_bytes())
+            raise RuntimeError("the save failed")
+    nan = write_lora(lora.parent / "nan", value=float("nan"))
+    staged = store.open_version("lora1")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (staged.path / name).write_bytes((nan / name).read_bytes())
+    with pytest.raises(InvalidCheckpointError, match="NaN or inf"):
+        staged.commit({"step": 2})
+    assert store.versions("lora1") == [directory.name]
+    assert not list((store.adapter_dir("lora1") / ".staging").iterdir())  # neither left anything behind
+
+
+def test_a_commit_or_abort_by_hand_inside_the_block_is_not_repeated_on_exit(store: CheckpointStore, lora: Path) -> None:
+    with store.open_version("lora1") as staged:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            (staged.path / name).write_bytes((lora / name).read_bytes())
+        version = staged.commit({"loss": 0.5})  # metadata known only at the end
+    assert store.versions("lora1") == [version] and store.validate("lora1", version).metadata["loss"] == 0.5
+    with store.open_version("lora1") as dropped:
+        dropped.abort()  # e.g. the trainer saw a NaN loss
+    assert store.versions("lora1") == [version]
 
 
 def test_checksum_mismatch_is_detected(store: CheckpointStore, lora: Path) -> None:

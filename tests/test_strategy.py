@@ -1,4 +1,4 @@
-"""LoRARLStrategy (the seed's RL API) publishing real PEFT adapters into a real store."""
+"""LoRARLStrategy (the RL-strategy API) publishing real PEFT adapters into a real store."""
 
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def test_training_stats(store: CheckpointStore, make_lora: Any) -> None:
 
 
 class StoreScheduler:
-    """A fleet scheduler in the seed's shape: ``publish_lora_update(lora_id, src_ckpt_dir, metadata)``."""
+    """A fleet scheduler in the scheduler API's shape: ``publish_lora_update(lora_id, src_ckpt_dir, metadata)``."""
 
     def __init__(self, store: CheckpointStore):
         self.store = store

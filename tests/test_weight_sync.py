@@ -1,4 +1,4 @@
-"""Base weights over vLLM's weight-transfer API (gloo on CPU) and the seed's client API, on a real server."""
+"""Base weights over vLLM's weight-transfer API (gloo on CPU) and the `vllm_backend`-compatible client API, on a real server."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ import torch
 
 from hotswap_demo.toy_models import ReferenceModel
 from tests.conftest import PROMPTS
+from tests.support.fake import write_lora
 from tests.support.server import VllmServer, free_port
 from tests.test_weight_sync import perturbed_model
 from vllm_lora_hotswap.client import VLLMClient, VLLMClientConfig
@@ -203,6 +204,54 @@ def test_an_update_short_of_memory_is_refused_before_any_layer_is_touched(
     assert server.client.get("/weight_info").json()["weight_version"] != "short-of-memory"
 
 
+HOLD = 4.0  # seconds the update holds the engine paused while a new version waits in its probe
+
+
+def test_a_rollout_pinning_a_version_under_probe_runs_beside_the_probe_and_waits_for_its_verdict(
+    server: VllmServer, make_lora, reference, tmp_path: Path
+) -> None:
+    """A paused engine holds each new version's probe: a sample request pinning that version
+    (as FleetRollout sends) is admitted beside it, not made to wait for the switch. After the
+    resume it is answered with the version's output if the probe passed, and with a 409 (its
+    samples discarded) if the probe failed: here finite weights whose product overflows."""
+    store = CheckpointStore(server.root)
+    http = httpx.Client(base_url=server.url, timeout=120, headers={"Authorization": f"Bearer {API_KEY}"})
+    good = make_lora(93)
+    overflowing = tmp_path / "overflow"
+    write_lora(overflowing, value=1e30)
+    answers: dict[str, httpx.Response] = {}
+
+    def sample(name: str, model_id: str) -> None:
+        greedy = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+        body = {"prompts": [PROMPTS[0]], "model_id": model_id, "sampling_params": greedy}
+        answers[name] = http.post("/api/v1/sample", json=body)
+
+    assert http.post("/start_weight_update", json={"mode": "wait"}).status_code == 200
+    try:
+        versions = {"good": store.publish("gated-good", good), "overflow": store.publish("gated-overflow", overflowing)}
+        for name in versions:
+            server.wait_until(lambda n=name: server.adapters().get(f"gated-{n}", {}).get("state") == "swapping", 30, name)
+        time.sleep(HOLD)  # both probes wait on the paused engine: both versions are open to pinned samples
+        senders = [threading.Thread(target=sample, args=(n, f"gated-{n}@{v}")) for n, v in versions.items()]
+        for sender in senders:
+            sender.start()
+        time.sleep(1.0)  # admitted, waiting on the paused engine too
+        assert answers == {}
+    finally:
+        assert http.post("/finish_weight_update", json={"weight_version": "gated"}).status_code == 200
+    for sender in senders:
+        sender.join(60)
+    good_answer, refused = answers["good"], answers["overflow"]
+    assert good_answer.status_code == 200, good_answer.text
+    (served,) = good_answer.json()["samples"]
+    assert served["version"] == versions["good"] and served["token_ids"] == reference(good, PROMPTS[0])
+    assert refused.status_code == 409, refused.text
+    assert f"gated-overflow@{versions['overflow']} did not pass its probe" in refused.json()["error"]["message"]
+    server.wait_served("gated-good", versions["good"], 60)
+    assert server.adapters()["gated-overflow"]["served_version"] is None
+    assert_serves_the_previous_weights(server, server.model)  # the engine lives, unpaused
+
+
 def test_a_good_push_after_the_failures_serves_the_new_weights(
     server: VllmServer, client: VLLMClient, toy_model: Path, tmp_path: Path
 ) -> None:
@@ -213,8 +262,6 @@ def test_a_good_push_after_the_failures_serves_the_new_weights(
         assert server.tokens(str(toy_model), prompt)[1] == reference.greedy(prompt, 8)
     assert server.client.get("/weight_info").json()["weight_version"] == "good-after-faults"
 
-
-HOLD = 4.0  # seconds the update holds the engine paused while a new version waits in its probe
 
 
 def test_a_probe_inside_a_base_weight_update_leaves_no_failure_record(server: VllmServer, make_lora) -> None:

@@ -286,3 +286,18 @@ def test_an_update_on_a_vllm_without_the_mark_only_raises() -> None:
 
     with pytest.raises(UpdateRefused, match="no"):
         rpc.update_weights(SimpleNamespace(worker=OldWorker()), {})
+
+
+def test_a_parameter_that_starts_misaligned_in_its_bucket_is_unpacked_by_a_copy() -> None:
+    """An odd-sized bf16 tensor puts the next float32 tensor at an offset no float32 view can
+    start at (all of an update is received into one allocation)."""
+    from types import SimpleNamespace
+
+    from vllm_lora_hotswap.engine import packing
+
+    odd, wide = torch.arange(5, dtype=torch.bfloat16), torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    flat = torch.cat([odd.view(torch.uint8), wide.view(-1).view(torch.uint8)])
+    params = [SimpleNamespace(name="odd", dtype=torch.bfloat16, shape=(5,)),
+              SimpleNamespace(name="wide", dtype=torch.float32, shape=(2, 3))]  # fmt: skip
+    unpacked = dict(packing.unpack(flat, params))
+    assert torch.equal(unpacked["odd"], odd) and torch.equal(unpacked["wide"], wide)

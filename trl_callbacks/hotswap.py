@@ -12,10 +12,9 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,7 +25,9 @@ from accelerate.utils import extract_model_from_parallel
 from peft import PeftModel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from vllm_lora_hotswap.notify import CommitNotifier
 from vllm_lora_hotswap.store import CheckpointStore, check_adapter_name
+from vllm_lora_hotswap.store.staged import StagedVersion
 from vllm_lora_hotswap.store.checkpoint import CONFIG_FILE
 from vllm_lora_hotswap.store.publish import RESERVED_METADATA
 
@@ -52,10 +53,11 @@ class WeightSyncClient(Protocol):
 class Publication:
     """One publication, as the training process saw it.
 
-    ``blocked_seconds`` is the time the training step waited (gathering and
-    saving the adapter locally); the copy into the store and the commit run
-    in the background and take ``commit_seconds``, after which ``version``
-    (or ``error``) is set. With a ``weight_sync`` client ``version`` stays None.
+    ``blocked_seconds`` is the time the training step waited (gathering the
+    adapter and saving it straight into the store's staging directory); the
+    checks, hashing, fsyncs and commit run in the background and take
+    ``commit_seconds``, after which ``version`` (or ``error``) is set. With a
+    ``weight_sync`` client ``version`` stays None.
     """
 
     step: int
@@ -80,9 +82,10 @@ class HotSwapCallback(TrainerCallback):
     checkpoint store whenever the watched metric improves (and/or on a schedule), so that every vLLM engine
     following the store serves it within seconds.
 
-    At each publication the adapter is saved to a local temporary directory (the only part the training step waits
-    for, recorded in `publications[i].blocked_seconds`); a single background thread then copies it into the store
-    and commits it atomically, in publication order. Background errors are logged, kept in `errors` and never raised
+    At each publication the adapter is saved straight into the store's staging directory for a new version (the only
+    part the training step waits for, recorded in `publications[i].blocked_seconds`; the bytes are written once, with
+    no temporary copy); a single background thread then checks, hashes and fsyncs the files and commits the version
+    atomically, in publication order. Background errors are logged, kept in `errors` and never raised
     into training; `on_train_end` waits for pending publications.
 
     Only the main process writes. Under DeepSpeed ZeRO-3 every rank gathers the adapter's parameters before the main
@@ -114,6 +117,12 @@ class HotSwapCallback(TrainerCallback):
             Extra JSON-serialisable entries written into every version's `metadata.json`.
         weight_sync (*optional*):
             Client for full fine-tuning; see above.
+        engines (`Sequence[str]`, *optional*):
+            Base URLs of engines to notify after each commit (`POST /v1/lora/notify`), so that they read the store at
+            once rather than at their next poll: what engines on other nodes of an NFS/CPFS store need (no
+            file-system event crosses nodes). Best effort, off the training thread. `FleetRollout` adds its URLs.
+        api_key (`str`, *optional*):
+            The `engines`' `--api-key`.
 
     Example:
 
@@ -148,6 +157,8 @@ class HotSwapCallback(TrainerCallback):
         keep: int | None = None,
         metadata: Mapping[str, Any] | None = None,
         weight_sync: WeightSyncClient | None = None,
+        engines: Sequence[str] | None = None,
+        api_key: str | None = None,
     ):
         if weight_sync is not None and not callable(getattr(weight_sync, "update_model_weights", None)):
             raise ValueError(f"weight_sync must have an update_model_weights(model) method, got {weight_sync!r}")
@@ -194,6 +205,8 @@ class HotSwapCallback(TrainerCallback):
         self._sharding: str | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future[None]] = []
+        self.notifier = CommitNotifier(engines or (), api_key=api_key)
+        self._committed = threading.Condition()  # notified when a publication is committed or failed
 
     # -- decisions ---------------------------------------------------------------------
     def improves(self, value: float) -> bool:
@@ -340,23 +353,27 @@ class HotSwapCallback(TrainerCallback):
             if state.is_world_process_zero:
                 self._sync_weights(model, publication, started)
             return
-        temp_dir: Path | None = None
+        assert self.store is not None and self.adapter is not None  # check_setup
+        staged: StagedVersion | None = None
+        doing = "saving the adapter"
         try:
             with gathered_adapter(model, self._sharding):
                 if not state.is_world_process_zero:
                     return
-                temp_dir = Path(tempfile.mkdtemp(prefix="hotswap-"))
-                source = _save_adapter(model, temp_dir)
-            metadata = self._metadata(state, reasons, source)
+                doing = f"publishing {self.adapter} into {self.store.root}"
+                staged = self.store.open_version(self.adapter)
+                doing = "saving the adapter"
+                _save_adapter(model, staged.path)
+            metadata = self._metadata(state, reasons, staged.path)
         except Exception as exc:
-            if temp_dir is not None:
-                shutil.rmtree(temp_dir, ignore_errors=True)
-            self._record_error(publication, exc, "saving the adapter")
+            if staged is not None:
+                staged.abort()
+            self._record_error(publication, exc, doing)
             self.publications.append(publication)
             return
         publication.blocked_seconds = time.perf_counter() - started
         self.publications.append(publication)
-        self._submit(publication, source, temp_dir, metadata)
+        self._submit(publication, staged, metadata)
 
     def _sync_weights(self, model: Any, publication: Publication, started: float) -> None:
         assert self.weight_sync is not None  # check_setup
@@ -386,35 +403,48 @@ class HotSwapCallback(TrainerCallback):
                 metadata["reward"] = value
         return metadata
 
-    def _submit(self, publication: Publication, source: Path, temp_dir: Path, metadata: dict[str, Any]) -> None:
+    def _submit(self, publication: Publication, staged: StagedVersion, metadata: dict[str, Any]) -> None:
         if self._executor is None:
             # One worker: versions are committed in the order they were captured.
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotswap-publish")
         self._pending = [f for f in self._pending if not f.done()]
-        self._pending.append(self._executor.submit(self._commit, publication, source, temp_dir, metadata))
+        self._pending.append(self._executor.submit(self._commit, publication, staged, metadata))
 
-    def _commit(self, publication: Publication, source: Path, temp_dir: Path, metadata: dict[str, Any]) -> None:
+    def _commit(self, publication: Publication, staged: StagedVersion, metadata: dict[str, Any]) -> None:
         assert self.store is not None and self.adapter is not None  # check_setup
         started = time.perf_counter()
         try:
-            publication.version = self.store.publish(self.adapter, source, metadata)
+            publication.version = staged.commit(metadata)  # on failure the staging directory is gone
+            self.notifier.notify(self.adapter, publication.version)  # returns at once; never raises
             logger.info(
                 "HotSwapCallback: published %s@%s (step %d, %s=%s, step blocked %.3fs)",
                 self.adapter, publication.version, publication.step, self.metric, publication.value,
                 publication.blocked_seconds,
             )  # fmt: skip
-            if self.keep is not None:
-                self.store.gc(keep=self.keep, adapters=[self.adapter])
         except Exception as exc:
             self._record_error(publication, exc, f"publishing {self.adapter} into {self.store.root}")
+        else:
+            if self.keep is not None:
+                try:  # the version is published: a failed clean-up is not the publication's failure
+                    self.store.gc(keep=self.keep, adapters=[self.adapter])
+                except Exception as exc:
+                    self.errors.append(exc)
+                    logger.error("HotSwapCallback: removing old versions of %s failed: %s", self.adapter, exc)
         finally:
             publication.commit_seconds = time.perf_counter() - started
-            shutil.rmtree(temp_dir, ignore_errors=True)
+            with self._committed:
+                self._committed.notify_all()
 
     def _record_error(self, publication: Publication, exc: Exception, doing: str) -> None:
         publication.error = f"{doing}: {type(exc).__name__}: {exc}"
         self.errors.append(exc)
         logger.error("HotSwapCallback: step %d: %s", publication.step, publication.error, exc_info=exc)
+
+    def wait_for_commit(self, publication: Publication, timeout: float | None = None) -> bool:
+        """Wait until ``publication`` has a version or an error; False if ``timeout`` passed first."""
+        with self._committed:
+            return self._committed.wait_for(lambda: publication.version is not None or publication.error is not None,
+                                            timeout)  # fmt: skip
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for pending publications; True when none is left. Never raises their errors."""
@@ -422,12 +452,14 @@ class HotSwapCallback(TrainerCallback):
         return not not_done
 
 
-def _save_adapter(model: PeftModel, directory: Path) -> Path:
-    """Save the active adapter (config + safetensors) under ``directory``; return its folder."""
+def _save_adapter(model: PeftModel, directory: Path) -> None:
+    """Save the active adapter (config + safetensors) into ``directory`` itself."""
     name = model.active_adapter
     model.save_pretrained(directory, selected_adapters=[name], safe_serialization=True)
-    # PEFT saves any adapter other than "default" into a sub-folder named after it.
-    return directory if name == "default" else directory / name
+    if name != "default":  # PEFT saves any other adapter into a sub-folder named after it
+        for child in (directory / name).iterdir():
+            os.replace(child, directory / child.name)
+        (directory / name).rmdir()
 
 
 def _check_static_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:

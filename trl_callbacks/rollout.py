@@ -15,11 +15,23 @@ from typing import Any
 
 import httpx
 
+from vllm_lora_hotswap.notify import WAIT_PATH
+
 from .hotswap import HotSwapCallback, Publication
 
 # What the rollout asks of the engines unless `sampling_params` says otherwise; the rest
 # (max_tokens, temperature, top_p, top_k, min_p, repetition_penalty) comes from the trainer.
 _ALWAYS = {"logprobs": True}
+# Engines without the wait route (an older plugin) are polled this often, as before it existed;
+# also the pause between rounds that made no progress (an engine down, a version served that
+# the trainer did not publish), so that such a wait never spins.
+POLL_S = 0.05
+LONG_POLL_S = 30.0  # one wait request; the engine answers at once when the version is served
+
+
+class VersionRefused(RuntimeError):
+    """An engine answered a batch with 409: the version it pinned failed its probe meanwhile,
+    so the samples were discarded; the rollout samples again from a version that passed."""
 
 
 @dataclass
@@ -49,6 +61,14 @@ class FleetRollout:
     longer waits for the latest publication to be committed and installed, so that sync overlaps generation (TRL
     calls `rollout_func` inside the training step, so generation itself does not overlap training). If no version
     was published yet, the rollout publishes the trainer's current adapter first.
+
+    The wait is event-driven: the rollout adds `urls` to the publisher's notices (each commit is announced to the
+    engines, which read the store at once instead of at their next poll: what engines on other nodes of an NFS
+    store need), waits for the commit itself, then asks every engine at once `GET /v1/lora/wait`, which answers
+    as soon as that engine serves the version, or has it open to pinned samples while its probe runs: the batch
+    then starts beside the probe, in the same engine step, and each engine answers it once the verdict is in. A
+    version that fails its probe is answered with a 409: the rollout discards that batch and samples again from a
+    version that passed (`refused` lists such versions). Engines without that route (an older plugin) are polled.
 
     Prompts are tokenized as the trainer does (the chat template for conversational prompts) and the token ids are
     sent to `POST /api/v1/sample` on the engines, split into contiguous chunks across `urls` (a group of
@@ -126,7 +146,11 @@ class FleetRollout:
         self.timeout = float(timeout)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(headers=headers, timeout=httpx.Timeout(600.0, connect=10.0))
+        self._pool = ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="fleet-rollout")
+        self._without_wait_route: set[str] = set()  # engines that answered 404: polled
+        self.refused: list[str] = []  # versions whose probe failed under a batch (their samples discarded)
         self.records: list[RolloutRecord] = []
+        publisher.notifier.add(self.urls, api_key=api_key)
 
     # -- the rollout_func --------------------------------------------------------------
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
@@ -138,14 +162,20 @@ class FleetRollout:
             self.publisher.publish(trainer.state, trainer.model, reason="rollout")
             if not self._publications():
                 raise RuntimeError(f"FleetRollout: publishing the initial adapter failed: {self.publisher.errors[-1]}")
-        started = time.monotonic()
-        version, latest, staleness = self._wait_for_version()
-        waited = time.monotonic() - started
-
-        prompt_ids = _tokenize(trainer, prompts)
-        params = {**self._trainer_params(trainer), **self.sampling_params, **_ALWAYS}
-        started = time.monotonic()
-        samples = self._generate(prompt_ids, version, params, getattr(trainer, "num_generations", 1))
+        prompt_ids: list[list[int]] | None = None
+        while True:
+            started = time.monotonic()
+            version, latest, staleness = self._wait_for_version()
+            waited = time.monotonic() - started
+            if prompt_ids is None:
+                prompt_ids = _tokenize(trainer, prompts)
+                params = {**self._trainer_params(trainer), **self.sampling_params, **_ALWAYS}
+            started = time.monotonic()
+            try:
+                samples = self._generate(prompt_ids, version, params, getattr(trainer, "num_generations", 1))
+                break
+            except VersionRefused:  # it failed its probe: the batch is discarded, sampled again
+                self.refused.append(version)
         generate_seconds = time.monotonic() - started
         wrong = sorted({s["version"] for s in samples} - {version}, key=str)
         if wrong:
@@ -179,14 +209,50 @@ class FleetRollout:
         adapter = response.json()["adapters"].get(self.adapter) or {}
         return adapter.get("served_version"), adapter.get("last_error")
 
+    def _served_from(self, url: str, version: str | None, wait: float) -> tuple[str | None, str | None]:
+        """(version ``url`` serves, its last error), once it serves ``version`` or later or after
+        ``wait`` seconds; at once when there is no version to wait for."""
+        if version is None or wait <= 0 or url in self._without_wait_route:
+            return self._served(url)
+        # sampling=1: the engine also answers once the version is open to pinned samples while
+        # it is probed; the batch then runs beside the probe, its answer held for the verdict.
+        params = {"adapter": self.adapter, "version": version, "timeout": wait, "sampling": version not in self.refused}
+        try:
+            response = self._http.get(f"{url}{WAIT_PATH}", params=params, timeout=wait + 30)
+            if response.status_code == 404:  # an older plugin: poll it
+                self._without_wait_route.add(url)
+                return self._served(url)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+        body = response.json()
+        if body.get("sampling"):  # usable now for this pinned version, as if served
+            return version, None
+        return body.get("served_version"), body.get("last_error")
+
+    def _served_all(self, version: str | None, wait: float) -> dict[str, tuple[str | None, str | None]]:
+        if len(self.urls) == 1:
+            return {self.urls[0]: self._served_from(self.urls[0], version, wait)}
+        answers = self._pool.map(lambda url: self._served_from(url, version, wait), self.urls)
+        return dict(zip(self.urls, answers, strict=True))
+
     def _wait_for_version(self) -> tuple[str, str | None, int]:
-        """Wait until every engine serves a version within the bound; (version, latest, staleness)."""
+        """Wait until every engine serves a version within the bound; (version, latest, staleness).
+
+        Each round waits for the oldest acceptable publication to be committed (the publisher
+        says when), then for every engine to serve it (each engine says when); a round that
+        made no progress that quickly pauses ``POLL_S`` before the next."""
         deadline = time.monotonic() + self.timeout
         while True:
+            started = time.monotonic()
             publications = self._publications()
             lowest = max(0, len(publications) - 1 - self.max_staleness)
+            target = publications[lowest]
+            if target.version is None and self.publisher.wait_for_commit(target, max(0.0, deadline - started)):
+                continue  # committed (or failed, and no longer listed): choose again
+            # (still uncommitted here only at the deadline: the engines' answers say who lags)
             index = {p.version: i for i, p in enumerate(publications) if p.version is not None}
-            served = {url: self._served(url) for url in self.urls}
+            served = self._served_all(target.version, min(LONG_POLL_S, deadline - time.monotonic()))
             positions = [index.get(version, -1) for version, _ in served.values()]
             if min(positions) >= lowest:
                 chosen = min(positions)
@@ -204,7 +270,7 @@ class FleetRollout:
                     f"max_staleness={self.max_staleness} of the trainer's latest publication "
                     f"({latest.version or f'step {latest.step}, not committed yet'}): {lagging}"
                 )
-            time.sleep(0.05)
+            time.sleep(max(0.0, min(POLL_S - (time.monotonic() - started), deadline - time.monotonic())))
 
     # -- generation --------------------------------------------------------------------
     @staticmethod
@@ -236,6 +302,8 @@ class FleetRollout:
                 response = self._http.post(f"{url}/api/v1/sample", json=body)
             except httpx.HTTPError as exc:
                 raise ConnectionError(f"FleetRollout: {url}/api/v1/sample failed: {type(exc).__name__}: {exc}") from None
+            if response.status_code == 409:  # the version failed its probe under this batch
+                raise VersionRefused(f"FleetRollout: {url}: {response.text}")
             if response.status_code != 200:
                 status = response.status_code
                 raise RuntimeError(f"FleetRollout: {url}/api/v1/sample answered {status}: {response.text}")

@@ -1,6 +1,6 @@
-"""The seed's ``vllm_backend`` API, backed by the store and the plugin's routes.
+"""The ``vllm_backend``-compatible client API, backed by the store and the plugin's routes.
 
-Configured from the environment as in the seed::
+Configured from the environment as that API is::
 
     VLLM_BASE_URL=http://localhost:8000     # or VLLM_HOST + VLLM_PORT; several URLs comma-separated
     VLLM_GROUP_PORT=51216                   # weight-update rendezvous port (on this, the trainer's, host)

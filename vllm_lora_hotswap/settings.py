@@ -40,6 +40,12 @@ class HotSwapSettings(BaseSettings):
         default=True,
         description="Also react to file-system events (inotify) between polls.",
     )
+    notices: bool = Field(
+        default=True,
+        description="Accept publishers' notices (POST /v1/lora/notify, with the --api-key if the server has one): "
+        "a hint to read the store at once, as across nodes no file-system event arrives. The store decides; "
+        "a notice is never trusted.",
+    )
     probe: bool = Field(
         default=True, description="Run a short greedy generation on a new version before serving it."
     )

@@ -1,9 +1,9 @@
-"""``LoRARLStrategy``: the seed's RL-strategy API, publishing real adapter weights.
+"""``LoRARLStrategy``: the RL-strategy API that goes with the scheduler API, publishing real adapter weights.
 
-The seed's ``update_lora_weights(lora_id, new_weights, reward, metadata)``
+The RL-strategy API's ``update_lora_weights(lora_id, new_weights, reward, metadata)``
 receives what an RL loop has after an update and turns it into a new version
 of adapter ``lora<id>``, either directly into a :class:`CheckpointStore` or
-through a fleet scheduler with the seed's ``publish_lora_update``. No vLLM
+through a fleet scheduler with the scheduler API's ``publish_lora_update``. No vLLM
 import: this runs in trainer processes.
 
 Example::
@@ -41,7 +41,7 @@ _WHAT_TO_PASS = (
 
 
 class LoraScheduler(Protocol):
-    """The seed's fleet scheduler, as far as publishing goes."""
+    """The scheduler API, as far as publishing goes."""
 
     async def publish_lora_update(self, lora_id: Any, src_ckpt_dir: str, metadata: dict[str, Any]) -> str: ...
 
@@ -65,7 +65,7 @@ class RewardStats:
 
 
 def adapter_name(lora_id: int | str) -> str:
-    """``1`` → ``"lora1"`` (the seed's naming); a string is taken as the adapter name itself."""
+    """``1`` → ``"lora1"`` (the scheduler API's naming); a string is taken as the adapter name itself."""
     if isinstance(lora_id, bool) or not isinstance(lora_id, int | str):
         raise TypeError(f"lora_id must be an int or an adapter name, got {type(lora_id).__name__}")
     if isinstance(lora_id, int):
@@ -80,7 +80,7 @@ class LoRARLStrategy:
 
     ``target`` is a :class:`CheckpointStore`, a store root path, or a
     scheduler with an async ``publish_lora_update(lora_id, src_ckpt_dir,
-    metadata) -> version`` (the seed's API), which receives ``lora_id`` as
+    metadata) -> version`` (the scheduler API), which receives ``lora_id`` as
     given and must have copied the directory when it returns. File I/O runs
     in a worker thread, never on the event loop.
     """

@@ -2,9 +2,19 @@
 
 Polling is the ground truth: file-system events do not cross nodes on CPFS or
 NFS. One poll lists the root and reads each adapter's poll signature (two
-small reads and a stat), whatever the number of retained versions. Where the
-platform delivers inotify events, a side thread hints the adapters that
-changed so the next check runs at once instead of at the next poll.
+small reads and a stat), whatever the number of retained versions. Two things
+make the next check run at once instead of at the next poll, both only hints:
+
+* file-system events: on Linux a side thread reads inotify directly and hints
+  an adapter the moment a name in its directory appears or goes (a commit's
+  rename), with no debounce: a burst of events costs a few cheap polls, a
+  debounce would cost every publish its window. Elsewhere ``watchfiles``;
+* a publisher's notice (``POST /v1/lora/notify``, see :mod:`.engine.notices`):
+  across nodes no event arrives, so the publisher says "look now".
+
+A hint never says what changed: the poll reads the store and decides, so a
+lost hint costs the poll interval and a false one a wasted poll. Hints are a
+set of names, bounded: a flood of unknown names cannot grow memory.
 """
 
 from __future__ import annotations
@@ -14,11 +24,15 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from . import inotify
 from .store import CheckpointStore, NotFoundError
 
 logger = logging.getLogger("vllm.lora_hotswap")
 
 Signature = tuple[str | None, str | None, int]
+# Names waiting for the controller thread, which drains them within one pass; more than
+# this many distinct ones at once are dropped (the next poll still sees any real change).
+MAX_HINTS = 1024
 
 
 class StoreWatcher:
@@ -38,6 +52,7 @@ class StoreWatcher:
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._restart_events = threading.Event()
+        self._interrupt_events: Callable[[], None] | None = None  # the inotify loop's, while it runs
         self._thread: threading.Thread | None = None
 
     # -- polling -----------------------------------------------------------------------
@@ -73,6 +88,9 @@ class StoreWatcher:
                         self._restart_events.set()  # a new directory to watch
                     self._signatures[adapter] = signature
                     changed.add(adapter)
+        interrupt = self._interrupt_events
+        if interrupt is not None and self._restart_events.is_set():
+            interrupt()  # watch the new directory now, before its first version lands
         return changed
 
     def invalidate(self, adapter: str) -> None:
@@ -98,7 +116,94 @@ class StoreWatcher:
     def wake(self) -> None:
         self._wakeup.set()
 
+    def hint(self, adapters: Iterable[str]) -> bool:
+        """Check ``adapters`` at once (only those that are in the store and served here);
+        False if some were dropped because too many names are waiting already."""
+        kept = True
+        with self._lock:
+            for adapter in adapters:
+                if adapter in self._hinted:
+                    continue
+                if len(self._hinted) >= MAX_HINTS:
+                    kept = False
+                    break
+                self._hinted.add(adapter)
+        self._wakeup.set()
+        return kept
+
     def _event_loop(self, stop: threading.Event) -> None:
+        if inotify.available():
+            try:
+                self._inotify_loop(stop)
+                return
+            except Exception as exc:  # no descriptor (limit reached), ...: the portable path
+                logger.warning("hot-swap: inotify unavailable (%s); using watchfiles", exc)
+        self._watchfiles_loop(stop)
+
+    def _inotify_loop(self, stop: threading.Event) -> None:
+        """Hint an adapter as soon as an entry of its directory (or of the root) comes or goes."""
+        root = self.store.root
+        with inotify.Inotify() as watch:
+            self._interrupt_events = watch.interrupt
+            try:
+                owners: dict[int, str | None] = {}  # watch descriptor -> adapter (None: the root)
+                watched: dict[str, int] = {}
+                root_wd: int | None = None
+                while not stop.is_set():
+                    if root_wd is None:
+                        try:
+                            root_wd = watch.add(root)
+                        except OSError as exc:  # root gone or unreadable: polling says so
+                            logger.debug("hot-swap: cannot watch %s (%s); polling only for now", root, exc)
+                            stop.wait(min(self.poll_interval, 1.0))
+                            continue
+                        owners[root_wd] = None
+                    self._restart_events.clear()
+                    with self._lock:
+                        wanted = set(self._signatures)
+                    fresh = set()
+                    for adapter in wanted - watched.keys():
+                        try:
+                            wd = watch.add(root / adapter)
+                        except OSError:
+                            continue  # vanished since the poll: the poll will say so
+                        watched[adapter], owners[wd] = wd, adapter
+                        fresh.add(adapter)
+                    for adapter in watched.keys() - wanted:
+                        wd = watched.pop(adapter)
+                        owners.pop(wd, None)
+                        watch.remove(wd)
+                    if fresh:  # a version committed between the poll that found the directory
+                        self.hint(fresh)  # and the watch raised no event: look once more
+                    hinted = set()
+                    for event in watch.read(1.0):
+                        if event.overflow:  # events were lost: look at everything watched
+                            hinted |= watched.keys()
+                            continue
+                        if event.wd not in owners:
+                            continue
+                        owner = owners[event.wd]
+                        if event.mask & (inotify.IN_IGNORED | inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF):
+                            # That directory left its path (a moved one keeps its watch): watch the path again.
+                            owners.pop(event.wd, None)
+                            watch.remove(event.wd)
+                            if owner is None:
+                                root_wd = None
+                            elif watched.get(owner) == event.wd:
+                                del watched[owner]
+                                hinted.add(owner)
+                            continue
+                        if event.name.startswith("."):
+                            continue  # staging, temporary files, the lock, instance records
+                        hinted.add(event.name if owner is None else owner)
+                    if hinted:
+                        self.hint(hinted)
+            finally:
+                self._interrupt_events = None
+
+    def _watchfiles_loop(self, stop: threading.Event) -> None:
+        """Where inotify is not to be had: ``watchfiles`` waits for a quiet step (at most the
+        debounce) before it reports, a few tens of milliseconds per publish."""
         import watchfiles
 
         root = self.store.root
@@ -121,9 +226,7 @@ class StoreWatcher:
                     names = {_adapter_of(root, path) for _, path in changes}
                     names.discard(None)
                     if names:
-                        with self._lock:
-                            self._hinted |= names  # type: ignore[arg-type]
-                        self._wakeup.set()
+                        self.hint(names)  # type: ignore[arg-type]
                     if self._restart_events.is_set():
                         break
             except Exception as exc:  # root gone, watch limit reached, ...: polling carries on

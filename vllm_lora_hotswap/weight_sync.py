@@ -12,6 +12,7 @@ so the group's world size is the trainer plus every engine rank.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -85,9 +86,20 @@ class WeightSync:
 
     ``backend`` must match the servers' ``--weight-transfer-config``: ``nccl``
     (GPU engines, trainer on a GPU) or ``gloo`` (any; the plugin's CPU transport).
+    ``keep_buffer`` (gloo): each engine rank keeps its receive buffer between updates,
+    host memory the size of the update held for good, so a push does not fault that much
+    fresh memory in (an RL loop pushing every step may want it); off by default.
     """
 
-    def __init__(self, client: FleetWeightSyncClient, *, backend: str, master_port: int, master_address: str | None = None):
+    def __init__(
+        self,
+        client: FleetWeightSyncClient,
+        *,
+        backend: str,
+        master_port: int,
+        master_address: str | None = None,
+        keep_buffer: bool = False,
+    ):
         try:
             import vllm.distributed.weight_transfer.base  # noqa: F401
         except ImportError:
@@ -96,6 +108,7 @@ class WeightSync:
 
         self.client = client
         self.backend = backend
+        self.timings: dict[str, float] = {}
         # The model is set per update (send); the rendezvous needs a source already.
         self._no_model = ModuleSource(_empty_module())
         address = master_address or _address_for(client.base_urls)
@@ -104,7 +117,9 @@ class WeightSync:
             from .engine.gloo_transfer import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
 
             self.engine = GlooTrainerWeightTransferEngine.trainer_init(
-                GlooTrainerInitInfo(address, master_port, world_size, rank=0), client=client, source=self._no_model
+                GlooTrainerInitInfo(address, master_port, world_size, rank=0, keep_buffer=keep_buffer),
+                client=client,
+                source=self._no_model,
             )
         elif backend == "nccl":
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
@@ -124,6 +139,7 @@ class WeightSync:
         from .engine.vllm_symbols import source_metadata
         from .engine.weight_spec import check_update
 
+        started = time.perf_counter()
         source = ModuleSource(model)  # a fresh source per update: 0.33 caches its metadata
         # Refused here, before any server pauses, with the parameter's name and shapes.
         meta = [(m.name, m.shape, str(m.dtype)) for m in source_metadata(source)]
@@ -135,10 +151,14 @@ class WeightSync:
                     raise ValueError(f"{url} cannot take this update: {exc}") from None
         self.engine.source = source
         self.client.weight_version = weight_version
+        checked = time.perf_counter()
         try:
             self.engine.send_weights()
         finally:
             self.engine.source = self._no_model
+        # Seconds per phase of this push: the spec check here, then the engine's own where it keeps them.
+        self.timings = {"spec": checked - started, **getattr(self.engine, "timings", {}),
+                        "total": time.perf_counter() - started}  # fmt: skip
 
     def close(self) -> None:
         self.engine.shutdown()

@@ -1,4 +1,4 @@
-"""Kill publishers with SIGKILL at random points of a publish."""
+"""Kill publishers with SIGKILL at random points of a publish, or before each step of a publish in place."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,69 @@ def kill_publishes(store: CheckpointStore, src: Path, trials: int, seed: int = 0
         process.join()
         delays.append(delay)
     return delays
+
+
+# File-system calls a publish in place makes, in this module or the store's; a SIGKILL lands before one.
+_STEP_CALLS = ("open", "mkdir", "write", "fsync", "fchmod", "rename", "replace", "unlink", "scandir")
+
+
+def _publish_in_place(root: str, src: str, kill_at: int, ready: Any, go: Any, steps: Any) -> None:
+    """Save ``src``'s checkpoint straight into a staged version, as ``HotSwapCallback`` does
+    (safetensors' ``save_file`` and a JSON config), and commit it; SIGKILL this process just
+    before its ``kill_at``-th file-system call (0: never; ``steps`` gets the count)."""
+    import builtins
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    store = CheckpointStore(root)
+    tensors = load_file(os.path.join(src, "adapter_model.safetensors"))
+    config = json.loads(Path(src, "adapter_config.json").read_text())
+    count = 0
+
+    def counted(function: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            nonlocal count
+            count += 1
+            if count == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return function(*args, **kwargs)
+
+        return call
+
+    for name in _STEP_CALLS:
+        setattr(os, name, counted(getattr(os, name)))
+    builtins.open = counted(builtins.open)
+    save = counted(save_file)  # one step: the Rust writer's own calls are not seen
+    ready.set()
+    go.wait()
+    with store.open_version("lora1", {"kill_at": kill_at}) as staged:
+        save(tensors, os.path.join(staged.path, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(staged.path, "adapter_config.json"), "w") as out:
+            json.dump(config, out)
+    steps.value = count
+
+
+def kill_at_every_step(store: CheckpointStore, src: Path) -> Iterator[tuple[int, int]]:
+    """Publish ``src`` in place (:func:`_publish_in_place`) twice, counting the second's file-system calls,
+    then once more per call with a SIGKILL just before it: yields ``(step, steps)`` after each
+    killed publish ended. Children come from a fork server, as in :func:`kill_publishes`."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["vllm_lora_hotswap.store", "torch", "safetensors.torch"])
+
+    def run(kill_at: int) -> tuple[int, int]:
+        ready, go, steps = context.Event(), context.Event(), context.Value("i", 0)
+        process = context.Process(target=_publish_in_place, args=(str(store.root), str(src), kill_at, ready, go, steps))
+        process.start()
+        ready.wait(60)
+        go.set()
+        process.join(60)
+        return process.exitcode, steps.value
+
+    run(0)  # the first publish also creates the store's directories: more calls than the next ones
+    exitcode, total = run(0)
+    assert exitcode == 0 and total > 0, f"the uninterrupted publish in place failed (exit code {exitcode})"
+    for kill_at in range(1, total + 1):
+        exitcode, _ = run(kill_at)
+        assert exitcode == -signal.SIGKILL, f"the publish killed at step {kill_at} ended with {exitcode}"
+        yield kill_at, total

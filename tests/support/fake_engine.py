@@ -44,6 +44,8 @@ class FakeEngine:
         self.held: dict[str, threading.Event] = {}  # path -> set to let its staging finish
         self.requests_held: set[str] = set()  # adapters whose new requests wait for a probe's verdict
         self.hold_log: list[tuple[str, str, LoraHandle | None]] = []  # (hold | release, adapter, its route then)
+        self.sampling_open: set[str] = set()  # served names sample requests may pin during their probe
+        self.sampling_log: list[tuple[str, str]] = []  # (open | passed | failed, served name)
         self.down = False  # every call that needs the engine raises EngineUnavailable
         self.unavailable: set[str] = set()  # only these calls do ("stage", "install", "probe", ...)
         self._ids = itertools.count(1)
@@ -153,6 +155,14 @@ class FakeEngine:
         if adapter in self.requests_held:
             self.requests_held.discard(adapter)
             self.hold_log.append(("release", adapter, self.routes.get(adapter)))
+
+    def open_for_sampling(self, handle: LoraHandle) -> None:
+        self.sampling_open.add(handle.served_name)
+        self.sampling_log.append(("open", handle.served_name))
+
+    def close_for_sampling(self, handle: LoraHandle, *, passed: bool) -> None:
+        self.sampling_open.discard(handle.served_name)
+        self.sampling_log.append(("passed" if passed else "failed", handle.served_name))
 
     def unroute(self, adapter: str, version: str | None) -> None:
         self.routes.pop(adapter if version is None else f"{adapter}@{version}", None)

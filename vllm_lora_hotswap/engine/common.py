@@ -44,6 +44,7 @@ class WorkerRpcEngine:
 
     channel: ServerChannel | None = None
     probes_overlap = False
+    hashes_while_staging = True  # the workers' staging reads each weight file once (:mod:`.single_read`)
 
     def _timed_rpc(self, method: str, *args: Any) -> tuple[list[Any], float | None]:
         """One result per worker, and how long the engine core was held (None: unknown)."""

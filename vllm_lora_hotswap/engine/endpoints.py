@@ -73,10 +73,13 @@ class HotSwapEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        from . import sample_api, weights_api
+        from . import notices, sample_api, weights_api
 
         app.include_router(router)
         app.include_router(sample_api.router)
+        app.include_router(notices.wait_router)
+        if load_settings().notices:
+            app.include_router(notices.notify_router)
         weights_api.attach(app)
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:

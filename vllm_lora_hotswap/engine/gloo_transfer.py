@@ -7,11 +7,13 @@ engines and in CI, where NCCL silently does nothing. The plugin registers it
 in both factories; start the server with
 ``--weight-transfer-config '{"backend": "gloo"}'``.
 
-Parameters travel in buckets of up to ``bucket_bytes``: both sides cut the
-same buckets from the same metadata, and the next bucket is already on the
-wire while the current one is packed (trainer) or received (workers). The
-workers hold a whole update in host memory before loading any of it, so an
-update is all or nothing (see :meth:`GlooWeightTransferEngine.receive_weights`).
+Parameters travel in buckets of up to ``bucket_bytes``, packed and received
+without a per-bucket allocation (:mod:`.packing`, which an NCCL transport can
+share): both sides cut the same buckets from the same metadata, the trainer
+packs the next bucket while the last one is on the wire, and the workers post
+every receive at once into one allocation. The workers hold a whole update in
+host memory before loading any of it, so an update is all or nothing (see
+:meth:`GlooWeightTransferEngine.receive_weights`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import os
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -40,12 +41,12 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from . import reload
+from . import packing, reload
+from .packing import DEFAULT_BUCKET_BYTES, buckets, unpack
 from .reload import NothingLoaded, UpdateRefused
 from .vllm_symbols import source_metadata, source_tensors
 from .weight_spec import check_update, spec_of
 
-DEFAULT_BUCKET_BYTES = 64 << 20
 # How long the trainer still waits for the workers' check once a server answered an error
 # (a refusal answers right after the check completes; a server that never joined does not).
 REFUSAL_GRACE_S = 2.0
@@ -64,6 +65,10 @@ class GlooWeightTransferInitInfo(WeightTransferInitInfo):
     world_size: int
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     timeout_s: float = 600.0
+    # Hold the receive buffer between updates: host memory of the update's size stays taken,
+    # and a push skips faulting that much fresh memory in (on the benchmark model, 415 MB:
+    # about 190 ms, more than the plain broadcast of the bytes itself).
+    keep_buffer: bool = False
 
 
 @dataclass
@@ -77,6 +82,7 @@ class GlooTrainerInitInfo(TrainerInitInfo):
     world_size: int
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     timeout_s: float = 600.0
+    keep_buffer: bool = False  # the workers' (see GlooWeightTransferInitInfo)
 
 
 @dataclass
@@ -99,26 +105,8 @@ class GlooWeightTransferUpdateInfo(WeightTransferUpdateInfo):
         ]
 
 
-def _nbytes(meta: ParamMeta) -> int:
-    numel = 1
-    for dim in meta.shape:
-        numel *= dim
-    return numel * torch.empty((), dtype=meta.dtype).element_size()
-
-
-def buckets(params: list[ParamMeta], bucket_bytes: int) -> list[list[int]]:
-    """Indices of ``params`` grouped into buckets of at most ``bucket_bytes``
-    (a larger parameter gets a bucket of its own). Both sides call this."""
-    groups: list[list[int]] = []
-    size = 0
-    for index, meta in enumerate(params):
-        nbytes = _nbytes(meta)
-        if not groups or size + nbytes > bucket_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(index)
-        size += nbytes
-    return groups
+_nbytes = packing.nbytes
+_unpack = unpack  # what _load unpacks each bucket with
 
 
 def join_group(host: str, port: int, rank: int, world_size: int, timeout_s: float) -> Any:
@@ -139,12 +127,16 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         super().__init__(*args, **kwargs)
         self.group: Any = None
         self.bucket_bytes = DEFAULT_BUCKET_BYTES
+        self.keep_buffer = False
+        self._buffer: torch.Tensor | None = None  # the last update's bytes, kept to receive the next
         self._warned_no_spec = False
 
     def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
         parallel = self.parallel_config
         rank = parallel.data_parallel_index * parallel.world_size + parallel.rank + init_info.rank_offset
         self.bucket_bytes = init_info.bucket_bytes
+        self.keep_buffer = init_info.keep_buffer
+        self._buffer = None
         self.group = join_group(
             init_info.master_address, init_info.master_port, rank, init_info.world_size, init_info.timeout_s
         )
@@ -210,34 +202,34 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
                 "updates are not checked against its parameters before loading"
             )
             self._warned_no_spec = True
-        short = reload.shortfall(self.model, self.device, sum(_nbytes(m) for m in update_info.params()))
+        held = 0 if self._buffer is None else self._buffer.numel()  # already taken: it receives this one
+        short = reload.shortfall(self.model, self.device, max(0, sum(_nbytes(m) for m in update_info.params()) - held))
         if short is not None:
             raise ValueError(f"not enough memory for this update: {short}")
 
     def _receive(self, plan: list[list[int]], params: list[ParamMeta]) -> list[torch.Tensor]:
-        """Every bucket into host memory, two on the wire at a time."""
-        received: list[torch.Tensor] = []
-        in_flight: deque[tuple[torch.Tensor, Any]] = deque()
-
-        def post(index: int) -> None:
-            flat = torch.empty(sum(_nbytes(params[i]) for i in plan[index]), dtype=torch.uint8)
-            in_flight.append((flat, self.group.broadcast(flat, 0)))
-
-        for index in range(min(2, len(plan))):
-            post(index)
-        while in_flight:
-            flat, work = in_flight.popleft()
-            work.wait()
-            received.append(flat)
-            if len(received) + len(in_flight) < len(plan):
-                post(len(received) + len(in_flight))
-        return received
+        """The whole update into one host allocation, as the trainer's buckets travel
+        (:func:`.packing.wire_buckets`, all posted at once); one view of it per bucket of
+        ``plan``, the groups loaded together."""
+        sizes = [sum(_nbytes(params[i]) for i in bucket) for bucket in packing.wire_buckets(params, self.bucket_bytes)]
+        into = self._buffer if self._buffer is not None and self._buffer.numel() >= sum(sizes) else None
+        self._buffer = None  # a larger update replaces a kept buffer: never both held at once
+        flat = packing.receive(sizes, lambda view: self.group.broadcast(view, 0), into=into)
+        if self.keep_buffer:
+            self._buffer = flat if into is None else into
+        return list(flat.split([sum(_nbytes(params[i]) for i in bucket) for bucket in plan]))
 
     def _load(self, plan: list[list[int]], params: list[ParamMeta], received: list[torch.Tensor]) -> None:
+        # Every tensor is cut out of the received bytes before any layer is replaced: a
+        # failure there is a refusal (NothingLoaded), not a half-loaded model.
+        try:
+            groups = [_unpack(flat, [params[i] for i in bucket]) for bucket, flat in zip(plan, received, strict=True)]
+        except Exception as exc:
+            raise NothingLoaded(f"the received update could not be unpacked ({exc}); nothing was loaded") from exc
         try:
             reload.begin(self.model)
-            for bucket, flat in zip(plan, received, strict=True):
-                self.model.load_weights(list(_unpack(flat, [params[i] for i in bucket])))
+            for group in groups:
+                self.model.load_weights(list(group))
             reload.finish(self.model, self.model_config, self.device)
         except BaseException:
             logger.critical(
@@ -250,6 +242,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
 
     def shutdown(self) -> None:
         self.group = None
+        self._buffer = None
 
 
 def _let_time_out(group: Any, work: Any) -> None:
@@ -279,14 +272,6 @@ def _status(group: Any, complete: bool) -> bool:
     return bool(status.item())
 
 
-def _unpack(flat: torch.Tensor, params: list[ParamMeta]) -> Iterator[tuple[str, torch.Tensor]]:
-    offset = 0
-    for meta in params:
-        nbytes = _nbytes(meta)
-        yield meta.name, flat[offset : offset + nbytes].view(meta.dtype).view(meta.shape)
-        offset += nbytes
-
-
 class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
     """Trainer side: rank 0 of the group; packs buckets and broadcasts them."""
 
@@ -296,6 +281,9 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         super().__init__(client=client, source=source, is_sender=init_info.is_sender)
         self.init_info = init_info
         self.group: Any = None
+        self._packer = packing.Packer(init_info.bucket_bytes)  # its buffers outlive a push: no page faults
+        # Seconds the last push spent in each phase, as the trainer saw them (benchmark 5 reports them).
+        self.timings: dict[str, float] = {}
 
     @classmethod
     def trainer_init(
@@ -313,6 +301,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             world_size=init_info.world_size,
             bucket_bytes=init_info.bucket_bytes,
             timeout_s=init_info.timeout_s,
+            keep_buffer=init_info.keep_buffer,
         )
         # The workers block in init until everyone has joined: join concurrently.
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -338,10 +327,15 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             dtype_names=[str(m.dtype).removeprefix("torch.") for m in meta],
             shapes=[list(m.shape) for m in meta],
         )
+        self.timings = {}
+        started = time.perf_counter()
         self.client.start_weight_update()
+        self.timings["start"] = time.perf_counter() - started
         try:
             self._update(meta, update_info)
+            finishing = time.perf_counter()
             self.client.finish_weight_update(weight_version)
+            self.timings["finish"] = time.perf_counter() - finishing
         except BaseException:
             self._resume()
             raise
@@ -358,14 +352,21 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         # update_weights returns only once the workers received everything,
         # so it runs beside the broadcast.
         receiver = threading.Thread(target=receive, name="weight-sync-update", daemon=True)
+        started = time.perf_counter()
         receiver.start()
         failure: BaseException | None = None
-        if self._no_refusals(receiver, errors):
+        accepted = self._no_refusals(receiver, errors)
+        sending = time.perf_counter()
+        self.timings["check"] = sending - started  # the request reaching the workers, and their check
+        if accepted:
             try:
                 self._broadcast(meta)
             except Exception as exc:  # noqa: BLE001 - re-raised below, after the workers were told
                 failure = exc
+        loading = time.perf_counter()
+        self.timings["send"] = loading - sending  # every bucket and the status byte
         receiver.join()
+        self.timings["load"] = time.perf_counter() - loading  # the workers' load, and the answer
         if failure is not None:
             raise failure
         if errors:
@@ -407,30 +408,30 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         """Every bucket, then the status byte. If the source fails half-way, the rest
         goes out as zeros and the status says incomplete: the workers load nothing."""
         assert self.source is not None and self.group is not None
-        plan = buckets(meta, self.init_info.bucket_bytes)
+        group = self.group
+        plan = packing.wire_buckets(meta, self.init_info.bucket_bytes)
         stream = source_tensors(self.source)  # in metadata order, one tensor at a time (FSDP gathers lazily)
-        pending: deque[tuple[torch.Tensor, Any]] = deque()
         failure: Exception | None = None
-        for bucket in plan:
-            if failure is None:
-                try:
-                    flat = self._pack(meta, bucket, stream)
-                except Exception as exc:  # noqa: BLE001 - re-raised once the workers were told
-                    failure = exc
-            if failure is not None:
-                flat = torch.zeros(sum(_nbytes(meta[i]) for i in bucket), dtype=torch.uint8)
-            pending.append((flat, self.group.broadcast(flat, 0)))
-            if len(pending) > 1:  # pack the next bucket while this one is on the wire
-                pending.popleft()[1].wait()
-        while pending:
-            pending.popleft()[1].wait()
-        _status(self.group, failure is None)
+
+        def packed() -> Iterator[torch.Tensor]:
+            nonlocal failure
+            for bucket in plan:
+                flat = None
+                if failure is None:
+                    try:
+                        flat = self._pack(meta, bucket, stream)
+                    except Exception as exc:  # noqa: BLE001 - re-raised once the workers were told
+                        failure = exc
+                yield flat if flat is not None else torch.zeros(sum(_nbytes(meta[i]) for i in bucket), dtype=torch.uint8)
+
+        packing.send(packed(), lambda flat: group.broadcast(flat, 0))
+        _status(group, failure is None)
         if failure is not None:
             raise failure
 
-    @staticmethod
-    def _pack(meta: list[ParamMeta], bucket: list[int], stream: Iterator[tuple[str, torch.Tensor]]) -> torch.Tensor:
-        parts = []
+    def _pack(self, meta: list[ParamMeta], bucket: list[int], stream: Iterator[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """One bucket's bytes, each tensor checked against the metadata the workers were sent."""
+        tensors = []
         for index in bucket:
             expected = meta[index]
             name, tensor = next(stream)
@@ -439,9 +440,10 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                     f"WeightSource yielded {name} {tensor.dtype} {tuple(tensor.shape)} where its metadata "
                     f"declared {expected.name} {expected.dtype} {expected.shape}"
                 )
-            parts.append(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+            tensors.append(tensor)
+        return self._packer.pack(tensors)
 
     def shutdown(self) -> None:
         self.group = None
+        self._packer.release()
 

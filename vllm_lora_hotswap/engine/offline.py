@@ -92,6 +92,12 @@ class OfflineEngine(WorkerRpcEngine):
     def release_requests(self, adapter: str) -> None:
         pass
 
+    def open_for_sampling(self, handle: LoraHandle) -> None:
+        """Nothing to open: no request arrives during a probe (see :meth:`hold_requests`)."""
+
+    def close_for_sampling(self, handle: LoraHandle, *, passed: bool) -> None:
+        pass
+
     def unroute(self, adapter: str, version: str | None) -> None:
         self.routes.pop(adapter if version is None else f"{adapter}@{version}", None)
 

@@ -1,4 +1,4 @@
-"""``POST /api/v1/sample``: the seed's sampling API, answered by this engine.
+"""``POST /api/v1/sample``: the sampling route of the ``vllm_backend``-compatible client API, answered by this engine.
 
 Request::
 
@@ -15,7 +15,10 @@ Response: one sample per prompt, in order, each naming the version that generate
 
 ``model_id="lora1"`` is resolved once, when the request arrives (or, if a new version
 of ``lora1`` is being probed then, once the verdict is in): every prompt of the
-request runs on that one version, even if a swap happens meanwhile. ``version`` is
+request runs on that one version, even if a swap happens meanwhile. A request that
+pins a version being probed (``lora1@V``, as ``FleetRollout`` sends) starts at once,
+beside the probe, and is answered once the verdict is in: a 409 naming the version
+if it failed (the samples are discarded, never returned). ``version`` is
 None for the base model and for ``inplace`` mode (where the weights under a name can
 change between two steps). ``logprobs`` are the sampled tokens' log-probabilities, as
 vLLM's ``--logprobs-mode`` computes them (``raw_logprobs`` by default: before temperature
@@ -41,6 +44,9 @@ from .weights_api import require_api_key
 
 # vLLM's --api-key middleware guards /v1/* only: this route checks the key itself.
 router = APIRouter(dependencies=[Depends(require_api_key)])
+# How long answers that ran on a version being probed wait for its verdict: the probe is
+# one engine step, so this bounds only an engine that stopped stepping.
+VERDICT_WAIT_S = 120.0
 
 
 class SampleParams(BaseModel):
@@ -87,13 +93,19 @@ def _parse(body: Any) -> SampleRequest | JSONResponse:
     return request
 
 
-async def _resolve(request: Request, model_id: str | None) -> tuple[Any, str | None] | JSONResponse:
-    """The LoRARequest (None: the base model) that ``model_id`` routes to now, and its version."""
+async def _resolve(request: Request, model_id: str | None) -> tuple[Any, str | None, Any] | JSONResponse:
+    """The LoRARequest (None: the base model) that ``model_id`` routes to now, its version,
+    and the sampling gate of a pinned version still being probed (None otherwise)."""
     models = request.app.state.openai_serving_models
     if model_id is None or models.is_base_model(model_id):
-        return None, None
+        return None, None, None
+    engine = request.app.state.lora_hotswap.engine
     if "@" not in model_id:
-        await request.app.state.lora_hotswap.engine.wait_if_held(model_id)
+        await engine.wait_if_held(model_id)
+    elif model_id not in models.lora_requests and (gate := _gate(engine, model_id)) is not None:
+        return gate.request, split_served_name(model_id)[1], gate
+    elif model_id not in models.lora_requests and getattr(engine, "refused_for_sampling", lambda _: False)(model_id):
+        return _refused(model_id)  # it failed its probe while a rollout waited for it: the same answer
     elif model_id not in models.lora_requests:
         error = await _ensure_version(request.app.state.lora_hotswap, model_id)
         if error is not None:
@@ -108,7 +120,30 @@ async def _resolve(request: Request, model_id: str | None) -> tuple[Any, str | N
             f"adapters {served})",
             "model_id",
         )
-    return lora, split_served_name(lora.lora_name)[1]
+    return lora, split_served_name(lora.lora_name)[1], None
+
+
+def _gate(engine: Any, model_id: str) -> Any:
+    gate = getattr(engine, "sampling_gate", None)  # an offline engine has no sample requests
+    return gate(model_id) if gate is not None else None
+
+
+async def _verdict(gate: Any, model_id: str) -> JSONResponse | None:
+    """None once the probe of the pinned version these samples ran on passed; else the error."""
+    try:
+        passed = await asyncio.wait_for(asyncio.shield(gate.verdict), VERDICT_WAIT_S)
+    except TimeoutError:
+        return _error(HTTPStatus.SERVICE_UNAVAILABLE, f"the probe of {model_id} gave no verdict in {VERDICT_WAIT_S:.0f} s")
+    return None if passed else _refused(model_id)
+
+
+def _refused(model_id: str) -> JSONResponse:
+    return _error(
+        HTTPStatus.CONFLICT,
+        f"{model_id} did not pass its probe (or was superseded before it was served): samples on it "
+        "are discarded; sample again from a version this engine serves",
+        "model_id",
+    )
 
 
 def _sampled_logprobs(output: Any) -> list[float | None]:
@@ -135,7 +170,7 @@ async def sample(request: Request) -> JSONResponse:
     resolved = await _resolve(request, parsed.model_id)
     if isinstance(resolved, JSONResponse):
         return resolved
-    lora, version = resolved
+    lora, version, gate = resolved
     wanted = parsed.sampling_params
     try:
         params = SamplingParams(**wanted.model_dump(exclude={"logprobs"}), logprobs=0 if wanted.logprobs else None)
@@ -151,9 +186,17 @@ async def sample(request: Request) -> JSONResponse:
     request_id = f"sample-{uuid.uuid4().hex}"
 
     async def generate(index: int, prompt: Any) -> Any:
-        final = None
-        async for output in engine.generate(prompt, params, f"{request_id}-{index}", lora_request=lora):
-            final = output
+        final, generation_id = None, f"{request_id}-{index}"
+        if gate is not None:  # a failed probe aborts it, and it never starts after one
+            if gate.verdict.done() and not gate.verdict.result():
+                return None
+            gate.request_ids.add(generation_id)
+        try:
+            async for output in engine.generate(prompt, params, generation_id, lora_request=lora):
+                final = output
+        finally:
+            if gate is not None:
+                gate.request_ids.discard(generation_id)
         return final
 
     try:
@@ -166,6 +209,8 @@ async def sample(request: Request) -> JSONResponse:
         if getattr(exc, "status_code", None) == HTTPStatus.SERVICE_UNAVAILABLE:
             return _error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
         raise
+    if gate is not None and (refused := await _verdict(gate, parsed.model_id or "")) is not None:
+        return refused
     model = lora.lora_name if lora is not None else request.app.state.openai_serving_models.base_model_paths[0].name
     samples = []
     for final in finals:

@@ -12,7 +12,9 @@ import atexit
 import logging
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from vllm.sampling_params import SamplingParams
@@ -25,6 +27,21 @@ from .stage_channel import ServerChannel
 T = TypeVar("T")
 logger = logging.getLogger("vllm.lora_hotswap")
 RPC_TIMEOUT = 120.0
+ABORT_WAIT_S = 30.0  # for sample requests on a version that failed its probe to end
+REFUSED_KEPT = 64  # recently refused served names remembered for late sample requests
+
+
+@dataclass
+class SamplingGate:
+    """A version that sample requests pinning it may use while its probe runs (loop only).
+
+    Their generations start beside the probe, in the same engine step, instead of a
+    step later; their answers wait for ``verdict``. A failed verdict aborts them first,
+    so no rollout is ever answered from a version that did not pass."""
+
+    request: Any  # the version's LoRARequest
+    verdict: asyncio.Future[bool]
+    request_ids: set[str] = field(default_factory=set)
 
 
 class ServerEngine(WorkerRpcEngine):
@@ -39,6 +56,11 @@ class ServerEngine(WorkerRpcEngine):
         self.settings = settings
         self.limits()  # refuses a server without --enable-lora
         self._held: dict[str, asyncio.Event] = {}  # adapter -> set when its probe's verdict is in (loop only)
+        self._gates: dict[str, SamplingGate] = {}  # served name -> gate, while its probe runs (loop only)
+        # Served names whose probe failed while open to samples, newest last (loop only): a
+        # sample request that saw the gate open and arrives after the verdict gets the same 409.
+        self._refused: OrderedDict[str, None] = OrderedDict()
+        self.gate_listeners: list[Callable[[str], None]] = []  # called with the adapter when a gate opens (loop)
         tokenizer = getattr(engine_client.renderer, "tokenizer", None)
         self._probe_ids = probe_token_ids(tokenizer, settings.probe_prompt)
 
@@ -156,6 +178,45 @@ class ServerEngine(WorkerRpcEngine):
                 await asyncio.wait_for(held.wait(), self.settings.probe_hold)
             except TimeoutError:
                 pass
+
+    def open_for_sampling(self, handle: LoraHandle) -> None:
+        request = self.lora_request(handle)
+
+        async def apply() -> None:  # in place before the probe starts
+            self._gates[handle.served_name] = SamplingGate(request, self.loop.create_future())
+            for listener in self.gate_listeners:
+                listener(handle.adapter)
+
+        self._call(apply())
+
+    def close_for_sampling(self, handle: LoraHandle, *, passed: bool) -> None:
+        async def apply() -> None:
+            gate = self._gates.pop(handle.served_name, None)
+            if gate is None:
+                return
+            if not gate.verdict.done():
+                gate.verdict.set_result(passed)
+            if not passed:
+                self._refused[handle.served_name] = None
+                while len(self._refused) > REFUSED_KEPT:
+                    self._refused.popitem(last=False)
+            # Aborted, and ended, before the slot is freed: the engine core takes an abort
+            # before the removal that follows it on the same queue. A request that was
+            # starting as the verdict came is aborted once it has started.
+            deadline = time.monotonic() + ABORT_WAIT_S
+            while not passed and gate.request_ids and time.monotonic() < deadline:
+                await self.client.abort(list(gate.request_ids))
+                await asyncio.sleep(0.01)
+
+        self._call(apply())
+
+    def sampling_gate(self, served_name: str) -> SamplingGate | None:
+        """The gate of a version being probed that sample requests may pin (loop only)."""
+        return self._gates.get(served_name)
+
+    def refused_for_sampling(self, served_name: str) -> bool:
+        """Whether ``served_name`` recently failed its probe while open to samples (loop only)."""
+        return served_name in self._refused
 
     def route(self, handle: LoraHandle, *, current: bool) -> None:
         request = self.lora_request(handle)

@@ -88,6 +88,8 @@ SYMBOLS: tuple[Symbol, ...] = (
     # worker.py: staging and installing adapters in each worker
     _s("vllm.lora.request", "LoRARequest", "class", "lora_name", "lora_int_id", "lora_path"),
     _s("vllm.lora.worker_manager", "WorkerLoRAManager._load_adapter", "method", "lora_request"),
+    # single_read.py: vLLM's LoRA loader opens the weight file through this module attribute
+    _s("vllm.lora.lora_model", "safetensors", "attribute"),
     _s("vllm.lora.worker_manager", "WorkerLoRAManager._adapter_manager", "attribute"),
     _s(_LORA_MM, "LRUCacheLoRAModelManager._create_merged_loras_inplace", "method", "lora_model"),
     _s(_LORA_MM, "LRUCacheLoRAModelManager._registered_adapters", "attribute"),
@@ -222,6 +224,7 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s(_ASYNC, "AsyncLLM.vllm_config", "attribute"),
     _s(_ASYNC, "AsyncLLM.pause_generation", "method", "mode", "clear_cache"),
     _s(_ASYNC, "AsyncLLM.resume_generation", "method"),
+    _s(_ASYNC, "AsyncLLM.abort", "method", "request_id"),  # server.py: samples on a version that failed its probe
     _s(_ASYNC, "AsyncLLM.errored", "property"),
     _s(_ASYNC, "AsyncLLM.reset_prefix_cache", "method", "reset_running_requests"),
     _s(_ASYNC, "AsyncLLM.init_weight_transfer_engine", "method", "request"),
@@ -568,6 +571,9 @@ class SourceTree:
                 for alias in node.names:
                     if (alias.asname or alias.name) == name and found is None:
                         found = self.lookup(_absolute(dotted, node, tree), alias.name, seen)
+            elif isinstance(node, ast.Import):  # import safetensors: the module is an attribute
+                if any((alias.asname or alias.name.split(".")[0]) == name for alias in node.names):
+                    found = found or (dotted, node)
         return found
 
     def class_member(self, module: str, cls: ast.ClassDef, name: str, depth: int = 0) -> ast.AST | str | None:

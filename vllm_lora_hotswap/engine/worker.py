@@ -3,7 +3,8 @@
 Runs in every vLLM worker process (each tensor-parallel rank). Staging starts
 when the API server's message reaches the worker's :mod:`.stage_channel`
 socket (or, without one, the ``hotswap_stage`` RPC): a thread reads the
-weights, checks them, and writes them into a free LoRA slot
+weights once (:mod:`.single_read`: hashed against READY from the same bytes
+vLLM's loader builds the adapter from), checks them, and writes them into a free LoRA slot
 (:mod:`.device_slots`), all while the engine runs; it reports back on the
 channel. The install of a new slot id comes on the channel too and only
 flips the slot's mapping, also while the engine runs: no request maps to
@@ -36,6 +37,7 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
 
 from .device_slots import Reservation, SlotWriter
+from .single_read import SingleRead
 from .stage_channel import WorkerChannel
 
 logger = logging.getLogger("vllm.lora_hotswap")
@@ -50,6 +52,10 @@ def _load_adapter(manager: WorkerLoRAManager, lora_request: LoRARequest):
         if entry is not None and entry.lora is not None:
             return entry.lora
         hotswap.disk_loads += 1  # a read of the store inside a step: counted, it should stay 0
+        logger.warning(
+            "hot-swap: vLLM loads %s from the store inside a step (not staged here): read without the "
+            "staging hash check", lora_request.lora_name,
+        )  # fmt: skip
     return _original_load_adapter(manager, lora_request)
 
 
@@ -103,6 +109,7 @@ class WorkerHotSwap:
         self.previous: dict[int, _Staged | None] = {}  # in-place installs, kept for restore
         self.disk_loads = 0  # adapters vLLM loaded from disk inside a step instead of from us
         self.step_copies = 0  # installs that copied into a slot in the step (no free slot was staged)
+        self.single_reads = 0  # stages whose weights vLLM built from the one read that was hashed
         self._lock = threading.Lock()  # guards staging and the entries' states
         self.slots = SlotWriter(self.manager)
         _by_manager[self.worker_manager] = self
@@ -138,23 +145,33 @@ class WorkerHotSwap:
 
     def _stage(self, entry: _Staged) -> None:
         slot = None
+        read = SingleRead(entry.path)
         try:
             request = LoRARequest(lora_name=entry.name, lora_int_id=entry.lora_id, lora_path=entry.path)
-            # vLLM's own loader: rank vs --max-lora-rank, bias, target modules the model has.
-            lora = _original_load_adapter(self.worker_manager, request)
+            # vLLM's own loader: rank vs --max-lora-rank, bias, target modules the model has;
+            # it builds the adapter from the one read of the weight file (its hash runs meanwhile).
+            with read:
+                lora = _original_load_adapter(self.worker_manager, request)
+            self.single_reads += read.from_memory
             self._check_finite(lora)
             self._check_fits(lora)
             # Pack q/k/v (etc.) and fold in the scaling now, off the loop.
             self.manager._create_merged_loras_inplace(lora)
             nbytes = sum(_nbytes(w.lora_a) + _nbytes(w.lora_b) for w in lora.loras.values())
+            read.verify()  # the bytes it was built from are the ones READY hashed: only then a slot
             slot = self.slots.reserve()
             if slot is not None and not self.slots.write(slot, lora):
                 slot = None  # vLLM needed the slot meanwhile: the install copies in the step
         except BaseException as exc:  # noqa: BLE001 - reported to the controller, never raised here
             if slot is not None:
                 self.slots.release(slot)
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            self._finish(entry, error=f"{type(exc).__name__}: {message}")
+            error: BaseException = exc
+            try:
+                read.verify()  # a torn or replaced file explains any failure best
+            except Exception as mismatch:  # noqa: BLE001 - reported instead
+                error = mismatch
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            self._finish(entry, error=f"{type(error).__name__}: {message}")
             return
         self._finish(entry, lora=lora, nbytes=nbytes, slot=slot)
 
@@ -330,6 +347,7 @@ class WorkerHotSwap:
             "staging": len(self.staging),
             "staged_bytes": sum(e.nbytes for e in installed.values()),
             "disk_loads": self.disk_loads,
+            "single_reads": self.single_reads,  # stages that read their weight file once
             "slot_writes": self.slots.writes,  # adapters written into a slot while staging
             "step_copies": self.step_copies,  # installs that copied in the step instead
             "slots_lost": self.slots.lost,  # reserved slots vLLM took back for a step

@@ -24,7 +24,7 @@ import httpx
 
 @dataclass
 class Instance:
-    index: int  # 1-based, as in the seed (instance i serves lora{i})
+    index: int  # 1-based, as in the scheduler API (instance i serves lora{i})
     port: int
     instance_id: str
     adapters: str

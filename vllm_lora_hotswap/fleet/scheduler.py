@@ -1,11 +1,14 @@
-"""The seed's scheduler API over a fleet that follows the store by itself.
+"""The scheduler API over a fleet that follows the store by itself.
 
 The store is the control plane: publishing or pinning there is what moves the
 fleet, and instances converge on their own. The scheduler is a client of the
 store and of the instances' HTTP routes, not a single point of failure: stop
-it and the fleet keeps following the store.
+it and the fleet keeps following the store. After each change it makes in the
+store it notifies the instances (``POST /v1/lora/notify``, best effort, not
+awaited), so that instances on other nodes, where no file-system event
+arrives, read the store at once instead of at their next poll.
 
-Example (the seed's names)::
+Example (the scheduler API's names)::
 
     scheduler = create_distributed_lora_scheduler(base_port=8001, num_gpus=8, cpfs_base="/cpfs/lora_ckpts")
     scheduler.on_lora_updated = lambda event: print(event.lora_id, event.timestamp, event.instance_id)
@@ -28,6 +31,7 @@ from typing import Any
 
 import httpx
 
+from ..notify import notify_async
 from ..store import CheckpointStore, InstanceRecord, NotFoundError, check_adapter_name
 
 logger = logging.getLogger("vllm.lora_hotswap")
@@ -89,6 +93,7 @@ class DistributedLoRAScheduler:
         self._http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(30.0, connect=2.0))
         self._cursors: dict[str, tuple[float, int]] = {}  # url -> (instance started_at, last seq)
         self._task: asyncio.Task[None] | None = None
+        self._notices: set[asyncio.Task[Any]] = set()
 
     # -- naming ------------------------------------------------------------------------
     def configure(self, config: LoRAHotSwapConfig) -> None:
@@ -129,7 +134,15 @@ class DistributedLoRAScheduler:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        if self._notices:  # each is bounded by the notice timeout
+            await asyncio.gather(*self._notices, return_exceptions=True)
         await self._http.aclose()
+
+    def _notify(self, adapter: str, version: str | None) -> None:
+        """Tell every instance that ``adapter`` changed in the store; never waits, never raises."""
+        task = asyncio.get_running_loop().create_task(notify_async(self._http, self.instance_urls, adapter, version))
+        self._notices.add(task)
+        task.add_done_callback(self._notices.discard)
 
     async def _watch(self) -> None:
         interval = min(self.poll_interval, 1.0)
@@ -179,7 +192,7 @@ class DistributedLoRAScheduler:
             logger.exception("lora scheduler: callback %r failed for %s", callback, event)
 
     async def _smoke_test(self, url: str, event: LoRAUpdateEvent) -> str | None:
-        """One greedy token from the new version, end to end over HTTP (the seed's smoke test)."""
+        """One greedy token from the new version, end to end over HTTP (the scheduler API's smoke test)."""
         model = f"{event.adapter}@{event.timestamp}"
         try:
             response = await self._http.post(
@@ -191,11 +204,13 @@ class DistributedLoRAScheduler:
             return f"smoke test of {model} on {url} answered {response.status_code}: {response.text[:300]}"
         return None
 
-    # -- the seed's API ----------------------------------------------------------------
+    # -- the scheduler API ----------------------------------------------------------------
     async def publish_lora_update(self, lora_id: int | str, src_ckpt_dir: str | Path, metadata: dict[str, Any] | None = None) -> str:
         """Publish a PEFT checkpoint as the adapter's newest version; returns its timestamp."""
-        store = self._store_for(lora_id)
-        return await asyncio.to_thread(store.publish, self.adapter_name(lora_id), src_ckpt_dir, metadata)
+        store, adapter = self._store_for(lora_id), self.adapter_name(lora_id)
+        version = await asyncio.to_thread(store.publish, adapter, src_ckpt_dir, metadata)
+        self._notify(adapter, version)
+        return version
 
     async def rollback_lora(self, lora_id: int | str, target_timestamp: str) -> bool:
         """Pin every instance to ``target_timestamp``; False if no such READY version."""
@@ -204,11 +219,13 @@ class DistributedLoRAScheduler:
         except NotFoundError as exc:
             logger.warning("lora scheduler: rollback refused: %s", exc)
             return False
+        self._notify(self.adapter_name(lora_id), target_timestamp)
         return True
 
     async def follow_latest(self, lora_id: int | str) -> None:
         """Undo a rollback: every instance follows the newest version again."""
         await asyncio.to_thread(self._store_for(lora_id).follow, self.adapter_name(lora_id))
+        self._notify(self.adapter_name(lora_id), None)
 
     async def get_lora_status(self, lora_id: int | str) -> dict[str, Any]:
         """Current and available versions, and per instance the version it serves."""
@@ -316,6 +333,7 @@ class DistributedLoRAScheduler:
         store = self._store_for(lora_id)
         await self._check_followed(adapter, green)
         green_version = await asyncio.to_thread(store.publish, green, src_ckpt_dir, {**(metadata or {}), "blue_green_of": adapter})
+        self._notify(green, green_version)
         try:
             if not await self._wait_converged(green, store, green_version, timeout):
                 raise TimeoutError(f"{green}@{green_version} was not served by every instance within {timeout:.0f}s")
@@ -326,11 +344,13 @@ class DistributedLoRAScheduler:
                 if not verdict:
                     raise RuntimeError(f"verification of {green}@{green_version} failed; {adapter} unchanged")
             version = await asyncio.to_thread(store.publish, adapter, src_ckpt_dir, {**(metadata or {}), "blue_green_from": f"{green}@{green_version}"})
+            self._notify(adapter, version)
             if not await self._wait_converged(adapter, store, version, timeout):
                 raise TimeoutError(f"{adapter}@{version} was not served by every instance within {timeout:.0f}s")
             return version
         finally:
             await asyncio.to_thread(store.retire, green)
+            self._notify(green, None)
 
 
 def create_distributed_lora_scheduler(
@@ -341,9 +361,9 @@ def create_distributed_lora_scheduler(
     enable_probe: bool = True,
     **kwargs: Any,
 ) -> DistributedLoRAScheduler:
-    """The seed's factory: instances on ``base_port`` … ``base_port + num_gpus - 1``; the
-    store is ``cpfs_base``, else ``VLLM_HOTSWAP_ROOT`` (the seed's default was a path of its
-    own cluster)."""
+    """The scheduler API's factory: instances on ``base_port`` … ``base_port + num_gpus - 1``; the
+    store is ``cpfs_base``, else ``VLLM_HOTSWAP_ROOT`` (the scheduler API's original default was a path
+    on its authors' cluster)."""
     return DistributedLoRAScheduler(
         base_port=base_port, num_gpus=num_gpus, cpfs_base=cpfs_base, poll_interval=poll_interval,
         enable_probe=enable_probe, **kwargs,

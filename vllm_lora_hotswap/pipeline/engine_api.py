@@ -73,6 +73,10 @@ class EngineAdapter(Protocol):
     # True when ``probe`` may run again before an earlier call returns and the engine
     # groups concurrent generations itself (a served vLLM); False: one call at a time.
     probes_overlap: bool
+    # True when ``stage`` hashes each weight file against READY (and checks its shapes) in
+    # the one read that loads it, failing the stage on a mismatch: validation then leaves
+    # the weight file unread. Absent or False: validation reads and hashes it first.
+    hashes_while_staging: bool
 
     def limits(self) -> EngineLimits: ...
 
@@ -112,6 +116,17 @@ class EngineAdapter(Protocol):
 
     def release_requests(self, adapter: str) -> None:
         """Let the requests :meth:`hold_requests` holds go on; a no-op when none are held."""
+
+    def open_for_sampling(self, handle: LoraHandle) -> None:
+        """While ``handle`` is probed, let sample requests that pin it (``adapter@version``,
+        as a rollout does) start at once, beside the probe; their answers wait for
+        :meth:`close_for_sampling`. A no-op for an engine without such requests."""
+
+    def close_for_sampling(self, handle: LoraHandle, *, passed: bool) -> None:
+        """The probe's outcome for what :meth:`open_for_sampling` let start: passed, their
+        answers go out; failed (or the version is not served after all), those requests
+        are aborted and answered with an error, and have ended when this returns (so the
+        version's slot can be freed)."""
 
     def route(self, handle: LoraHandle, *, current: bool) -> None:
         """Make ``adapter@version`` (and ``adapter`` when ``current``) serve ``handle``."""

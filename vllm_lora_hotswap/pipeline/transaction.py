@@ -68,7 +68,7 @@ class SwapTransaction:
             return [("validate", self._validate, None), ("switch", lambda: self._switch_to(installed), None)]
         steps: list[Step] = [
             ("reserve", self._reserve, self._release),  # first: no file is read for an adapter without a slot
-            ("validate", self._validate, None),
+            ("validate", lambda: self._validate(staging=True), None),
             ("stage", self._stage, self._unstage),
             ("install", self._install, self._uninstall),
         ]
@@ -121,9 +121,13 @@ class SwapTransaction:
         with self.pipeline.lock:
             self.pipeline.slots.release(self.reservation)
 
-    def _validate(self) -> None:
+    def _validate(self, *, staging: bool = False) -> None:
         store = self.pipeline.store
-        self.info = store.validate(self.adapter, self.version)
+        # An engine whose staging hashes the weight file against READY as it reads it (and checks
+        # its shapes) gets a validation that leaves it unread: one read per engine, and the
+        # digest still gates the install (a mismatch fails the stage).
+        read_weights = not (staging and getattr(self.pipeline.engine, "hashes_while_staging", False))
+        self.info = store.validate(self.adapter, self.version, read_weights=read_weights)
         if self.make_current:  # since the store changed: a publish, or a pin/follow of an older version
             changed_at = max(self.info.ready_at, store.adapter_dir(self.adapter).stat().st_mtime)
             self.timings["detect"] = max(0.0, time.time() - changed_at)
@@ -167,17 +171,26 @@ class SwapTransaction:
     def _probe(self) -> None:
         # A request for the adapter that arrives during the probe would otherwise go to the
         # old version and then wait behind the probe's step: it waits for the verdict instead.
-        if self.make_current:
-            self.pipeline.engine.hold_requests(self.adapter)
+        # A sample request that pins this version (a rollout) need not wait: it starts beside
+        # the probe, in the same engine step, and only its answer waits for the verdict.
+        engine = self.pipeline.engine
         try:
+            if self.make_current:
+                engine.hold_requests(self.adapter)
+            if not self.in_place:  # an in-place slot is the serving one: nothing new to open
+                engine.open_for_sampling(self.handle)
             self.pipeline.probes(self.handle)
         except BaseException:
             self._let_requests_go()
             raise
 
-    def _let_requests_go(self) -> None:
+    def _let_requests_go(self, *, passed: bool = False) -> None:
+        """The probe's undo (and, with ``passed``, the switch's last act)."""
+        engine = self.pipeline.engine
+        if not self.in_place:
+            engine.close_for_sampling(self.handle, passed=passed)
         if self.make_current:
-            self.pipeline.engine.release_requests(self.adapter)
+            engine.release_requests(self.adapter)
 
     def _switch(self) -> None:
         pipeline, handle = self.pipeline, self.handle
@@ -185,7 +198,7 @@ class SwapTransaction:
         pipeline.engine.route(handle, current=self.make_current)
         with pipeline.lock:
             pipeline.slots.installed(self.reservation, self.nbytes, make_current=self.make_current)
-        self._let_requests_go()  # after the route: they go to this version
+        self._let_requests_go(passed=True)  # after the route: they go to this version
         replace = self.reservation.replace
         if replace is not None:
             pipeline.engine.commit(handle)

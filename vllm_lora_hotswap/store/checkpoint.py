@@ -157,16 +157,31 @@ def read_safetensors_header(path: Path) -> dict[str, TensorSpec]:
         size = os.stat(path).st_size
         with open(path, "rb") as reader:
             prefix = reader.read(8)
-            if len(prefix) < 8:
-                raise InvalidCheckpointError(f"{path}: truncated ({size} bytes, no safetensors header)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(MAX_HEADER_BYTES, size - 8):
-                raise InvalidCheckpointError(
-                    f"{path}: corrupt or truncated (header claims {header_len} bytes, file has {size})"
-                )
+            header_len = _header_length(prefix, size, path)
             header_bytes = reader.read(header_len)
     except OSError as exc:
         raise UnreadableError(f"{path}: cannot read ({exc.strerror})") from None
+    return _parse_header(header_bytes, header_len, size, path)
+
+
+def parse_safetensors_header(data: bytes | bytearray | memoryview, path: Path) -> dict[str, TensorSpec]:
+    """:func:`read_safetensors_header` for a weight file already read whole into ``data``."""
+    header_len = _header_length(bytes(data[:8]), len(data), path)
+    return _parse_header(bytes(data[8 : 8 + header_len]), header_len, len(data), path)
+
+
+def _header_length(prefix: bytes, size: int, path: Path) -> int:
+    if len(prefix) < 8:
+        raise InvalidCheckpointError(f"{path}: truncated ({size} bytes, no safetensors header)")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > min(MAX_HEADER_BYTES, size - 8):
+        raise InvalidCheckpointError(
+            f"{path}: corrupt or truncated (header claims {header_len} bytes, file has {size})"
+        )
+    return header_len
+
+
+def _parse_header(header_bytes: bytes, header_len: int, size: int, path: Path) -> dict[str, TensorSpec]:
     header = parse_json_bounded(header_bytes, str(path), max_bytes=MAX_HEADER_BYTES)
     if not isinstance(header, dict):
         raise InvalidCheckpointError(f"{path}: corrupt safetensors header")
@@ -267,8 +282,15 @@ _NON_FINITE_BITS = {
 def _check_safetensors_finite(path: Path) -> None:
     import numpy as np
 
-    specs = read_safetensors_header(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    specs = read_safetensors_header(path)  # first: a file too short to map is named as truncated
+    check_finite_bytes(np.memmap(path, dtype=np.uint8, mode="r"), specs, path)
+
+
+def check_finite_bytes(data: Any, specs: Mapping[str, TensorSpec], path: Path) -> None:
+    """Reject NaN or inf in the float tensors of a safetensors file's bytes (``data``: any buffer)."""
+    import numpy as np
+
+    data = np.frombuffer(data, dtype=np.uint8)
     for name, spec in specs.items():
         if spec.dtype not in _NON_FINITE_BITS:
             continue  # integers and booleans are always finite
@@ -336,8 +358,9 @@ def parse_ready(data: bytes, where: str = READY_FILE) -> ReadyManifest:
     return ReadyManifest(files=digests)
 
 
-def verify_manifest(directory: Path, manifest: ReadyManifest) -> None:
-    """Each listed file exists with the recorded size and sha256."""
+def verify_manifest(directory: Path, manifest: ReadyManifest, unread: tuple[str, ...] = ()) -> None:
+    """Each listed file exists with the recorded size and sha256 (files named in ``unread``:
+    the size only, for a reader that hashes them as it loads them)."""
     for name, digest in manifest.files.items():
         path = directory / name
         try:
@@ -348,6 +371,8 @@ def verify_manifest(directory: Path, manifest: ReadyManifest) -> None:
             raise InvalidCheckpointError(
                 f"{path}: size {size} bytes, READY records {digest.size} (truncated or replaced?)"
             )
+        if name in unread:
+            continue
         try:
             _, sha = hash_file(path)
         except OSError as exc:

@@ -1,6 +1,6 @@
 """Names in the store: adapters, versions and instances.
 
-Version names are UTC timestamps in the seed's form ``YYYY-MM-DDTHH-MM-SSZ``. A
+Version names are UTC timestamps in the scheduler API's form ``YYYY-MM-DDTHH-MM-SSZ``. A
 publish that lands in the same second as the newest version (or after the clock
 went backwards) continues that second with a zero-padded sequence suffix,
 ``...Z-0001``, so that sorting by name is publication order, always.

@@ -61,7 +61,7 @@ class CopiedVersion:
     adapter: str
     adapter_dir: Path
     staging: Path
-    src: Path
+    source: str | None  # the directory copied from (metadata's "source"); None: written in place
     config: AdapterConfig
     extra: dict[str, Any]
     digests: dict[str, FileDigest]
@@ -93,7 +93,7 @@ def copy_in(root: Path, adapter_dir: Path, adapter: str, src_dir: str | os.PathL
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return CopiedVersion(adapter, adapter_dir, staging, src, config, extra, digests)
+    return CopiedVersion(adapter, adapter_dir, staging, str(src.resolve()), config, extra, digests)
 
 
 def commit(
@@ -108,7 +108,7 @@ def commit(
             return _rename_into_place(copied, clock, max(versions(), default=None))
     except OSError as exc:
         shutil.rmtree(copied.staging, ignore_errors=True)
-        raise StoreError(f"publishing {copied.adapter} from {copied.src} into {root} failed: "
+        raise StoreError(f"publishing {copied.adapter}{_from(copied.source)} into {root} failed: "
                          f"{exc.strerror or exc}; nothing was published") from exc  # fmt: skip
     except BaseException:
         shutil.rmtree(copied.staging, ignore_errors=True)
@@ -126,7 +126,7 @@ def _rename_into_place(
             "adapter": copied.adapter,
             "version": version,
             "created_at": datetime.now(UTC).isoformat(),
-            "source": str(copied.src.resolve()),
+            "source": copied.source,
             "publisher": f"{socket.gethostname()}:{os.getpid()}",
             "lora": copied.config.summary(),
         }
@@ -148,6 +148,10 @@ def _rename_into_place(
         (adapter_dir / RETIRED_FILE).unlink(missing_ok=True)
         return version
     raise StoreError(f"could not allocate a version name under {adapter_dir}")
+
+
+def _from(source: str | None) -> str:
+    return "" if source is None else f" from {source}"
 
 
 def check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -9,10 +9,14 @@ Layout (a shared directory; CPFS or NFS in production)::
     <root>/<adapter>/<version>/KEEP, FAILED.<instance>.json
     <root>/.instances/<instance-id>.json
 
-A publish copies into ``<adapter>/.staging/`` on the same file system, fsyncs,
-writes ``metadata.json`` and ``READY`` and renames the directory into place:
-the rename is the commit, so a reader never sees a READY version with missing
-or partial files. Version names are allocated under a per-adapter POSIX lock
+A publish copies into ``<adapter>/.staging/`` on the same file system (or a
+trainer saves there directly: :meth:`CheckpointStore.open_version`, no second
+copy), fsyncs, writes ``metadata.json`` and ``READY`` and renames the directory
+into place: the rename is the commit, so a reader never sees a READY version
+with missing or partial files. Every file is fsynced before the rename and the
+adapter directory right after it, so a crash at any point loses at most the
+version being published, never a committed one (step by step: :mod:`.staged`,
+docs/publishing.md). Version names are allocated under a per-adapter POSIX lock
 (released by the kernel if the publisher dies), so they sort in publication
 order even with concurrent publishers or a clock that jumps backwards.
 """
@@ -32,6 +36,7 @@ from typing import Any
 from .checkpoint import (
     METADATA_FILE,
     READY_FILE,
+    SAFETENSORS_FILE,
     AdapterConfig,
     check_lora_shapes,
     find_weight_file,
@@ -71,6 +76,7 @@ from .names import (
 )
 from .publish import CopiedVersion, commit, copy_in
 from .records import FailureRecord, InstanceRecord
+from .staged import StagedVersion
 
 
 class StoreUnavailableError(StoreError):
@@ -249,11 +255,14 @@ class CheckpointStore:
             )
         return result
 
-    def validate(self, adapter: str, version: str) -> VersionInfo:
+    def validate(self, adapter: str, version: str, *, read_weights: bool = True) -> VersionInfo:
         """Everything the store can check before an engine loads a version.
 
         READY present and well-formed, every listed file with its size and
         sha256, a PEFT LoRA config, and weight shapes consistent with it.
+        ``read_weights=False`` reads only a safetensors weight file's header (for
+        the shapes) and its size, not its tensor data: for a reader that hashes
+        it against READY in the one pass that loads it (an engine's staging).
         """
         directory = self.version_dir(adapter, version)
         ready = directory / READY_FILE
@@ -265,7 +274,7 @@ class CheckpointStore:
             raise NotFoundError(f"{adapter}@{version}: no READY version at {directory}") from None
         except PermissionError:
             raise UnreadableError(f"{ready}: cannot read (Permission denied)") from None
-        verify_manifest(directory, manifest)
+        verify_manifest(directory, manifest, unread=() if read_weights else (SAFETENSORS_FILE,))
         config = read_adapter_config(directory)
         weights = find_weight_file(directory)
         if manifest.files and weights.name not in manifest.files:
@@ -307,6 +316,16 @@ class CheckpointStore:
         if errors:
             raise PartialPublishError(published, errors)
         return published
+
+    def open_version(self, adapter: str, metadata: Mapping[str, Any] | None = None) -> StagedVersion:
+        """A new version of ``adapter`` to write in place, with no second copy: write the PEFT
+        LoRA into ``.path``, then commit (see :class:`StagedVersion`)::
+
+            with store.open_version("lora1", {"step": 100}) as staged:
+                model.save_pretrained(staged.path)
+        """
+        return StagedVersion(self.root, self.adapter_dir(adapter), adapter, metadata, self._clock,
+                             lambda: self._version_names(adapter))  # fmt: skip
 
     def _copy_in(self, adapter: str, src_dir: str | os.PathLike[str], metadata: Mapping[str, Any] | None) -> CopiedVersion:
         return copy_in(self.root, self.adapter_dir(adapter), adapter, src_dir, metadata)

@@ -1,0 +1,205 @@
+"""Staging reads a version's weight file once: hashed against READY, loaded from the same bytes.
+
+Why: hashing the weight file in the API server's validation and then loading it
+in each worker's staging would read every byte twice on the critical path of a
+swap. How: validation leaves the tensor data unread (``CheckpointStore.validate(read_weights=False)``:
+READY, sizes, the small files' hashes, the config, the weight file's header for
+the shapes) and each worker's staging thread reads the weight file once into
+memory: the bytes are hashed, then vLLM's own loader (``_load_adapter``: its
+checks, its name mapping) gets its tensors from those bytes instead of opening
+the file again. The config is read by validation and by vLLM's loader, once
+each, as before. The digest still gates the install: :meth:`SingleRead.verify`
+runs before the adapter is written into a slot or reported ready, and a
+mismatch fails the stage ("checksum mismatch"), which refuses the version.
+
+How vLLM's loader gets the bytes: ``vllm.lora.lora_model`` opens the file with
+``safetensors.safe_open``; that module's ``safetensors`` name is replaced by a
+proxy whose ``safe_open`` serves the file a thread registered (only in that
+thread, only for that path) and passes every other call to safetensors. Where
+the name is missing (another vLLM), nothing is replaced and vLLM reads the file
+itself: a second read, never a weaker check. A ``.bin`` weight file is
+validated whole by the API server as before and then loaded by vLLM (two
+reads: torch loads a pickle only from a file, and only behind that check).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..store.checkpoint import (
+    READY_FILE,
+    SAFETENSORS_FILE,
+    TensorSpec,
+    find_weight_file,
+    parse_ready,
+    parse_safetensors_header,
+    verify_manifest,
+)
+from ..store.errors import InvalidCheckpointError
+
+logger = logging.getLogger("vllm.lora_hotswap")
+_local = threading.local()  # .served: (real path of a weight file, its tensors) for this thread's load
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+class _FromMemory:
+    """What ``safe_open`` returns, over tensors already read: ``keys`` and ``get_tensor``."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._tensors = tensors
+
+    def __enter__(self) -> _FromMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+class _SafetensorsProxy:
+    """Stands for the ``safetensors`` module inside ``vllm.lora.lora_model``."""
+
+    def __init__(self, real: Any):
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def safe_open(self, filename: Any, framework: str, *args: Any, **kwargs: Any) -> Any:
+        served = getattr(_local, "served", None)
+        if served is not None and framework == "pt" and os.path.realpath(filename) == served[0]:
+            _local.hit = True
+            return _FromMemory(served[1])
+        return self._real.safe_open(filename, framework, *args, **kwargs)
+
+
+def _install() -> bool:
+    try:
+        from vllm.lora import lora_model
+    except ImportError:
+        return False
+    current = getattr(lora_model, "safetensors", None)
+    if isinstance(current, _SafetensorsProxy):
+        return True
+    if current is None or not callable(getattr(current, "safe_open", None)):
+        logger.warning("hot-swap: vllm.lora.lora_model has no safetensors.safe_open; staging reads weight files twice")
+        return False
+    lora_model.safetensors = _SafetensorsProxy(current)
+    return True
+
+
+INSTALLED = _install()
+
+
+class SingleRead:
+    """One stage's read of ``directory``'s weight file; use as a context manager around vLLM's
+    load, and call :meth:`verify` before the adapter goes anywhere."""
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        self.directory = Path(directory)
+        self.from_memory = False  # vLLM's loader took the tensors from our bytes
+        self._expected = None
+        self._digest: Future[str] | None = None
+        self._hashed_first = False
+
+    def __enter__(self) -> SingleRead:
+        ready = self.directory / READY_FILE
+        with open(ready, "rb") as reader:
+            manifest = parse_ready(reader.read(1 << 20), str(ready))
+        weights = find_weight_file(self.directory)
+        self.weights = weights
+        self._expected = manifest.files.get(weights.name)
+        if manifest.files and self._expected is None:
+            raise InvalidCheckpointError(f"{weights}: not listed in READY")
+        if weights.name != SAFETENSORS_FILE:
+            return self  # a .bin: validation hashed it and checked what it holds
+        if not INSTALLED:
+            verify_manifest(self.directory, manifest)  # hashed now; vLLM then reads the file itself
+            self._hashed_first = True
+            return self
+        data = _read_whole(weights)
+        if self._expected is not None:
+            if len(data) != self._expected.size:
+                raise InvalidCheckpointError(
+                    f"{weights}: size {len(data)} bytes, READY records {self._expected.size} (truncated or replaced?)"
+                )
+            # Hashed before vLLM's loader sees the bytes: its tensors are views of them that it
+            # scales in place, so a hash running beside the load could read scaled bytes.
+            self._digest = _hashed(data)
+        try:
+            specs = parse_safetensors_header(data, weights)  # validation checked it against the config
+        except InvalidCheckpointError:
+            self.verify()  # a torn or replaced file is named as that, not by its first symptom
+            raise
+        _local.served, _local.hit = (os.path.realpath(weights), _tensors(data, specs)), False
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        # True only if vLLM's loader opened the file through the proxy: it then read no disk.
+        self.from_memory = getattr(_local, "served", None) is not None and getattr(_local, "hit", False)
+        _local.served, _local.hit = None, False
+        if kind is not None and self._digest is not None:
+            self.verify()  # the same: a checksum mismatch explains a failed load best
+
+    def verify(self) -> None:
+        """Raise unless the bytes read hash to READY's sha256 (a no-op for an empty READY)."""
+        if self._digest is None or self._expected is None:
+            return
+        sha = self._digest.result()
+        if sha != self._expected.sha256:
+            raise InvalidCheckpointError(
+                f"{self.weights}: checksum mismatch (sha256 {sha[:12]}…, READY says {self._expected.sha256[:12]}…)"
+            )
+
+
+def _read_whole(path: Path) -> bytearray:
+    """The file's bytes, in one buffer (writable: tensors are views of it, and vLLM scales them in place)."""
+    with open(path, "rb", buffering=0) as reader:
+        size = os.fstat(reader.fileno()).st_size
+        data = bytearray(size)
+        view, done = memoryview(data), 0
+        while done < size:
+            count = reader.readinto(view[done:])
+            if not count:
+                break
+            done += count
+        if reader.read(1):
+            raise InvalidCheckpointError(f"{path}: grew while it was read (written to after READY?)")
+    return data if done == size else data[:done]
+
+
+def _hashed(data: bytearray) -> Future[str]:
+    """sha256 of ``data``, as a settled future (:meth:`SingleRead.verify` reads it)."""
+    future: Future[str] = Future()
+    future.set_result(hashlib.sha256(data).hexdigest())
+    return future
+
+
+def _tensors(data: bytearray, specs: dict[str, TensorSpec]) -> dict[str, torch.Tensor]:
+    """Views of ``data``, one per tensor, in the file's own order (no copy)."""
+    tensors = {}
+    for name, spec in sorted(specs.items(), key=lambda item: item[1].offset):
+        dtype = _TORCH_DTYPES[spec.dtype]
+        count = 1
+        for dim in spec.shape:
+            count *= dim
+        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=spec.offset) if count else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.reshape(spec.shape)
+    return tensors
