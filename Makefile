@@ -13,7 +13,7 @@ DEMO_ARGS ?=
 # make bench QUICK=1: fewer repetitions, shorter phases (a few minutes instead of ~19).
 QUICK ?=
 
-.PHONY: install test demo bench soak compat gpu-check clean
+.PHONY: install test demo bench soak compat gpu-check docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,18 @@ endif
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	PYTHONPATH=. $(GPU_PYTHON) -m benchmarks.gpu_check --out benchmarks/results/gpu_check.json
+
+# The documentation site, built strictly (a broken link or anchor fails) into site/.
+# Needs no vLLM: the package's base dependencies and mkdocs-material only.
+DOCS_STAMP := $(VENV)/.docs-$(shell sha256sum pyproject.toml | cut -c1-12)
+$(DOCS_STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	@rm -f $(VENV)/.docs-*
+	@touch $@
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
