@@ -103,6 +103,7 @@ class ServedWaits:
         self.controller = controller
         self._loop = loop
         self._waiting: dict[str, set[asyncio.Event]] = {}
+        self._sampling: dict[str, int] = {}  # adapter -> callers waiting with sampling=1
         controller.bus.subscribe(self._on_event)
         listeners = getattr(controller.engine, "gate_listeners", None)  # a served engine's sampling gates
         if listeners is not None:
@@ -115,9 +116,11 @@ class ServedWaits:
         except RuntimeError:  # the loop is closed: the server is shutting down
             pass
 
-    def _wake(self, adapter: str) -> None:
+    def _wake(self, adapter: str) -> bool:
+        """Wake ``adapter``'s waiters; whether one of them waits to sample it."""
         for waiter in self._waiting.get(adapter, ()):
             waiter.set()
+        return self._sampling.get(adapter, 0) > 0
 
     def reached(self, adapter: str, version: str) -> bool:
         current = self.controller.current(adapter)
@@ -132,6 +135,17 @@ class ServedWaits:
         """Whether ``adapter`` is served at ``version`` or later (with ``sampling``, or open to
         pinned samples while it is probed), waiting up to ``timeout`` s."""
         deadline = time.monotonic() + timeout
+        if sampling:
+            self._sampling[adapter] = self._sampling.get(adapter, 0) + 1
+        try:
+            return await self._wait(adapter, version, deadline, sampling)
+        finally:
+            if sampling:
+                self._sampling[adapter] -= 1
+                if not self._sampling[adapter]:
+                    del self._sampling[adapter]
+
+    async def _wait(self, adapter: str, version: str, deadline: float, sampling: bool) -> bool:
         while not (self.reached(adapter, version) or (sampling and self.open_to_samples(adapter, version))):
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -173,7 +173,10 @@ async def sample(request: Request) -> JSONResponse:
     lora, version, gate = resolved
     wanted = parsed.sampling_params
     try:
-        params = SamplingParams(**wanted.model_dump(exclude={"logprobs"}), logprobs=0 if wanted.logprobs else None)
+        # On a version still being probed, the sampled token's logprob is always computed: the
+        # first one may be the probe's evidence (it is returned only when asked for).
+        logprobs = 0 if wanted.logprobs or gate is not None else None
+        params = SamplingParams(**wanted.model_dump(exclude={"logprobs"}), logprobs=logprobs)
     except ValueError as exc:  # vLLM's own checks (VLLMValidationError is a ValueError)
         return _error(HTTPStatus.BAD_REQUEST, f"invalid sampling_params: {exc}", getattr(exc, "parameter", None))
 
@@ -191,12 +194,15 @@ async def sample(request: Request) -> JSONResponse:
             if gate.verdict.done() and not gate.verdict.result():
                 return None
             gate.request_ids.add(generation_id)
+            gate.batch_arrived.set()
         try:
             async for output in engine.generate(prompt, params, generation_id, lora_request=lora):
                 final = output
+                if gate is not None and output.outputs:
+                    gate.sampled(output.outputs[0])
         finally:
             if gate is not None:
-                gate.request_ids.discard(generation_id)
+                gate.ended(generation_id)
         return final
 
     try:

@@ -15,6 +15,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 from vllm.sampling_params import SamplingParams
@@ -29,6 +30,10 @@ logger = logging.getLogger("vllm.lora_hotswap")
 RPC_TIMEOUT = 120.0
 ABORT_WAIT_S = 30.0  # for sample requests on a version that failed its probe to end
 REFUSED_KEPT = 64  # recently refused served names remembered for late sample requests
+# How long a probe waits for the batch that a caller released by ``wait?sampling=1`` is about
+# to send (its HTTP round trip); past that the probe runs a generation of its own.
+BATCH_ARRIVAL_WAIT_S = 0.1
+FIRST_OUTPUT_WAIT_S = 60.0  # a guard: a batch that ends without a token resolves it at once
 
 
 @dataclass
@@ -41,7 +46,25 @@ class SamplingGate:
 
     request: Any  # the version's LoRARequest
     verdict: asyncio.Future[bool]
+    # The first token of the first sample request pinning the version (a CompletionOutput
+    # with its logprob): the probe's evidence when callers waited to sample the version.
+    first_output: asyncio.Future[Any]
+    batch_expected: bool = False  # callers were waiting to sample it as the gate opened
+    batch_arrived: asyncio.Event = field(default_factory=asyncio.Event)
     request_ids: set[str] = field(default_factory=set)
+
+    def sampled(self, output: Any) -> None:
+        """A pinned sample produced ``output`` (a CompletionOutput): the first with a token is
+        the probe's evidence."""
+        if output.token_ids and not self.first_output.done():
+            self.first_output.set_result(output)
+
+    def ended(self, request_id: str) -> None:
+        """A pinned sample generation ended; the last one to end without any token having
+        been produced leaves the probe to a generation of its own."""
+        self.request_ids.discard(request_id)
+        if not self.request_ids and not self.first_output.done():
+            self.first_output.set_result(None)
 
 
 class ServerEngine(WorkerRpcEngine):
@@ -60,7 +83,7 @@ class ServerEngine(WorkerRpcEngine):
         # Served names whose probe failed while open to samples, newest last (loop only): a
         # sample request that saw the gate open and arrives after the verdict gets the same 409.
         self._refused: OrderedDict[str, None] = OrderedDict()
-        self.gate_listeners: list[Callable[[str], None]] = []  # called with the adapter when a gate opens (loop)
+        self.gate_listeners: list[Callable[[str], bool | None]] = []  # called with the adapter when a gate opens (loop)
         tokenizer = getattr(engine_client.renderer, "tokenizer", None)
         self._probe_ids = probe_token_ids(tokenizer, settings.probe_prompt)
 
@@ -122,6 +145,8 @@ class ServerEngine(WorkerRpcEngine):
         )
 
         async def generate(prompt: Any, lora_request: Any) -> Any:
+            if (first := await self._first_batch_output(lora_request)) is not None:
+                return SimpleNamespace(outputs=[first])
             final = None
             async for output in self.client.generate(
                 prompt, params, f"hotswap-probe-{uuid.uuid4().hex}", lora_request=lora_request
@@ -130,6 +155,20 @@ class ServerEngine(WorkerRpcEngine):
             return final
 
         return await asyncio.gather(*map(generate, prompts, lora_requests), return_exceptions=True)
+
+    async def _first_batch_output(self, lora_request: Any) -> Any:
+        """The probe beside the first batch: when callers waited to sample the version, its
+        first pinned sample generation is the probe (the same finite-logprob check on its first
+        token), so the version costs no engine step of its own on the RL path. None: no batch
+        came within ``BATCH_ARRIVAL_WAIT_S``, or it ended without a token; probe as usual."""
+        gate = self._gates.get(getattr(lora_request, "lora_name", None) or "")
+        if gate is None or not gate.batch_expected:
+            return None
+        try:
+            await asyncio.wait_for(gate.batch_arrived.wait(), BATCH_ARRIVAL_WAIT_S)
+            return await asyncio.wait_for(asyncio.shield(gate.first_output), FIRST_OUTPUT_WAIT_S)
+        except TimeoutError:
+            return None
 
     async def warm_up(self) -> None:
         """One probe on the base model at start-up: vLLM compiles its log-probability path
@@ -183,9 +222,10 @@ class ServerEngine(WorkerRpcEngine):
         request = self.lora_request(handle)
 
         async def apply() -> None:  # in place before the probe starts
-            self._gates[handle.served_name] = SamplingGate(request, self.loop.create_future())
-            for listener in self.gate_listeners:
-                listener(handle.adapter)
+            gate = SamplingGate(request, self.loop.create_future(), self.loop.create_future())
+            self._gates[handle.served_name] = gate
+            # A listener answers whether it released a caller waiting to sample the adapter.
+            gate.batch_expected = any([bool(listener(handle.adapter)) for listener in self.gate_listeners])
 
         self._call(apply())
 
