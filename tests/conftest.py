@@ -24,9 +24,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         print(REPORT.line(), flush=True)
 
 
+# Fixtures that start a real vLLM engine: a test using one is marked ``engine`` here, so
+# ``make test-fast`` (-m "not engine") leaves it out whether or not its file says so.
+ENGINE_FIXTURES = frozenset({"engine"})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
+    for item in items:
+        if ENGINE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.engine)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -87,7 +87,7 @@ def test_settings_defaults_and_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_probe_prompt_is_one_token_unless_set(tmp_path) -> None:
     from hotswap_demo.toy_models import make_tokenizer
-    from vllm_lora_hotswap.engine.common import probe_token_ids
+    from vllm_lora_hotswap.engine.worker_rpc import probe_token_ids
 
     tokenizer = make_tokenizer(tmp_path / "tokenizer")
     assert probe_token_ids(tokenizer, None) == [tokenizer.bos_token_id]

@@ -183,7 +183,7 @@ def test_offline_workers_without_the_plugin_are_named(error: Exception) -> None:
 def test_a_probe_aborted_by_a_weight_update_is_not_the_versions_failure() -> None:
     from types import SimpleNamespace
 
-    from vllm_lora_hotswap.engine.common import WorkerRpcEngine
+    from vllm_lora_hotswap.engine.worker_rpc import WorkerRpcEngine
     from vllm_lora_hotswap.pipeline.engine_api import CheckpointRejected, EngineUnavailable
 
     aborted = SimpleNamespace(finish_reason="abort", token_ids=[], logprobs=[])

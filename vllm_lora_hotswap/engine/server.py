@@ -21,7 +21,7 @@ from vllm.sampling_params import SamplingParams
 
 from ..pipeline.engine_api import EngineUnavailable, LoraHandle
 from ..settings import HotSwapSettings
-from .common import WorkerRpcEngine, probe_token_ids
+from .worker_rpc import WorkerRpcEngine, probe_token_ids
 from .stage_channel import ServerChannel
 
 T = TypeVar("T")

@@ -36,7 +36,7 @@ import torch
 from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
 
-from .device_slots import Reservation, SlotWriter
+from .device_slots import DeviceSlotReservation, SlotWriter
 from .single_read import SingleRead
 from .stage_channel import WorkerChannel
 
@@ -91,7 +91,7 @@ class _Staged:
     lora: Any = None  # vllm LoRAModel, merged and scaled, ready for set_lora copies
     nbytes: int = 0
     cancelled: bool = False
-    slot: Reservation | None = None  # the device slot it was written into (None: the install copies)
+    slot: DeviceSlotReservation | None = None  # the device slot it was written into (None: the install copies)
 
     def status(self) -> dict[str, Any]:
         return {"state": self.state, "error": self.error, "nbytes": self.nbytes}
@@ -175,7 +175,7 @@ class WorkerHotSwap:
             return
         self._finish(entry, lora=lora, nbytes=nbytes, slot=slot)
 
-    def _finish(self, entry: _Staged, *, lora: Any = None, nbytes: int = 0, slot: Reservation | None = None,
+    def _finish(self, entry: _Staged, *, lora: Any = None, nbytes: int = 0, slot: DeviceSlotReservation | None = None,
                 error: str | None = None) -> None:  # fmt: skip
         with self._lock:
             cancelled = entry.cancelled

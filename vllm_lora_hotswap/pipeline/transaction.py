@@ -34,7 +34,7 @@ from ..store import CheckpointStore, VersionInfo
 from .batching import GroupCall
 from .compat import check_compatible
 from .engine_api import CheckpointRejected, EngineAdapter, EngineLimits, InstallRequest, LoraHandle
-from .slots import EvictionNeeded, Reservation, SlotTable, VersionBusy
+from .slots import EvictionNeeded, VersionReservation, SlotTable, VersionBusy
 
 logger = logging.getLogger("vllm.lora_hotswap")
 Step = tuple[str, Callable[[], None], Callable[[], None] | None]
@@ -73,7 +73,7 @@ class SwapTransaction:
         self.version = version
         self.make_current = make_current  # False: a pinned version a request asked for
         self.timings: dict[str, float] = {}  # phase -> seconds, plus "engine_stall"
-        self.reservation: Reservation | None = None
+        self.reservation: VersionReservation | None = None
         self.info: VersionInfo | None = None
         self.nbytes = 0
         self.phase = "validate"
@@ -230,7 +230,7 @@ class SwapTransaction:
                 pipeline.engine.unroute(self.adapter, replace.version)
 
     def _switch_to(self, installed: LoraHandle) -> None:
-        self.reservation = Reservation(installed, None, new_id=False)
+        self.reservation = VersionReservation(installed, None, new_id=False)
         self.pipeline.engine.route(installed, current=self.make_current)
         with self.pipeline.lock:
             self.pipeline.slots.switched(installed, make_current=self.make_current)
