@@ -53,9 +53,9 @@ VLLM_SOURCE ?=
 VLLM_WHEELS ?= /tmp/vllm-wheels
 compat:
 ifneq ($(VLLM_SOURCE),)
-	PYTHONPATH=. $(PYTHON) -m vllm_lora_hotswap.engine.vllm_symbols --source '$(VLLM_SOURCE)'
+	PYTHONPATH=. $(PYTHON) -m vllm_lora_hotswap.compat.vllm_symbols --source '$(VLLM_SOURCE)'
 else ifneq ($(VLLM),)
-	PYTHONPATH=. $(PYTHON) -m vllm_lora_hotswap.engine.release_check '$(VLLM)' --wheels '$(VLLM_WHEELS)'
+	PYTHONPATH=. $(PYTHON) -m vllm_lora_hotswap.compat.release_check '$(VLLM)' --wheels '$(VLLM_WHEELS)'
 else
 	@echo "usage: make compat VLLM=<version>|latest  or  make compat VLLM_SOURCE=<unpacked vLLM tree>" >&2; exit 2
 endif

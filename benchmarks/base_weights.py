@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from vllm_lora_hotswap.engine.gloo_transfer import join_group
-from vllm_lora_hotswap.weight_sync import FleetWeightSyncClient, WeightSync
+from vllm_lora_hotswap.weights.gloo import join_group
+from vllm_lora_hotswap.weights.trainer import FleetWeightSyncClient, WeightSync
 
 from .assets import Assets
 from .common import Progress, Server, free_port

@@ -163,7 +163,7 @@ def merged(model: Any, model_path: Path, server: Server, steps: int) -> list[flo
     alias the PEFT base layers' (no copy)."""
     from transformers import AutoModelForCausalLM
 
-    from vllm_lora_hotswap.weight_sync import FleetWeightSyncClient, WeightSync
+    from vllm_lora_hotswap.weights.trainer import FleetWeightSyncClient, WeightSync
 
     plain = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     peft_params = {name.removeprefix("base_model.model.").replace(".base_layer", ""): p

@@ -27,7 +27,7 @@ from tests.support.fake_engine import FakeEngine
 from trl_callbacks import FleetRollout, HotSwapCallback, Publication
 from vllm_lora_hotswap import inotify
 from vllm_lora_hotswap.engine import notices
-from vllm_lora_hotswap.engine.weights_api import api_key_hashes
+from vllm_lora_hotswap.weights.routes import api_key_hashes
 from vllm_lora_hotswap.notify import CommitNotifier
 from vllm_lora_hotswap.pipeline.controller import SwapController
 from vllm_lora_hotswap.settings import load_settings

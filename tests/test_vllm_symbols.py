@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from vllm_lora_hotswap import SUPPORTED_VLLM, plugin
-from vllm_lora_hotswap.engine import vllm_symbols
-from vllm_lora_hotswap.engine.vllm_symbols import SYMBOLS, check_source
+from vllm_lora_hotswap.compat import vllm_symbols
+from vllm_lora_hotswap.compat.vllm_symbols import SYMBOLS, check_source
 
 RANGE = ",".join(SUPPORTED_VLLM)
 
@@ -152,7 +152,7 @@ def test_the_live_check_imports_no_vllm_module() -> None:
 
     script = (
         "import sys, vllm\n"
-        "from vllm_lora_hotswap.engine import vllm_symbols\n"
+        "from vllm_lora_hotswap.compat import vllm_symbols\n"
         "before = set(sys.modules)\n"
         "assert vllm_symbols.check_installed() is None\n"
         "print(sorted(m for m in set(sys.modules) - before if m.startswith('vllm.')))\n"

@@ -72,7 +72,8 @@ class HotSwapEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        from . import notices, sample_api, weights_api
+        from ..weights import routes as weights_api
+        from . import notices, sample_api
 
         app.include_router(router)
         app.include_router(sample_api.router)

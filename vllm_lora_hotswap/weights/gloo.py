@@ -44,8 +44,8 @@ from vllm.distributed.weight_transfer.base import (
 from . import packing, reload
 from .packing import DEFAULT_BUCKET_BYTES, buckets, unpack
 from .reload import NothingLoaded, UpdateRefused
-from .vllm_symbols import source_metadata, source_tensors
-from .weight_spec import check_update, spec_of
+from ..compat.vllm_symbols import source_metadata, source_tensors
+from .spec import check_update, spec_of
 
 # How long the trainer still waits for the workers' check once a server answered an error
 # (a refusal answers right after the check completes; a server that never joined does not).
