@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hotswap_demo.toy_models import BENCH_MODEL
+from vllm_lora_hotswap.notify import CommitNotifier
 
 from . import (
     base_weights,
@@ -36,8 +37,6 @@ from . import (
     slot_stall,
 )
 from .assets import prepare
-from vllm_lora_hotswap.notify import CommitNotifier
-
 from .common import EVENTS_POLL_S, SERVER_ARGS, plugin_server, stage
 from .machine import describe
 

@@ -110,7 +110,7 @@ def ours(model: Any, servers: list[Server], store: CheckpointStore, adapter: str
             committed = time.perf_counter()
             notifier.notify(adapter, version)
             noticed = time.perf_counter()
-            list(pool.map(lambda server: first_token_of(server, version), servers))
+            list(pool.map(lambda server, version=version: first_token_of(server, version), servers))
             seconds.append(time.perf_counter() - started)
             trainer_phases.append({"save": saved - started, "commit": committed - saved, "notice": noticed - committed})
             served = [_updated_event(server, adapter, version) for server in servers]

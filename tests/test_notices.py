@@ -27,12 +27,12 @@ from tests.support.fake_engine import FakeEngine
 from trl_callbacks import FleetRollout, HotSwapCallback, Publication
 from vllm_lora_hotswap import inotify
 from vllm_lora_hotswap.engine import notices
-from vllm_lora_hotswap.weights.routes import api_key_hashes
 from vllm_lora_hotswap.notify import CommitNotifier
 from vllm_lora_hotswap.pipeline.controller import SwapController
 from vllm_lora_hotswap.settings import load_settings
 from vllm_lora_hotswap.store import CheckpointStore
 from vllm_lora_hotswap.watcher import MAX_HINTS, StoreWatcher
+from vllm_lora_hotswap.weights.routes import api_key_hashes
 
 FORGED = "2099-01-01T00-00-00Z"
 

@@ -32,7 +32,6 @@ from pydantic import BaseModel, Field
 from .store import CheckpointStore, check_adapter_name
 from .weights.trainer import INSTALL_HINT, FleetWeightSyncClient, WeightSync
 
-
 PAUSED_FIRST_DELAY, PAUSED_MAX_DELAY = 0.05, 2.0
 
 

@@ -30,8 +30,8 @@ import inspect
 import operator
 import re
 import sys
-import zipfile
 import textwrap
+import zipfile
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path

@@ -8,10 +8,10 @@ def install_hooks() -> None:
     """Everything the plugin adds to vLLM; cheap, and safe in every process vLLM starts."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
+    from ..weights.spec import install_recorder
     from .endpoints import enable_endpoint_plugin
     from .lora_metrics import count_requests_by_adapter
     from .rpc import install_worker_rpcs
-    from ..weights.spec import install_recorder
 
     install_worker_rpcs()
     install_recorder()

@@ -39,8 +39,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..store import split_served_name
-from .versions import ensure_version
 from ..weights.routes import require_api_key
+from .versions import ensure_version
 
 # vLLM's --api-key middleware guards /v1/* only: this route checks the key itself.
 router = APIRouter(dependencies=[Depends(require_api_key)])

@@ -24,8 +24,8 @@ objects and callbacks it uses, so this module never imports the controller.
 from __future__ import annotations
 
 import logging
-import time
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -34,7 +34,7 @@ from ..store import CheckpointStore, VersionInfo
 from .batching import GroupCall
 from .compat import check_compatible
 from .engine_api import CheckpointRejected, EngineAdapter, EngineLimits, InstallRequest, LoraHandle
-from .slots import EvictionNeeded, VersionReservation, SlotTable, VersionBusy
+from .slots import EvictionNeeded, SlotTable, VersionBusy, VersionReservation
 
 logger = logging.getLogger("vllm.lora_hotswap")
 Step = tuple[str, Callable[[], None], Callable[[], None] | None]

@@ -122,7 +122,10 @@ class WeightSync:
                 source=self._no_model,
             )
         elif backend == "nccl":
-            from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
+            from vllm.distributed.weight_transfer.nccl_engine import (
+                NCCLTrainerInitInfo,
+                NCCLTrainerWeightTransferEngine,
+            )
 
             self.engine = NCCLTrainerWeightTransferEngine.trainer_init(
                 NCCLTrainerInitInfo(address, master_port, world_size, rank=0), client=client, source=self._no_model
