@@ -9,11 +9,15 @@ def install_hooks() -> None:
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
     from ..weights.spec import install_recorder
+    from .device_slots import install_slot_reset
     from .endpoints import enable_endpoint_plugin
     from .lora_metrics import count_requests_by_adapter
     from .rpc import install_worker_rpcs
+    from .worker import install_lora_manager_hooks
 
     install_worker_rpcs()
+    install_lora_manager_hooks()
+    install_slot_reset()
     install_recorder()
     enable_endpoint_plugin()
     count_requests_by_adapter()

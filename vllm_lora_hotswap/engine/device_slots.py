@@ -65,7 +65,9 @@ def _reset_rows(layer: BaseLinearLayerWithLoRA, index: int) -> None:
         lora_b[index, :, :, :rows] = 0
 
 
-BaseLinearLayerWithLoRA.reset_lora = _reset_rows  # type: ignore[method-assign]
+def install_slot_reset() -> None:
+    """Patch vLLM's LoRA layers' slot clear to :func:`_reset_rows` (idempotent)."""
+    BaseLinearLayerWithLoRA.reset_lora = _reset_rows  # type: ignore[method-assign]
 
 
 @dataclass
@@ -82,6 +84,7 @@ class DeviceSlotReservation:
 
 class SlotWriter:
     def __init__(self, manager: Any):
+        install_slot_reset()  # done by install_hooks already; no slot is written without it
         self.manager = manager  # LRUCacheLoRAModelManager
         self.lock = threading.RLock()
         self.reserved: dict[int, DeviceSlotReservation] = {}  # by key
