@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from hotswap_demo.toy_models import ReferenceModel, make_adapter, make_model
+from tests.support.fake import write_lora
 from tests.support.server import VllmServer
 from vllm_lora_hotswap.store import CheckpointStore
 
@@ -70,6 +71,19 @@ def reference(toy_model: Path) -> Callable[..., list[int]]:
         return models(adapter).greedy(prompt, max_tokens)
 
     return lookup
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small PEFT-format adapter written directly (no model): for in-memory engine tests."""
+    return write_lora(tmp_path_factory.mktemp("lora") / "a", hidden=32, layers=1)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> CheckpointStore:
+    """An empty store of the test's own."""
+    (tmp_path / "store").mkdir()
+    return CheckpointStore(tmp_path / "store")
 
 
 @pytest.fixture(scope="session")
