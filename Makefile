@@ -37,7 +37,7 @@ test-fast: $(STAMP)
 
 # ruff check and ruff format --check over all the Python here (rules and line length in
 # pyproject.toml). Needs ruff only.
-LINT_PATHS := vllm_lora_hotswap trl_callbacks tests benchmarks hotswap_demo
+LINT_PATHS := vllm_lora_hotswap trl_callbacks tests benchmarks hotswap_demo hotswap_devkit
 LINT_STAMP := $(VENV)/.lint-$(shell sha256sum pyproject.toml | cut -c1-12)
 $(LINT_STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

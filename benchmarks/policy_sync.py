@@ -48,10 +48,11 @@ from typing import Any
 
 import torch
 
+from hotswap_devkit.server import free_port, start_all
 from vllm_lora_hotswap.store import CheckpointStore
 
 from .assets import CACHE, prepare
-from .common import Server, free_port, stage
+from .common import Server, stage
 from .machine import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -302,9 +303,7 @@ def run(out: Path, cache: Path = CACHE, *, quick: bool = False) -> Path:
         stage("starting two engines following one store")
         for server in (first, second):
             stack.callback(server.stop)
-        with ThreadPoolExecutor(max_workers=2) as starter:
-            for started in [starter.submit(server.start) for server in (first, second)]:
-                started.result()
+        start_all((first, second))
         model = _trainer_model(assets.model, adapter_dir)
         store = CheckpointStore(root)
         results["load_average"] = [round(x, 1) for x in os.getloadavg()]

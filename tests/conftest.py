@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from hotswap_demo.toy_models import ReferenceModel, make_adapter, make_model
+from hotswap_devkit.server import VllmServer
+from hotswap_devkit.toy_models import ReferenceModel, make_adapter, make_model
 from tests.support.fake import write_lora
-from tests.support.server import VllmServer
 from vllm_lora_hotswap.store import CheckpointStore
 
 PROMPTS = ("the quick brown fox", "hello world hello", "rewards go up when the policy")

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoTokenizer
 
+from hotswap_devkit.server import VllmServer
 from tests.conftest import PROMPTS
-from tests.support.server import VllmServer
 from vllm_lora_hotswap.client import VLLMClient, VLLMClientConfig
 from vllm_lora_hotswap.store import CheckpointStore
 

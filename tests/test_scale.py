@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from hotswap_devkit.server import VllmServer
 from tests.conftest import PROMPTS
 from tests.support.fs_ops import FsOps
-from tests.support.server import VllmServer
 from vllm_lora_hotswap.store import CheckpointStore
 from vllm_lora_hotswap.store.names import timestamp_name
 from vllm_lora_hotswap.watcher import StoreWatcher

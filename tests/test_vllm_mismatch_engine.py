@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from hotswap_devkit.server import VllmServer
 from tests.conftest import PROMPTS
-from tests.support.server import VllmServer
 from vllm_lora_hotswap import SUPPORTED_VLLM
 from vllm_lora_hotswap.store import CheckpointStore
 

@@ -14,9 +14,9 @@ import httpx
 import pytest
 import torch
 
-from hotswap_demo.toy_models import ReferenceModel
+from hotswap_devkit.server import VllmServer, free_port, sse_lines
+from hotswap_devkit.toy_models import ReferenceModel
 from tests.conftest import PROMPTS
-from tests.support.server import VllmServer, free_port, sse_lines
 from vllm_lora_hotswap.client import VLLMClient, VLLMClientConfig
 from vllm_lora_hotswap.store import CheckpointStore
 

@@ -19,10 +19,10 @@ import httpx
 import pytest
 import torch
 
-from hotswap_demo.toy_models import ReferenceModel
+from hotswap_devkit.server import VllmServer, free_port
+from hotswap_devkit.toy_models import ReferenceModel
 from tests.conftest import PROMPTS
 from tests.support.fake import write_lora
-from tests.support.server import VllmServer, free_port
 from tests.test_weight_sync import perturbed_model
 from vllm_lora_hotswap.client import VLLMClient, VLLMClientConfig
 from vllm_lora_hotswap.store import CheckpointStore

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from tests.support.server import free_port
+from hotswap_devkit.server import free_port
 from vllm_lora_hotswap.weights.spec import check_update
 
 SPEC = {"model.embed.weight": ((16, 8), "float32"), "model.step": ((1,), "int64")}
