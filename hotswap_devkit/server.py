@@ -130,8 +130,8 @@ class VllmServer:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
         """Signal the API server and every process it started (its process group), and wait
         until they are gone, so that their memory and files are released."""
-        if self.process is None:
-            return
+        if self.process is None or self.process.poll() is not None:
+            return  # never started, or stopped (or exited) already: its group id may be another's now
         try:
             root = psutil.Process(self.process.pid)
             members = [root, *root.children(recursive=True)]
