@@ -1,6 +1,6 @@
 """A real vLLM OpenAI server with the plugin, run as a subprocess (its own process group):
-the one harness of the tests (``tests/support/server.py``) and the benchmarks
-(``benchmarks/common.py``)."""
+the one harness of the engine tests and the benchmarks (``benchmarks.common.Server`` is this
+class with the benchmarks' arguments)."""
 
 from __future__ import annotations
 
