@@ -13,7 +13,7 @@ DEMO_ARGS ?=
 # make bench QUICK=1: fewer repetitions, shorter phases (a few minutes instead of ~19).
 QUICK ?=
 
-.PHONY: install test demo bench soak compat gpu-check docs clean
+.PHONY: install test test-fast lint demo bench soak compat gpu-check docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,25 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Everything that starts no vLLM engine (tests marked `engine`, by file or by using the
+# `engine` fixture, are left out): about 2 minutes on 2 CPU cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not engine" $(PYTEST_ARGS)
+
+# ruff check and ruff format --check over all the Python here (rules and line length in
+# pyproject.toml). Needs ruff only.
+LINT_PATHS := vllm_lora_hotswap trl_callbacks tests benchmarks hotswap_demo hotswap_devkit
+LINT_STAMP := $(VENV)/.lint-$(shell sha256sum pyproject.toml | cut -c1-12)
+$(LINT_STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet 'ruff==0.17.6'
+	@rm -f $(VENV)/.lint-*
+	@touch $@
+
+lint: $(LINT_STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 demo: $(STAMP)
 	$(PY) -m hotswap_demo $(DEMO_ARGS)
@@ -53,9 +72,9 @@ VLLM_SOURCE ?=
 VLLM_WHEELS ?= /tmp/vllm-wheels
 compat:
 ifneq ($(VLLM_SOURCE),)
-	PYTHONPATH=. $(PYTHON) -m vllm_lora_hotswap.engine.vllm_symbols --source '$(VLLM_SOURCE)'
+	PYTHONPATH=. $(PYTHON) -m vllm_lora_hotswap.compat.vllm_symbols --source '$(VLLM_SOURCE)'
 else ifneq ($(VLLM),)
-	PYTHONPATH=. $(PYTHON) -m vllm_lora_hotswap.engine.release_check '$(VLLM)' --wheels '$(VLLM_WHEELS)'
+	PYTHONPATH=. $(PYTHON) -m vllm_lora_hotswap.compat.release_check '$(VLLM)' --wheels '$(VLLM_WHEELS)'
 else
 	@echo "usage: make compat VLLM=<version>|latest  or  make compat VLLM_SOURCE=<unpacked vLLM tree>" >&2; exit 2
 endif

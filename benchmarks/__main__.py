@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hotswap_demo.toy_models import BENCH_MODEL
+from hotswap_devkit.server import start_all
+from hotswap_devkit.toy_models import BENCH_MODEL
+from vllm_lora_hotswap.notify import CommitNotifier
 
 from . import (
     base_weights,
@@ -36,8 +37,6 @@ from . import (
     slot_stall,
 )
 from .assets import prepare
-from vllm_lora_hotswap.notify import CommitNotifier
-
 from .common import EVENTS_POLL_S, SERVER_ARGS, plugin_server, stage
 from .machine import describe
 
@@ -104,9 +103,7 @@ def main() -> None:
         # Side by side: start-up is mostly one core's work each, and an idle server costs nothing.
         for server in (events, polling):
             servers.callback(server.stop)
-        with ThreadPoolExecutor(max_workers=2) as starter:
-            for started in [starter.submit(server.start) for server in (events, polling)]:
-                started.result()
+        start_all((events, polling))
         stage(f"1/5 publish → served with events, {plan.latency_swaps} swaps")
         load["latency_events"] = _loadavg()
         results["latency_events"] = publish_latency.run(events, events_store, assets, plan.latency_swaps, "events")

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hotswap_demo.toy_models import BENCH_MODEL, make_adapter, make_model
+from hotswap_devkit.toy_models import BENCH_MODEL, make_adapter, make_model
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 QV = ("q_proj", "v_proj")

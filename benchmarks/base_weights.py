@@ -27,11 +27,12 @@ from typing import Any
 
 import torch
 
-from vllm_lora_hotswap.engine.gloo_transfer import join_group
-from vllm_lora_hotswap.weight_sync import FleetWeightSyncClient, WeightSync
+from hotswap_devkit.server import free_port
+from vllm_lora_hotswap.weights.gloo import join_group
+from vllm_lora_hotswap.weights.trainer import FleetWeightSyncClient, WeightSync
 
 from .assets import Assets
-from .common import Progress, Server, free_port
+from .common import Progress, Server
 from .serving import MIN_PAIRS_FOR_INTERVAL, T975
 
 LIMIT = 0.70  # push throughput / ceiling

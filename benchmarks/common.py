@@ -1,30 +1,25 @@
 """What every benchmark shares: a vLLM server subprocess, streaming clients,
 statistics and progress lines.
 
-The server is a small equivalent of the tests' ``VllmServer`` so that the
-benchmarks do not depend on ``tests/``.
+The server is the dev kit's (``hotswap_devkit.server``), shared with the tests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-import psutil
 
+from hotswap_devkit.server import VllmServer
 from vllm_lora_hotswap.store import CheckpointStore
 
 from .assets import Assets
@@ -61,117 +56,13 @@ def plugin_server(assets: Assets, tmp: Path, name: str, *, events: bool, poll_s:
     return Server(assets.model, tmp / f"{name}.log", env, extra_args), CheckpointStore(root)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """``python -m vllm.entrypoints.openai.api_server`` as a subprocess (its own process group)."""
+class Server(VllmServer):
+    """The dev kit's server with the benchmarks' serving arguments and no test defaults."""
 
     def __init__(self, model: Path, log_path: Path, env: dict[str, str], args: Sequence[str] = ()):
-        self.model = model
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **env}
-        self.args = [*SERVER_ARGS, *args]
-        self.process: subprocess.Popen[bytes] | None = None
-        self.http = httpx.Client(base_url=self.url, timeout=120)
-
-    def start(self, timeout: float = 400) -> Server:
-        command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model), "--port", str(self.port), "--host", "127.0.0.1", *self.args,
-        ]  # fmt: skip
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with {self.process.returncode}; log: {self.log_path}")
-            try:
-                if self.http.get("/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"vLLM server not healthy after {timeout:.0f}s; log: {self.log_path}")
-
-    def stop(self, timeout: float = 30) -> None:
-        """Stop the API server and every process it started (its process group), and wait
-        until they are gone, so that their memory and files are released."""
-        if self.process is None:
-            return
-        try:
-            root = psutil.Process(self.process.pid)
-            members = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            members = []
-        _signal_group(self.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while any(_running(member) for member in members) and time.monotonic() < deadline + 10:
-            self.process.poll()  # reap the API server
-            if time.monotonic() > deadline:
-                _signal_group(self.process.pid, signal.SIGKILL)
-            time.sleep(0.2)
-        self.process.wait(10)
-        self.process = None
-
-    def __enter__(self) -> Server:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # -- requests ----------------------------------------------------------------------
-    def adapters(self) -> dict[str, Any]:
-        return self.http.get("/v1/lora/adapters").json()["adapters"]
-
-    def wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = 120, interval: float = 0.05) -> None:
-        # Not faster: on a small machine a tight status poll slows the swap it waits for.
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; log: {self.log_path}")
-            time.sleep(interval)
-
-    def wait_swapped(self, adapter: str, version: str, *, retired: bool = True, timeout: float = 120) -> dict[str, Any]:
-        """Wait until ``adapter`` serves ``version`` (and, with ``retired``, no other version
-        holds a slot); returns the adapter's status with its ``last_swap``."""
-        status: dict[str, Any] = {}
-
-        def done() -> bool:
-            nonlocal status
-            status = self.adapters().get(adapter, {})
-            swap = status.get("last_swap") or {}
-            if swap.get("version") == version and swap.get("result") not in (None, "served"):
-                raise RuntimeError(f"{adapter}@{version}: swap {swap.get('result')}: {swap.get('error')}")
-            served = status.get("served_version") == version and swap.get("version") == version
-            return served and (not retired or status.get("installed_versions") == [version])
-
-        self.wait_for(done, f"{adapter} to serve {version}", timeout)
-        return status
-
-
-def _signal_group(group: int, sig: int) -> None:
-    try:
-        os.killpg(group, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _running(process: psutil.Process) -> bool:
-    """Still there and not a zombie (an orphan's zombie may wait long for init to reap it)."""
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+        super().__init__(
+            model, None, log_path, env=env, args=args, base_args=SERVER_ARGS, defaults={}, start_timeout=400
+        )
 
 
 # -- streaming clients -------------------------------------------------------------------

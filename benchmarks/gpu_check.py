@@ -18,9 +18,9 @@ runs the plugin's own CUDA code and says in one JSON line what held:
   before vLLM's own copy into that slot, which then holds vLLM's weights only.
 * ``race_visible`` (a control, never a failure): the same read without the wait.
   When it sees a partial copy, the checks above could have seen one too.
-* ``reload_memory``: :func:`~vllm_lora_hotswap.engine.reload.free_bytes` on
+* ``reload_memory``: :func:`~vllm_lora_hotswap.weights.reload.free_bytes` on
   CUDA, and an update too large for the device refused by
-  :func:`~vllm_lora_hotswap.engine.reload.shortfall` with the settings to change.
+  :func:`~vllm_lora_hotswap.weights.reload.shortfall` with the settings to change.
 * ``figures``: :mod:`benchmarks.gpu_copy` (pinned against pageable copies, and
   a side-stream copy beside matmuls).
 
@@ -345,7 +345,7 @@ def check_race_visible() -> dict[str, Any]:
 def check_reload_memory() -> dict[str, Any]:
     import torch
 
-    from vllm_lora_hotswap.engine import reload
+    from vllm_lora_hotswap.weights import reload
 
     device = torch.device("cuda")
     model = torch.nn.Sequential(*(torch.nn.Linear(HIDDEN, HIDDEN) for _ in range(4))).to(device)

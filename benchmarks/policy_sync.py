@@ -48,10 +48,11 @@ from typing import Any
 
 import torch
 
+from hotswap_devkit.server import free_port, start_all
 from vllm_lora_hotswap.store import CheckpointStore
 
 from .assets import CACHE, prepare
-from .common import Server, free_port, stage
+from .common import Server, stage
 from .machine import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -110,7 +111,7 @@ def ours(model: Any, servers: list[Server], store: CheckpointStore, adapter: str
             committed = time.perf_counter()
             notifier.notify(adapter, version)
             noticed = time.perf_counter()
-            list(pool.map(lambda server: first_token_of(server, version), servers))
+            list(pool.map(lambda server, version=version: first_token_of(server, version), servers))
             seconds.append(time.perf_counter() - started)
             trainer_phases.append({"save": saved - started, "commit": committed - saved, "notice": noticed - committed})
             served = [_updated_event(server, adapter, version) for server in servers]
@@ -163,7 +164,7 @@ def merged(model: Any, model_path: Path, server: Server, steps: int) -> list[flo
     alias the PEFT base layers' (no copy)."""
     from transformers import AutoModelForCausalLM
 
-    from vllm_lora_hotswap.weight_sync import FleetWeightSyncClient, WeightSync
+    from vllm_lora_hotswap.weights.trainer import FleetWeightSyncClient, WeightSync
 
     plain = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     peft_params = {name.removeprefix("base_model.model.").replace(".base_layer", ""): p
@@ -302,9 +303,7 @@ def run(out: Path, cache: Path = CACHE, *, quick: bool = False) -> Path:
         stage("starting two engines following one store")
         for server in (first, second):
             stack.callback(server.stop)
-        with ThreadPoolExecutor(max_workers=2) as starter:
-            for started in [starter.submit(server.start) for server in (first, second)]:
-                started.result()
+        start_all((first, second))
         model = _trainer_model(assets.model, adapter_dir)
         store = CheckpointStore(root)
         results["load_average"] = [round(x, 1) for x in os.getloadavg()]

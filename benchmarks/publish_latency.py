@@ -200,7 +200,7 @@ def notified_target(notified: dict[str, Any], events: dict[str, Any]) -> dict[st
 
 
 def _toy_assets(directory: Path) -> Assets:
-    from hotswap_demo.toy_models import make_adapter, make_model
+    from hotswap_devkit.toy_models import make_adapter, make_model
 
     model = make_model(directory / "tiny-llama")
     adapters = tuple(make_adapter(model, directory / f"{ADAPTER_SHAPE}-seed{seed}", seed, 16, ("q_proj", "v_proj"))

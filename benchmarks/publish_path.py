@@ -109,7 +109,7 @@ def _stream_path(model: Any, store: CheckpointStore, adapter: str) -> dict[str, 
 
 
 def trainer(publishes: int) -> dict[str, Any]:
-    from hotswap_demo.toy_models import BENCH_MODEL, TEST_MODEL
+    from hotswap_devkit.toy_models import BENCH_MODEL, TEST_MODEL
 
     shapes = {"small (tiny Llama, r8 q/v)": (TEST_MODEL, 8, ("q_proj", "v_proj")),
               "~10 MB (bench Llama shape, r16 all linear)": (BENCH_MODEL, 16, ALL_LINEAR)}  # fmt: skip
@@ -135,7 +135,7 @@ def trainer(publishes: int) -> dict[str, Any]:
 
 # -- engine side -----------------------------------------------------------------------------
 def engine(swaps: int) -> dict[str, Any]:
-    from hotswap_demo.toy_models import make_adapter, make_model
+    from hotswap_devkit.toy_models import make_adapter, make_model
 
     from .common import Server
 

@@ -112,7 +112,7 @@ def _split_cores() -> tuple[str | None, set[int] | None]:
 
 
 def _tiny_model(path: Path, console: Console) -> Path:
-    from .toy_models import ToyModelSpec, make_model, pretrain
+    from hotswap_devkit.toy_models import ToyModelSpec, make_model, pretrain
 
     if not (path / "config.json").exists():
         with console.status("making a tiny Llama and pretraining it on a few sentences…"):

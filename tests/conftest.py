@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from hotswap_demo.toy_models import ReferenceModel, make_adapter, make_model
-from tests.support.server import VllmServer
+from hotswap_devkit.server import VllmServer
+from hotswap_devkit.toy_models import ReferenceModel, make_adapter, make_model
+from tests.support.fake import write_lora
 from vllm_lora_hotswap.store import CheckpointStore
 
 PROMPTS = ("the quick brown fox", "hello world hello", "rewards go up when the policy")
@@ -24,9 +25,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         print(REPORT.line(), flush=True)
 
 
+# Fixtures that start a real vLLM engine: a test using one is marked ``engine`` here, so
+# ``make test-fast`` (-m "not engine") leaves it out whether or not its file says so.
+ENGINE_FIXTURES = frozenset({"engine"})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
+    for item in items:
+        if ENGINE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.engine)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -62,6 +71,19 @@ def reference(toy_model: Path) -> Callable[..., list[int]]:
         return models(adapter).greedy(prompt, max_tokens)
 
     return lookup
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small PEFT-format adapter written directly (no model): for in-memory engine tests."""
+    return write_lora(tmp_path_factory.mktemp("lora") / "a", hidden=32, layers=1)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> CheckpointStore:
+    """An empty store of the test's own."""
+    (tmp_path / "store").mkdir()
+    return CheckpointStore(tmp_path / "store")
 
 
 @pytest.fixture(scope="session")

@@ -247,7 +247,7 @@ def test_dashboard_uses_a_prometheus_datasource_variable():
     dashboard = _dashboard()
     (datasource,) = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
     assert datasource["query"] == "prometheus"
-    reference = "${%s}" % datasource["name"]
+    reference = "${" + datasource["name"] + "}"
     for panel in _panels(dashboard):
         if panel["type"] == "row":
             continue

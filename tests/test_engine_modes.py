@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from hotswap_devkit.server import VllmServer
 from tests.conftest import PROMPTS
-from tests.support.server import VllmServer
 from vllm_lora_hotswap.store import CheckpointStore
 
 pytestmark = pytest.mark.engine

@@ -18,10 +18,10 @@ import httpx
 import psutil
 import pytest
 
+from hotswap_devkit.server import TEST_ARGS, free_port, free_port_range
 from tests.conftest import PROMPTS
 from tests.support.fake import write_lora
 from tests.support.inject import inject_version
-from tests.support.server import BASE_ARGS, free_port, free_port_range
 from vllm_lora_hotswap.fleet.scheduler import LoRAHotSwapConfig, LoRAUpdateEvent, create_distributed_lora_scheduler
 from vllm_lora_hotswap.status import fleet_status
 from vllm_lora_hotswap.store import CheckpointStore
@@ -51,7 +51,7 @@ def launch(toy_model: Path, root: Path, log_dir: Path, base_port: int, instances
     # The weight-update routes let a test hold an engine paused: a probe then waits in it.
     command = [sys.executable, "-m", "vllm_lora_hotswap.cli", "launch", "--model", str(toy_model),
                "--instances", str(instances), "--base-port", str(base_port), "--gpus-per-instance", "0",
-               "--host", "127.0.0.1", "--root", str(root), "--log-dir", str(log_dir), "--", *BASE_ARGS,
+               "--host", "127.0.0.1", "--root", str(root), "--log-dir", str(log_dir), "--", *TEST_ARGS,
                "--weight-transfer-config", '{"backend": "gloo"}']  # fmt: skip
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from hotswap_demo.toy_models import ReferenceModel
-from tests.support.server import VllmServer
+from hotswap_devkit.server import VllmServer
+from hotswap_devkit.toy_models import ReferenceModel
 from trl_callbacks import FleetRollout, HotSwapCallback, Publication
 from vllm_lora_hotswap.store import CheckpointStore
 

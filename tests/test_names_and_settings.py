@@ -86,8 +86,8 @@ def test_settings_defaults_and_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_probe_prompt_is_one_token_unless_set(tmp_path) -> None:
-    from hotswap_demo.toy_models import make_tokenizer
-    from vllm_lora_hotswap.engine.common import probe_token_ids
+    from hotswap_devkit.toy_models import make_tokenizer
+    from vllm_lora_hotswap.engine.worker_rpc import probe_token_ids
 
     tokenizer = make_tokenizer(tmp_path / "tokenizer")
     assert probe_token_ids(tokenizer, None) == [tokenizer.bos_token_id]
@@ -128,5 +128,5 @@ def test_the_wheel_ships_neither_the_demo_nor_the_toy_models() -> None:
     rules = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     packages = find_packages(str(root), include=rules["include"])
     assert "vllm_lora_hotswap" in packages and "trl_callbacks" in packages
-    assert not [p for p in packages if p.startswith(("hotswap_demo", "tests", "benchmarks"))], packages
+    assert not [p for p in packages if p.startswith(("hotswap_demo", "hotswap_devkit", "tests", "benchmarks"))], packages
     assert not (root / "vllm_lora_hotswap" / "toy_models.py").exists()

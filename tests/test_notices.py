@@ -22,38 +22,18 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tests.support.fake import write_lora
-from tests.support.fake_engine import FakeEngine
+from tests.support.fake_engine import FakeEngine, wait_until
 from trl_callbacks import FleetRollout, HotSwapCallback, Publication
 from vllm_lora_hotswap import inotify
 from vllm_lora_hotswap.engine import notices
-from vllm_lora_hotswap.engine.weights_api import api_key_hashes
 from vllm_lora_hotswap.notify import CommitNotifier
 from vllm_lora_hotswap.pipeline.controller import SwapController
 from vllm_lora_hotswap.settings import load_settings
 from vllm_lora_hotswap.store import CheckpointStore
 from vllm_lora_hotswap.watcher import MAX_HINTS, StoreWatcher
+from vllm_lora_hotswap.weights.routes import api_key_hashes
 
 FORGED = "2099-01-01T00-00-00Z"
-
-
-@pytest.fixture(scope="module")
-def lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_lora(tmp_path_factory.mktemp("lora") / "a", hidden=32, layers=1)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> CheckpointStore:
-    (tmp_path / "store").mkdir()
-    return CheckpointStore(tmp_path / "store")
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def served(controller: SwapController, adapter: str) -> str | None:

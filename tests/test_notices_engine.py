@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.server import VllmServer
+from hotswap_devkit.server import VllmServer
 from trl_callbacks import FleetRollout, HotSwapCallback, Publication
 from vllm_lora_hotswap.notify import CommitNotifier
 from vllm_lora_hotswap.store import CheckpointStore

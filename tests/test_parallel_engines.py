@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from hotswap_devkit.server import VllmServer
 from tests.conftest import PROMPTS
 from tests.support.fake import write_lora
 from tests.support.inject import inject_version
-from tests.support.server import VllmServer
 from vllm_lora_hotswap.store import CheckpointStore
 
 pytestmark = pytest.mark.engine

@@ -9,41 +9,20 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.support.fake import write_lora
-from tests.support.fake_engine import FakeEngine
+from tests.support.fake_engine import FakeEngine, wait_until
 from vllm_lora_hotswap.pipeline.batching import GroupCall
 from vllm_lora_hotswap.pipeline.controller import SwapController
 from vllm_lora_hotswap.settings import load_settings
 from vllm_lora_hotswap.store import CheckpointStore
 
 
-@pytest.fixture(scope="module")
-def lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_lora(tmp_path_factory.mktemp("lora") / "a", hidden=32, layers=1)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> CheckpointStore:
-    (tmp_path / "store").mkdir()
-    return CheckpointStore(tmp_path / "store")
-
-
 def controller_for(store: CheckpointStore, engine: FakeEngine, **settings: object) -> SwapController:
     options = {"root": store.root, "events": False, "poll_interval": 3600, "retire_grace": 0, **settings}
     return SwapController(store, engine, load_settings(**options), "test-instance")
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def served(controller: SwapController, adapter: str) -> str | None:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.fake import write_lora
 from tests.support.fake_engine import FakeEngine
-from vllm_lora_hotswap.pipeline import controller as controller_module
+from vllm_lora_hotswap.pipeline import outcomes as outcomes_module
 from vllm_lora_hotswap.pipeline import slots as slots_module
 from vllm_lora_hotswap.pipeline.controller import SwapController
 from vllm_lora_hotswap.settings import load_settings
@@ -69,7 +69,7 @@ def test_ids_and_refusals_stay_bounded_over_many_versions(
 ) -> None:
     store, lora = setup
     monkeypatch.setattr(slots_module, "ID_GRACE", 0.0)
-    monkeypatch.setattr(controller_module, "REMEMBERED_FAILURES", 8)
+    monkeypatch.setattr(outcomes_module, "REMEMBERED_FAILURES", 8)
     engine = FakeEngine()
     controller = _controller(store, engine)
     for n in range(40):

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from vllm_lora_hotswap.engine.common import WorkerRpcEngine
+from vllm_lora_hotswap.engine.worker_rpc import WorkerRpcEngine
 from vllm_lora_hotswap.pipeline.engine_api import CheckpointRejected, InstallRequest, LoraHandle, NoCapacity
 
 

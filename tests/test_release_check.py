@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vllm_lora_hotswap import SUPPORTED_VLLM
-from vllm_lora_hotswap.engine import release_check
+from vllm_lora_hotswap.compat import release_check
 
 RANGE = ",".join(SUPPORTED_VLLM)
 RENAMED = ("lora/worker_manager.py", "def _load_adapter(", "def _load_lora(")

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from hotswap_devkit.server import VllmServer
 from tests.conftest import PROMPTS
 from tests.support.fake import write_lora
-from tests.support.server import VllmServer
 from vllm_lora_hotswap.cli import app
 from vllm_lora_hotswap.store import CheckpointStore, StoreError, UnreadableError
 

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoTokenizer
 
+from hotswap_devkit.server import VllmServer
 from tests.conftest import PROMPTS
-from tests.support.server import VllmServer
 from vllm_lora_hotswap.client import VLLMClient, VLLMClientConfig
 from vllm_lora_hotswap.store import CheckpointStore
 
@@ -97,7 +97,7 @@ def test_sample_needs_the_servers_api_key() -> None:
     from fastapi.testclient import TestClient
 
     from vllm_lora_hotswap.engine import sample_api
-    from vllm_lora_hotswap.engine.weights_api import api_key_hashes
+    from vllm_lora_hotswap.weights.routes import api_key_hashes
 
     app = FastAPI()
     app.include_router(sample_api.router)

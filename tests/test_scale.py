@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from hotswap_devkit.server import VllmServer
 from tests.conftest import PROMPTS
-from tests.support.server import VllmServer
 from tests.support.fs_ops import FsOps
 from vllm_lora_hotswap.store import CheckpointStore
 from vllm_lora_hotswap.store.names import timestamp_name

@@ -30,8 +30,8 @@ import httpx
 import psutil
 import pytest
 
+from hotswap_devkit.server import VllmServer
 from tests.conftest import PROMPTS
-from tests.support.server import VllmServer
 from tests.support.soak import REPORT, SoakPart, process_rss
 from vllm_lora_hotswap.store import CheckpointStore, InstanceRecord
 

@@ -168,7 +168,7 @@ def test_publisher_in_place_killed_before_each_step_never_leaves_a_torn_or_half_
     source = write_lora(tmp_path / "src", rank=16, hidden=512, layers=4)
     adapter_dir = store.adapter_dir("lora1")
     committed = []  # per kill: whether its version was committed before it
-    for step, steps in kill_at_every_step(store, source):
+    for step, steps in kill_at_every_step(store, source):  # noqa: B007 - steps is read after the loop
         names = sorted(p.name for p in adapter_dir.iterdir() if not p.name.startswith(".") and p.is_dir())
         assert names == store.versions("lora1"), f"killed before step {step}: a version directory without READY"
         for version in names:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from hotswap_devkit.server import VllmServer
 from tests.conftest import PROMPTS
-from tests.support.server import VllmServer
 from vllm_lora_hotswap import SUPPORTED_VLLM
 from vllm_lora_hotswap.store import CheckpointStore
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.engine
 # Loaded by every Python process of the server (API server, engine core, worker): the
 # plugin now relies on a method this vLLM lacks, as it would on a future release.
 SITECUSTOMIZE = """
-from vllm_lora_hotswap.engine import vllm_symbols
+from vllm_lora_hotswap.compat import vllm_symbols
 
 vllm_symbols.SYMBOLS += (
     vllm_symbols.Symbol("vllm.lora.model_manager", "LRUCacheLoRAModelManager._renamed_in_a_future_release", "method"),

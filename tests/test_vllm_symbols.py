@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from vllm_lora_hotswap import SUPPORTED_VLLM, plugin
-from vllm_lora_hotswap.engine import vllm_symbols
-from vllm_lora_hotswap.engine.vllm_symbols import SYMBOLS, check_source
+from vllm_lora_hotswap.compat import vllm_symbols
+from vllm_lora_hotswap.compat.vllm_symbols import SYMBOLS, check_source
 
 RANGE = ",".join(SUPPORTED_VLLM)
 
@@ -152,7 +152,7 @@ def test_the_live_check_imports_no_vllm_module() -> None:
 
     script = (
         "import sys, vllm\n"
-        "from vllm_lora_hotswap.engine import vllm_symbols\n"
+        "from vllm_lora_hotswap.compat import vllm_symbols\n"
         "before = set(sys.modules)\n"
         "assert vllm_symbols.check_installed() is None\n"
         "print(sorted(m for m in set(sys.modules) - before if m.startswith('vllm.')))\n"
@@ -181,7 +181,7 @@ def test_on_a_mismatch_the_plugin_logs_one_error_and_installs_nothing(
     monkeypatch.setenv(plugin._CHECKED, "")
     monkeypatch.setattr(vllm_symbols, "check_installed", lambda: "vllm-lora-hotswap supports vLLM X; vLLM Y differs: Z")
     monkeypatch.setattr(engine, "install_hooks", lambda: pytest.fail("hooks installed despite a mismatch"))
-    for process in ("api server", "engine core, spawned by it"):  # the second inherits the verdict
+    for _process in ("api server", "engine core, spawned by it"):  # the second inherits the verdict
         monkeypatch.setattr(plugin, "_registered", False)
         with caplog.at_level(logging.INFO, logger="vllm.lora_hotswap"):
             plugin.register()

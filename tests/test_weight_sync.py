@@ -14,9 +14,9 @@ import httpx
 import pytest
 import torch
 
-from hotswap_demo.toy_models import ReferenceModel
+from hotswap_devkit.server import VllmServer, free_port, sse_lines
+from hotswap_devkit.toy_models import ReferenceModel
 from tests.conftest import PROMPTS
-from tests.support.server import VllmServer, free_port, sse_lines
 from vllm_lora_hotswap.client import VLLMClient, VLLMClientConfig
 from vllm_lora_hotswap.store import CheckpointStore
 
@@ -181,7 +181,7 @@ def test_client_errors_name_the_thing(weights_engine: VllmServer) -> None:
         VLLMClient(VLLMClientConfig(base_urls=[weights_engine.url], api_key=API_KEY)).update_model_weights(torch.nn.Linear(2, 2))
     script = (
         "import sys; sys.modules['vllm'] = None\n"  # as if vLLM were not installed
-        "from vllm_lora_hotswap.weight_sync import WeightSync\n"
+        "from vllm_lora_hotswap.weights.trainer import WeightSync\n"
         "try:\n    WeightSync(None, backend='gloo', master_port=1)\n"
         "except ImportError as e:\n    print(e)\n"
     )

@@ -19,10 +19,10 @@ import httpx
 import pytest
 import torch
 
-from hotswap_demo.toy_models import ReferenceModel
+from hotswap_devkit.server import VllmServer, free_port
+from hotswap_devkit.toy_models import ReferenceModel
 from tests.conftest import PROMPTS
 from tests.support.fake import write_lora
-from tests.support.server import VllmServer, free_port
 from tests.test_weight_sync import perturbed_model
 from vllm_lora_hotswap.client import VLLMClient, VLLMClientConfig
 from vllm_lora_hotswap.store import CheckpointStore
@@ -136,8 +136,8 @@ KILLED_TRAINER = textwrap.dedent("""
     import sys, time
     from transformers import AutoModelForCausalLM
     from vllm.distributed.weight_transfer.base import ModuleSource
-    from vllm_lora_hotswap.engine.gloo_transfer import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
-    from vllm_lora_hotswap.weight_sync import FleetWeightSyncClient
+    from vllm_lora_hotswap.weights.gloo import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
+    from vllm_lora_hotswap.weights.trainer import FleetWeightSyncClient
 
     url, key, port, model_dir = sys.argv[1:5]
     client = FleetWeightSyncClient([url], api_key=key)
@@ -283,9 +283,9 @@ def test_a_probe_inside_a_base_weight_update_leaves_no_failure_record(server: Vl
 # Loaded by every process of a second server: the worker's load fails once half of the
 # update is in (as a loader bug would), after layers started being replaced.
 FAILING_LOAD = """
-from vllm_lora_hotswap.engine import gloo_transfer
+from vllm_lora_hotswap.weights import gloo
 
-original = gloo_transfer.GlooWeightTransferEngine._load
+original = gloo.GlooWeightTransferEngine._load
 
 
 def load_half_then_fail(self, plan, params, received):
@@ -302,7 +302,7 @@ def load_half_then_fail(self, plan, params, received):
         del model.load_weights
 
 
-gloo_transfer.GlooWeightTransferEngine._load = load_half_then_fail
+gloo.GlooWeightTransferEngine._load = load_half_then_fail
 """
 
 

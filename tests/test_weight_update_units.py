@@ -10,8 +10,8 @@ import httpx
 import pytest
 import torch
 
-from tests.support.server import free_port
-from vllm_lora_hotswap.engine.weight_spec import check_update
+from hotswap_devkit.server import free_port
+from vllm_lora_hotswap.weights.spec import check_update
 
 SPEC = {"model.embed.weight": ((16, 8), "float32"), "model.step": ((1,), "int64")}
 
@@ -58,7 +58,7 @@ def _trainer(servers: FakeServers, model: torch.nn.Module) -> Any:
     """A gloo trainer alone in its group (world size 1): every collective completes at once."""
     from vllm.distributed.weight_transfer.base import ModuleSource
 
-    from vllm_lora_hotswap.engine.gloo_transfer import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine, join_group
+    from vllm_lora_hotswap.weights.gloo import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine, join_group
 
     info = GlooTrainerInitInfo("127.0.0.1", free_port(), 1, rank=0)
     engine = GlooTrainerWeightTransferEngine(client=servers, source=ModuleSource(model), init_info=info)
@@ -76,12 +76,12 @@ def test_the_gloo_push_resumes_the_servers_when_a_server_fails(fail: str) -> Non
 
 
 def test_the_gloo_push_resumes_the_servers_when_its_source_fails_half_way(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vllm_lora_hotswap.engine import gloo_transfer
+    from vllm_lora_hotswap.weights import gloo
 
     def wrong_tensors(source: Any) -> Any:
         yield "weight", torch.zeros(3)  # metadata declared weight [2, 4]
 
-    monkeypatch.setattr(gloo_transfer, "source_tensors", wrong_tensors)
+    monkeypatch.setattr(gloo, "source_tensors", wrong_tensors)
     servers = FakeServers()
     with pytest.raises(ValueError, match=r"WeightSource yielded weight torch.float32 \(3,\) where its metadata declared weight"):
         _trainer(servers, torch.nn.Linear(4, 2)).send_weights("v1")
@@ -95,7 +95,7 @@ def test_a_server_failing_before_its_workers_join_does_not_hang_the_trainer() ->
 
     from vllm.distributed.weight_transfer.base import ModuleSource
 
-    from vllm_lora_hotswap.engine.gloo_transfer import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine, join_group
+    from vllm_lora_hotswap.weights.gloo import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine, join_group
 
     info = GlooTrainerInitInfo("127.0.0.1", free_port(), 2, rank=0)
     silent: list[Any] = []  # the engine rank that never takes part
@@ -183,7 +183,7 @@ def test_offline_workers_without_the_plugin_are_named(error: Exception) -> None:
 def test_a_probe_aborted_by_a_weight_update_is_not_the_versions_failure() -> None:
     from types import SimpleNamespace
 
-    from vllm_lora_hotswap.engine.common import WorkerRpcEngine
+    from vllm_lora_hotswap.engine.worker_rpc import WorkerRpcEngine
     from vllm_lora_hotswap.pipeline.engine_api import CheckpointRejected, EngineUnavailable
 
     aborted = SimpleNamespace(finish_reason="abort", token_ids=[], logprobs=[])
@@ -214,7 +214,7 @@ def _model_of(*sizes: int) -> torch.nn.Module:
 def test_the_reload_memory_check_counts_the_update_and_three_times_its_largest_layer(
     monkeypatch: pytest.MonkeyPatch, device: str, free: dict[str, int], short: str | None
 ) -> None:
-    from vllm_lora_hotswap.engine import reload
+    from vllm_lora_hotswap.weights import reload
 
     monkeypatch.setattr(reload, "free_bytes", lambda where: free[where.type])
     monkeypatch.setattr(reload, "reload_lifecycle", lambda: False)  # vLLM 0.32 here: its own figures are 0.34's
@@ -235,7 +235,7 @@ def test_the_reload_memory_check_counts_the_update_and_three_times_its_largest_l
 
 
 def test_the_largest_layer_is_the_largest_module_of_its_own_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vllm_lora_hotswap.engine import reload
+    from vllm_lora_hotswap.weights import reload
 
     monkeypatch.setattr(reload, "reload_lifecycle", lambda: False)
     assert reload.largest_layer_bytes(_model_of(100, 400, 250)) == 400 * 4
@@ -265,7 +265,7 @@ def test_an_update_that_loaded_nothing_takes_back_the_incomplete_mark(error: str
     from types import SimpleNamespace
 
     from vllm_lora_hotswap.engine import rpc
-    from vllm_lora_hotswap.engine.reload import NothingLoaded, UpdateRefused
+    from vllm_lora_hotswap.weights.reload import NothingLoaded, UpdateRefused
 
     raised = {"refused": UpdateRefused("no"), "cut off": NothingLoaded("cut"), "other": RuntimeError("half")}[error]
     worker = FakeWorker(raised)
@@ -278,7 +278,7 @@ def test_an_update_on_a_vllm_without_the_mark_only_raises() -> None:
     from types import SimpleNamespace
 
     from vllm_lora_hotswap.engine import rpc
-    from vllm_lora_hotswap.engine.reload import UpdateRefused
+    from vllm_lora_hotswap.weights.reload import UpdateRefused
 
     class OldWorker:  # vLLM 0.32 and 0.33
         def update_weights(self, update_info: Any) -> None:
@@ -293,7 +293,7 @@ def test_a_parameter_that_starts_misaligned_in_its_bucket_is_unpacked_by_a_copy(
     start at (all of an update is received into one allocation)."""
     from types import SimpleNamespace
 
-    from vllm_lora_hotswap.engine import packing
+    from vllm_lora_hotswap.weights import packing
 
     odd, wide = torch.arange(5, dtype=torch.bfloat16), torch.arange(6, dtype=torch.float32).reshape(2, 3)
     flat = torch.cat([odd.view(torch.uint8), wide.view(-1).view(torch.uint8)])

@@ -27,9 +27,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from vllm_lora_hotswap.notify import CommitNotifier
 from vllm_lora_hotswap.store import CheckpointStore, check_adapter_name
-from vllm_lora_hotswap.store.staged import StagedVersion
 from vllm_lora_hotswap.store.checkpoint import CONFIG_FILE
 from vllm_lora_hotswap.store.publish import RESERVED_METADATA
+from vllm_lora_hotswap.store.staged import StagedVersion
 
 from .sharding import FSDP, current_accelerator_state, gathered_adapter, sharded_training
 

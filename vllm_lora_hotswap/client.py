@@ -30,8 +30,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from .store import CheckpointStore, check_adapter_name
-from .weight_sync import INSTALL_HINT, FleetWeightSyncClient, WeightSync
-
+from .weights.trainer import INSTALL_HINT, FleetWeightSyncClient, WeightSync
 
 PAUSED_FIRST_DELAY, PAUSED_MAX_DELAY = 0.05, 2.0
 

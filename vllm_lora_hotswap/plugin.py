@@ -54,7 +54,7 @@ def vllm_matches() -> bool:
     error and leave vLLM untouched (it serves without the plugin)."""
     import vllm
 
-    from .engine import vllm_symbols
+    from .compat import vllm_symbols
 
     key = f"{vllm.__version__}:{os.path.dirname(vllm.__file__)}"
     verdict = os.environ.get(_CHECKED, "")

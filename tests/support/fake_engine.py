@@ -12,7 +12,7 @@ import itertools
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vllm_lora_hotswap.pipeline.engine_api import (
     CheckpointRejected,
@@ -182,3 +182,11 @@ class FakeEngine:
         """The path of the weights a request naming ``name`` would run on."""
         handle = self.routes.get(name)
         return None if handle is None else self.slots.get(handle.lora_id)
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)

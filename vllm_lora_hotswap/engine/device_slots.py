@@ -65,11 +65,15 @@ def _reset_rows(layer: BaseLinearLayerWithLoRA, index: int) -> None:
         lora_b[index, :, :, :rows] = 0
 
 
-BaseLinearLayerWithLoRA.reset_lora = _reset_rows  # type: ignore[method-assign]
+def install_slot_reset() -> None:
+    """Patch vLLM's LoRA layers' slot clear to :func:`_reset_rows` (idempotent)."""
+    BaseLinearLayerWithLoRA.reset_lora = _reset_rows  # type: ignore[method-assign]
 
 
 @dataclass
-class Reservation:
+class DeviceSlotReservation:
+    """A LoRA slot on the device, held while a staged version's weights are copied into it."""
+
     index: int  # the slot
     key: int  # its entry in lora_index_to_id while reserved
     lost: bool = False  # vLLM's LRU took the slot
@@ -80,10 +84,11 @@ class Reservation:
 
 class SlotWriter:
     def __init__(self, manager: Any):
+        install_slot_reset()  # done by install_hooks already; no slot is written without it
         self.manager = manager  # LRUCacheLoRAModelManager
         self.lock = threading.RLock()
-        self.reserved: dict[int, Reservation] = {}  # by key
-        self.replaced: dict[int, Reservation] = {}  # by adapter id: its slot before a replacing claim
+        self.reserved: dict[int, DeviceSlotReservation] = {}  # by key
+        self.replaced: dict[int, DeviceSlotReservation] = {}  # by adapter id: its slot before a replacing claim
         self._internal = False  # our own changes to the active set: no eviction to react to
         self._deactivate = manager._active_adapters.deactivate_fn
         manager._active_adapters.deactivate_fn = self._on_deactivate
@@ -97,7 +102,7 @@ class SlotWriter:
         self.lost = 0  # reservations vLLM's LRU took back
 
     # -- on the staging thread ---------------------------------------------------------
-    def reserve(self) -> Reservation | None:
+    def reserve(self) -> DeviceSlotReservation | None:
         """A free slot, else the slot of the least recently used adapter that the running
         batch does not use; None when the batch uses every slot (the install then copies
         in the step)."""
@@ -110,13 +115,13 @@ class SlotWriter:
                     return None
                 manager.deactivate_adapter(idle)  # vLLM copies it back in if a request needs it again
                 index = manager.lora_index_to_id.index(None)
-            reservation = Reservation(index, next(_reservation_ids))
+            reservation = DeviceSlotReservation(index, next(_reservation_ids))
             manager.lora_index_to_id[index] = reservation.key
             self._set_active(reservation.key)
             self.reserved[reservation.key] = reservation
             return reservation
 
-    def write(self, reservation: Reservation, lora: Any) -> bool:
+    def write(self, reservation: DeviceSlotReservation, lora: Any) -> bool:
         """Copy ``lora`` (merged, scaled) into the reserved slot; False if vLLM took it meanwhile."""
         manager, index = self.manager, reservation.index
         _writing.rows = self.dirty_rows.pop(index, None)  # unknown while half-written
@@ -141,12 +146,12 @@ class SlotWriter:
         return True
 
     # -- installs: a flip, between steps or (a new id) while a step runs -----------------
-    def claimable(self, reservation: Reservation | None) -> bool:
+    def claimable(self, reservation: DeviceSlotReservation | None) -> bool:
         """:meth:`claim` would flip it (call with :attr:`lock` held: only vLLM's changes,
         made under it, can take a reserved slot)."""
         return reservation is not None and reservation.written and not reservation.lost
 
-    def claim(self, reservation: Reservation, lora_id: int, *, replace: bool, off_step: bool = False) -> bool:
+    def claim(self, reservation: DeviceSlotReservation, lora_id: int, *, replace: bool, off_step: bool = False) -> bool:
         """The reserved slot starts serving ``lora_id``; False if the slot was lost or never
         written (the caller copies the usual way instead). With ``replace`` the slot that
         served ``lora_id`` keeps its weights, reserved, until :meth:`commit` or :meth:`restore`.
@@ -169,7 +174,7 @@ class SlotWriter:
             self._pop_active(reservation.key)  # first: the active set never exceeds its capacity
             manager.lora_index_to_id[reservation.index] = lora_id
             if replace and old is not None:
-                previous = Reservation(old, next(_reservation_ids), written=True)
+                previous = DeviceSlotReservation(old, next(_reservation_ids), written=True)
                 manager.lora_index_to_id[old] = previous.key
                 self._set_active(previous.key)
                 self.reserved[previous.key] = self.replaced[lora_id] = previous
@@ -198,7 +203,7 @@ class SlotWriter:
         if previous is not None:
             self.release(previous)
 
-    def release(self, reservation: Reservation) -> None:
+    def release(self, reservation: DeviceSlotReservation) -> None:
         """Give a reserved slot back (a cancelled or failed stage, a committed replacement).
         Its stale rows stay: whoever writes the slot next clears it first (here: off the step)."""
         with self.lock:
@@ -215,7 +220,7 @@ class SlotWriter:
         active = manager._active_adapters
         return next((key for key in active.order if key > 0 and key not in busy and key not in active.pinned_items), None)
 
-    def _drop(self, reservation: Reservation) -> None:
+    def _drop(self, reservation: DeviceSlotReservation) -> None:
         manager = self.manager
         if manager.lora_index_to_id[reservation.index] == reservation.key:
             manager.lora_index_to_id[reservation.index] = None

@@ -11,16 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from http import HTTPStatus
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from ..pipeline.controller import SwapController
-from ..pipeline.engine_api import CheckpointRejected, EngineUnavailable, NoCapacity
 from ..settings import HotSwapSettings, load_settings
-from ..store import CheckpointStore, NotFoundError, StoreError, split_served_name
+from ..store import CheckpointStore, split_served_name
+from .versions import ensure_version
 
 logger = logging.getLogger("vllm.lora_hotswap")
 PLUGIN_NAME = "lora_hotswap"
@@ -73,7 +72,8 @@ class HotSwapEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        from . import notices, sample_api, weights_api
+        from ..weights import routes as weights_api
+        from . import notices, sample_api
 
         app.include_router(router)
         app.include_router(sample_api.router)
@@ -154,32 +154,13 @@ def install_serving_hooks(models: Any, controller: SwapController, settings: Hot
             elif model in self.models.lora_requests:
                 hotswap.touch(*split_served_name(model))  # a pinned version in use is not retired
             else:
-                error = await _ensure_version(hotswap, model)
+                error = await ensure_version(hotswap, model)
                 if error is not None:
                     return self.create_error_response(error[1], err_type=error[0].phrase.replace(" ", ""), status_code=error[0])
         return await original_check_model(self, request)
 
     _check_model._lora_hotswap = True  # type: ignore[attr-defined]
     BaseServing._check_model = _check_model  # type: ignore[method-assign]
-
-
-async def _ensure_version(controller: SwapController, model: str) -> tuple[HTTPStatus, str] | None:
-    """Install a retained version a request pins; an error (status, message) if it cannot be served."""
-    adapter, version = split_served_name(model)
-    if version is None or not controller.settings.serves(adapter):
-        return None
-    loop = asyncio.get_running_loop()
-    try:
-        await loop.run_in_executor(None, controller.ensure, adapter, version)
-    except NotFoundError as exc:
-        return HTTPStatus.NOT_FOUND, str(exc)
-    except CheckpointRejected as exc:
-        return HTTPStatus.BAD_REQUEST, f"{model} cannot be served: {exc.reason}"
-    except (NoCapacity, EngineUnavailable) as exc:
-        return HTTPStatus.SERVICE_UNAVAILABLE, f"{model} cannot be loaded now: {exc}"
-    except StoreError as exc:
-        return HTTPStatus.BAD_REQUEST, str(exc)
-    return None
 
 
 def enable_endpoint_plugin() -> None:

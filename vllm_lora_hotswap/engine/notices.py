@@ -19,7 +19,7 @@ beside the probe, and ``/api/v1/sample`` answers it after the verdict.
 by the pipeline's own ``updated`` events, so it adds no polling of its own.
 
 Both need the server's ``--api-key`` when it has one, as the plugin's other
-control routes do (:func:`.weights_api.require_api_key`).
+control routes do (:func:`..weights.routes.require_api_key`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ..notify import NOTIFY_PATH, WAIT_PATH
 from ..pipeline.controller import SwapController
 from ..store import StoreError, check_adapter_name
 from ..store.names import check_version_name
-from .weights_api import require_api_key
+from ..weights.routes import require_api_key
 
 logger = logging.getLogger("vllm.lora_hotswap")
 MAX_WAIT_S = 60.0  # a client that wants longer asks again (proxies cut idle requests)

@@ -33,7 +33,7 @@ from ..pipeline.controller import SwapController
 from ..pipeline.engine_api import EngineUnavailable, LoraHandle
 from ..settings import load_settings
 from ..store import CheckpointStore, InstanceRecord, NotFoundError, SwapRecord, split_served_name
-from .common import WorkerRpcEngine, probe_token_ids
+from .worker_rpc import WorkerRpcEngine, probe_token_ids
 
 # Offline users pick their own LoRA ids; start ours far above any hand-picked one.
 _FIRST_LORA_ID = 1 << 20

@@ -67,7 +67,7 @@ def hotswap_state(self: Any) -> dict[str, Any]:
 
 def hotswap_weight_spec(self: Any) -> dict[str, list[Any]] | None:
     """``{name: [shape, dtype]}`` a base-weight update may contain (None if not recorded)."""
-    from .weight_spec import spec_of
+    from ..weights.spec import spec_of
 
     spec = spec_of(self.worker.weight_transfer_engine.model)
     return None if spec is None else {name: [list(shape), dtype] for name, (shape, dtype) in spec.items()}
@@ -84,7 +84,7 @@ def update_weights(self: Any, update_info: Any) -> None:
     finish. An update the gloo backend ends before replacing any layer (refused, or cut
     off in transfer) leaves them complete, so the mark is taken back; any other failure
     keeps it, as vLLM's own engines do (their weights may be half-replaced)."""
-    from .reload import NothingLoaded
+    from ..weights.reload import NothingLoaded
 
     try:
         self.worker.update_weights(update_info)

@@ -39,8 +39,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..store import split_served_name
-from .endpoints import _ensure_version
-from .weights_api import require_api_key
+from ..weights.routes import require_api_key
+from .versions import ensure_version
 
 # vLLM's --api-key middleware guards /v1/* only: this route checks the key itself.
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -107,7 +107,7 @@ async def _resolve(request: Request, model_id: str | None) -> tuple[Any, str | N
     elif model_id not in models.lora_requests and getattr(engine, "refused_for_sampling", lambda _: False)(model_id):
         return _refused(model_id)  # it failed its probe while a rollout waited for it: the same answer
     elif model_id not in models.lora_requests:
-        error = await _ensure_version(request.app.state.lora_hotswap, model_id)
+        error = await ensure_version(request.app.state.lora_hotswap, model_id)
         if error is not None:
             status, message = error
             return _error(status, message, "model_id")

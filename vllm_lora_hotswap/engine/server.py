@@ -22,8 +22,8 @@ from vllm.sampling_params import SamplingParams
 
 from ..pipeline.engine_api import EngineUnavailable, LoraHandle
 from ..settings import HotSwapSettings
-from .common import WorkerRpcEngine, probe_token_ids
 from .stage_channel import ServerChannel
+from .worker_rpc import WorkerRpcEngine, probe_token_ids
 
 T = TypeVar("T")
 logger = logging.getLogger("vllm.lora_hotswap")

@@ -36,7 +36,7 @@ import torch
 from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
 
-from .device_slots import Reservation, SlotWriter
+from .device_slots import DeviceSlotReservation, SlotWriter
 from .single_read import SingleRead
 from .stage_channel import WorkerChannel
 
@@ -59,8 +59,6 @@ def _load_adapter(manager: WorkerLoRAManager, lora_request: LoRARequest):
     return _original_load_adapter(manager, lora_request)
 
 
-WorkerLoRAManager._load_adapter = _load_adapter  # type: ignore[method-assign]
-
 
 def _under_slot_lock(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
@@ -74,11 +72,16 @@ def _under_slot_lock(method: Callable[..., Any]) -> Callable[..., Any]:
     return locked
 
 
-# Everything through which vLLM changes the LoRA manager's state (the start of each
-# step, its add/remove/pin RPCs, the reset after a base-weight update) takes the lock
-# that a staging thread holds to reserve a slot.
-for _name in ("set_active_adapters", "add_adapter", "remove_adapter", "pin_adapter", "remove_all_adapters"):
-    setattr(LRUCacheWorkerLoRAManager, _name, _under_slot_lock(getattr(LRUCacheWorkerLoRAManager, _name)))
+def install_lora_manager_hooks() -> None:
+    """Patch vLLM's worker LoRA manager (idempotent): a staged version is served from memory
+    instead of being read from the store inside a step, and everything through which vLLM
+    changes the manager's state (the start of each step, its add/remove/pin RPCs, the reset
+    after a base-weight update) takes the lock that a staging thread holds to reserve a slot."""
+    if WorkerLoRAManager._load_adapter is _load_adapter:
+        return
+    WorkerLoRAManager._load_adapter = _load_adapter  # type: ignore[method-assign]
+    for name in ("set_active_adapters", "add_adapter", "remove_adapter", "pin_adapter", "remove_all_adapters"):
+        setattr(LRUCacheWorkerLoRAManager, name, _under_slot_lock(getattr(LRUCacheWorkerLoRAManager, name)))
 
 
 @dataclass
@@ -91,7 +94,7 @@ class _Staged:
     lora: Any = None  # vllm LoRAModel, merged and scaled, ready for set_lora copies
     nbytes: int = 0
     cancelled: bool = False
-    slot: Reservation | None = None  # the device slot it was written into (None: the install copies)
+    slot: DeviceSlotReservation | None = None  # the device slot it was written into (None: the install copies)
 
     def status(self) -> dict[str, Any]:
         return {"state": self.state, "error": self.error, "nbytes": self.nbytes}
@@ -175,7 +178,7 @@ class WorkerHotSwap:
             return
         self._finish(entry, lora=lora, nbytes=nbytes, slot=slot)
 
-    def _finish(self, entry: _Staged, *, lora: Any = None, nbytes: int = 0, slot: Reservation | None = None,
+    def _finish(self, entry: _Staged, *, lora: Any = None, nbytes: int = 0, slot: DeviceSlotReservation | None = None,
                 error: str | None = None) -> None:  # fmt: skip
         with self._lock:
             cancelled = entry.cancelled
@@ -363,5 +366,6 @@ def _nbytes(tensor: Any) -> int:
 def hotswap_of(worker: Any) -> WorkerHotSwap:
     hotswap = getattr(worker, "_lora_hotswap", None)
     if hotswap is None:
+        install_lora_manager_hooks()  # done by install_hooks already; a worker never runs without them
         hotswap = worker._lora_hotswap = WorkerHotSwap(worker)
     return hotswap

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+
 @dataclass
 class Instance:
     index: int  # 1-based, as in the scheduler API (instance i serves lora{i})

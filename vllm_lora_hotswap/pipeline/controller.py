@@ -58,14 +58,12 @@ from ..watcher import StoreWatcher
 from .batching import GroupCall
 from .engine_api import CheckpointRejected, EngineAdapter, EngineUnavailable, LoraHandle, NoCapacity
 from .jobs import AdapterJobs
+from .outcomes import SwapOutcomes
 from .slots import SlotTable, VersionBusy
 from .transaction import Superseded, SwapTransaction
 
 logger = logging.getLogger("vllm.lora_hotswap")
 _WAITS = (NoCapacity, VersionBusy, NotFoundError, UnreadableError)  # not the version's fault: later
-# Refused versions remembered per adapter (never retried here), newest kept. An older one
-# is still refused by the store's failure record, or by validation if a request pins it.
-REMEMBERED_FAILURES = 64
 
 
 class SwapController:
@@ -104,6 +102,7 @@ class SwapController:
         )
         self.lock = threading.Lock()
         self.slots = SlotTable(self.limits, settings)
+        self.outcomes = SwapOutcomes(store, self.slots, self.lock, self.bus, metrics, self.watcher, instance_id)
         self.jobs: AdapterJobs[SwapRecord] = AdapterJobs(self._sync_adapter, settings.max_parallel, on_idle=self._job_ended)
         self.stage_starts = GroupCall(self._stage_batch)
         self.stage_statuses = GroupCall(engine.stage_status)
@@ -216,7 +215,7 @@ class SwapController:
             self.slots.forget_released_ids()
         retired = [handle for handle in due if self.retire(handle, min_idle=self.settings.retire_grace)]
         if retired:
-            self._update_slot_metrics()
+            self.outcomes.update_slot_metrics()
         heartbeat_due, self._heartbeat_due = self._heartbeat_due, False
         if force_heartbeat or heartbeat_due or retired or time.time() - self._last_heartbeat >= self.settings.poll_interval:
             self._heartbeat()
@@ -242,7 +241,7 @@ class SwapController:
             return None
         for version, failures in known_bad.items():
             if version not in state.failed:  # refused elsewhere already: not retried here, but reported here too
-                self._failed(adapter, version, failures[0].phase, f"refused by {failures[0].instance_id}: {failures[0].reason}",
+                self.outcomes.failed(adapter, version, failures[0].phase, f"refused by {failures[0].instance_id}: {failures[0].reason}",
                              {}, remember=True, record_in_store=False)  # fmt: skip
         if target is None or target in state.failed or (state.current is not None and state.current.version == target):
             state.state = "serving" if state.current else "waiting"
@@ -270,16 +269,16 @@ class SwapController:
                 phase = exc.phase if isinstance(exc, CheckpointRejected) else tx.phase
                 if make_current:
                     self.jobs.mark_dirty(adapter)  # the job looks again: the store's target is now the last good version
-                return self._failed(adapter, version, phase, reason, tx.timings, remember=True, record_in_store=True)
+                return self.outcomes.failed(adapter, version, phase, reason, tx.timings, remember=True, record_in_store=True)
             except _WAITS as exc:
-                return self._waits(adapter, version, tx, exc)
+                return self.outcomes.waits(adapter, version, tx, exc)
             except Exception as exc:  # EngineUnavailable, store or RPC trouble: retried, never recorded
                 self.watcher.invalidate(adapter)
-                return self._failed(adapter, version, tx.phase, f"{type(exc).__name__}: {exc}", tx.timings,
+                return self.outcomes.failed(adapter, version, tx.phase, f"{type(exc).__name__}: {exc}", tx.timings,
                                     remember=False, record_in_store=False)  # fmt: skip
             finally:
                 state.phase = None
-            return self._served(tx)
+            return self.outcomes.served(tx)
 
     def entered(self, tx: SwapTransaction, phase: str) -> None:
         """A transaction began ``phase`` (shown in status)."""
@@ -293,83 +292,6 @@ class SwapController:
             return self.store.active_version(adapter) != version
         except StoreError:
             return False
-
-    def _served(self, tx: SwapTransaction) -> SwapRecord:
-        state = self.slots.state(tx.adapter)
-        with self.lock:
-            state.state = "serving" if state.current else "waiting"
-            state.last_error = None
-        record = SwapRecord(version=tx.version, result="served", mode="inplace" if tx.in_place else "versioned",
-                            timings=tx.timings, finished_at=time.time())  # fmt: skip
-        self._log_swap(tx.adapter, record)
-        if tx.make_current:
-            metadata = dict(tx.info.metadata) if tx.info else {}
-            self.bus.emit(SwapEvent(kind="updated", adapter=tx.adapter, version=tx.version, instance_id=self.instance_id,
-                                    metadata=metadata, timings=tx.timings))  # fmt: skip
-            if self.metrics is not None:
-                self.metrics.served(tx.adapter, tx.version)
-        return self._record_swap(tx.adapter, record)
-
-    def _waits(self, adapter: str, version: str, tx: SwapTransaction, exc: Exception) -> SwapRecord:
-        state = self.slots.state(adapter)
-        message = f"{adapter}@{version} waits: {exc}"
-        with self.lock:
-            state.state = "no-slot" if isinstance(exc, NoCapacity) else "waiting"
-            repeated, state.last_error = state.last_error == message, message
-            if isinstance(exc, NoCapacity):
-                self.slots.wait_for_slot(adapter)  # tried again when a slot frees, not at every poll
-        if not repeated:  # retried later: say it once
-            logger.warning("hot-swap: %s", message)
-        if not isinstance(exc, NoCapacity):
-            self.watcher.invalidate(adapter)
-        record = SwapRecord(version=version, result="waiting", phase=tx.phase, error=str(exc), timings=tx.timings, finished_at=time.time())
-        return self._record_swap(adapter, record)
-
-    def _failed(
-        self, adapter: str, version: str, phase: str, reason: str,
-        timings: dict[str, float], *, remember: bool, record_in_store: bool,
-    ) -> SwapRecord:  # fmt: skip
-        """A swap failed. ``remember``: never try this version again here; ``record_in_store``:
-        mark it failed for every engine (a fault of the version, not of this engine)."""
-        state = self.slots.state(adapter)
-        with self.lock:
-            state.state = "serving" if state.current else "failed"
-            state.last_error = f"{adapter}@{version} rejected at {phase}: {reason}"
-            if remember:
-                state.failed[version] = reason
-                for old in sorted(state.failed)[:-REMEMBERED_FAILURES]:  # names sort in publication order
-                    del state.failed[old]
-        if record_in_store:
-            try:
-                self.store.record_failure(adapter, version, self.instance_id, phase, reason)
-            except (StoreError, OSError) as exc:
-                logger.warning("hot-swap: could not record the failure of %s@%s: %s", adapter, version, exc)
-        record = SwapRecord(version=version, result="failed", phase=phase, error=reason, timings=timings, finished_at=time.time())
-        self._log_swap(adapter, record)
-        self.bus.emit(SwapEvent(kind="failed", adapter=adapter, version=version, instance_id=self.instance_id,
-                                error_message=reason, phase=phase, timings=timings))  # fmt: skip
-        return self._record_swap(adapter, record)
-
-    def _record_swap(self, adapter: str, record: SwapRecord) -> SwapRecord:
-        with self.lock:
-            self.slots.state(adapter).last_swap = record
-        if self.metrics is not None:
-            self.metrics.swap(adapter, record)
-        self._update_slot_metrics()
-        return record
-
-    def _update_slot_metrics(self) -> None:
-        if self.metrics is not None:
-            with self.lock:
-                count, nbytes = self.slots.installed_count, self.slots.installed_bytes
-            self.metrics.installed(count, nbytes)
-
-    def _log_swap(self, adapter: str, record: SwapRecord) -> None:
-        fields = " ".join(f"{p}_ms={1000 * s:.1f}" for p, s in record.timings.items())
-        extra = f" phase={record.phase} error={record.error!r}" if record.error else ""
-        level = logging.INFO if record.result == "served" else logging.WARNING
-        logger.log(level, "hotswap swap adapter=%s version=%s result=%s mode=%s %s%s",
-                   adapter, record.version, record.result, record.mode, fields, extra)  # fmt: skip
 
     # -- retiring ----------------------------------------------------------------------
     def retire(self, handle: LoraHandle, *, min_idle: float) -> bool:

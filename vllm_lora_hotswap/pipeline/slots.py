@@ -55,7 +55,9 @@ class AdapterState:
 
 
 @dataclass(frozen=True)
-class Reservation:
+class VersionReservation:
+    """A version's place in the slot table, held while its transaction installs it."""
+
     handle: LoraHandle
     replace: LoraHandle | None  # in place: the installed version whose slot ``handle`` takes
     new_id: bool  # ``handle.lora_id`` was bound to its name just now
@@ -91,7 +93,7 @@ class SlotTable:
         return any(s.idle_since for s in self.adapters.values())
 
     # -- taking a slot -----------------------------------------------------------------
-    def reserve(self, adapter: str, version: str, path: str, new_lora_id, *, make_current: bool, evict: bool) -> Reservation:
+    def reserve(self, adapter: str, version: str, path: str, new_lora_id, *, make_current: bool, evict: bool) -> VersionReservation:
         """A slot for ``adapter@version``: a free one, or the current version's (in place).
 
         Raises :class:`EvictionNeeded` (when ``evict``) if only retiring an idle version
@@ -116,9 +118,9 @@ class SlotTable:
         # In-place mode serves the current weights under the adapter's own name (one
         # slot id for all its versions); every other version has a name of its own.
         name = adapter if self.settings.mode == "inplace" else f"{adapter}@{version}"
-        return Reservation(LoraHandle(adapter, version, replace.lora_id, name, path), replace, new_id=False)
+        return VersionReservation(LoraHandle(adapter, version, replace.lora_id, name, path), replace, new_id=False)
 
-    def _new_slot(self, adapter: str, version: str, path: str, new_lora_id, make_current: bool) -> Reservation:
+    def _new_slot(self, adapter: str, version: str, path: str, new_lora_id, make_current: bool) -> VersionReservation:
         name = adapter if self.settings.mode == "inplace" and make_current else f"{adapter}@{version}"
         key = (adapter, version)
         lora_id = self._ids.get(key)
@@ -129,9 +131,9 @@ class SlotTable:
             lora_id = self._ids[key] = new_lora_id()
         handle = LoraHandle(adapter, version, lora_id, name, path)
         self._reserved[(adapter, version)] = handle
-        return Reservation(handle, None, new_id)
+        return VersionReservation(handle, None, new_id)
 
-    def release(self, reservation: Reservation) -> None:
+    def release(self, reservation: VersionReservation) -> None:
         """Give back a slot a transaction reserved and did not install into."""
         handle = reservation.handle
         if self._reserved.pop((handle.adapter, handle.version), None) is not None:
@@ -145,7 +147,7 @@ class SlotTable:
         )
         return [self.adapters[adapter].installed[version] for _, adapter, version in idle]
 
-    def installed(self, reservation: Reservation, nbytes: int, *, make_current: bool) -> LoraHandle | None:
+    def installed(self, reservation: VersionReservation, nbytes: int, *, make_current: bool) -> LoraHandle | None:
         """The transaction switched to its version: it holds the slot now. Returns the
         version it displaced as current (to be routed no more under the bare name)."""
         handle, replace = reservation.handle, reservation.replace

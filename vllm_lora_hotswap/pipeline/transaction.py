@@ -16,22 +16,25 @@ step raises, or the transaction is superseded before ``install`` or
 exception goes to the controller, which decides what it means (a verdict on
 the version, a wait, a retry). A transaction holds no lock while it works: it
 takes the controller's lock only to read or change the slot table.
+
+The transaction sees the controller only through :class:`TransactionHost`: the few
+objects and callbacks it uses, so this module never imports the controller.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from ..store import VersionInfo
+from ..settings import HotSwapSettings
+from ..store import CheckpointStore, VersionInfo
+from .batching import GroupCall
 from .compat import check_compatible
-from .engine_api import CheckpointRejected, InstallRequest, LoraHandle
-from .slots import EvictionNeeded, Reservation, VersionBusy
-
-if TYPE_CHECKING:
-    from .controller import SwapController
+from .engine_api import CheckpointRejected, EngineAdapter, EngineLimits, InstallRequest, LoraHandle
+from .slots import EvictionNeeded, SlotTable, VersionBusy, VersionReservation
 
 logger = logging.getLogger("vllm.lora_hotswap")
 Step = tuple[str, Callable[[], None], Callable[[], None] | None]
@@ -42,14 +45,35 @@ class Superseded(Exception):
     """A newer target for the adapter arrived; this version is never installed or switched to."""
 
 
+class TransactionHost(Protocol):
+    """What a transaction uses of the controller that runs it (the controller is one)."""
+
+    store: CheckpointStore
+    engine: EngineAdapter
+    settings: HotSwapSettings
+    limits: EngineLimits
+    lock: threading.Lock
+    slots: SlotTable
+    stage_starts: GroupCall
+    stage_statuses: GroupCall
+    installs: GroupCall
+    probes: GroupCall
+
+    def entered(self, tx: SwapTransaction, phase: str) -> None: ...
+
+    def superseded(self, adapter: str, version: str) -> bool: ...
+
+    def retire(self, handle: LoraHandle, *, min_idle: float) -> bool: ...
+
+
 class SwapTransaction:
-    def __init__(self, pipeline: SwapController, adapter: str, version: str, *, make_current: bool):
+    def __init__(self, pipeline: TransactionHost, adapter: str, version: str, *, make_current: bool):
         self.pipeline = pipeline
         self.adapter = adapter
         self.version = version
         self.make_current = make_current  # False: a pinned version a request asked for
         self.timings: dict[str, float] = {}  # phase -> seconds, plus "engine_stall"
-        self.reservation: Reservation | None = None
+        self.reservation: VersionReservation | None = None
         self.info: VersionInfo | None = None
         self.nbytes = 0
         self.phase = "validate"
@@ -206,7 +230,7 @@ class SwapTransaction:
                 pipeline.engine.unroute(self.adapter, replace.version)
 
     def _switch_to(self, installed: LoraHandle) -> None:
-        self.reservation = Reservation(installed, None, new_id=False)
+        self.reservation = VersionReservation(installed, None, new_id=False)
         self.pipeline.engine.route(installed, current=self.make_current)
         with self.pipeline.lock:
             self.pipeline.slots.switched(installed, make_current=self.make_current)

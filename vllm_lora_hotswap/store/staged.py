@@ -64,7 +64,6 @@ from .files import FILE_MODE, ensure_inside, hash_file, make_dir
 from .layout import STAGING_DIR
 from .publish import CopiedVersion, check_metadata, commit
 
-
 _SYNC_IN_THREAD_BYTES = 1 << 20
 
 

@@ -7,7 +7,7 @@ import os
 
 _path = os.environ.get("HOTSWAP_TEST_FREE_BYTES_FILE")
 if _path:
-    from vllm_lora_hotswap.engine import reload as _reload
+    from vllm_lora_hotswap.weights import reload as _reload
 
     _measured = _reload.free_bytes
 

@@ -114,7 +114,7 @@ class WeightSync:
         address = master_address or _address_for(client.base_urls)
         world_size = 1 + client.engine_ranks
         if backend == "gloo":
-            from .engine.gloo_transfer import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
+            from .gloo import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
 
             self.engine = GlooTrainerWeightTransferEngine.trainer_init(
                 GlooTrainerInitInfo(address, master_port, world_size, rank=0, keep_buffer=keep_buffer),
@@ -122,7 +122,10 @@ class WeightSync:
                 source=self._no_model,
             )
         elif backend == "nccl":
-            from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
+            from vllm.distributed.weight_transfer.nccl_engine import (
+                NCCLTrainerInitInfo,
+                NCCLTrainerWeightTransferEngine,
+            )
 
             self.engine = NCCLTrainerWeightTransferEngine.trainer_init(
                 NCCLTrainerInitInfo(address, master_port, world_size, rank=0), client=client, source=self._no_model
@@ -136,8 +139,8 @@ class WeightSync:
         A refused or failed update leaves the servers on their previous weights, serving."""
         from vllm.distributed.weight_transfer.base import ModuleSource
 
-        from .engine.vllm_symbols import source_metadata
-        from .engine.weight_spec import check_update
+        from ..compat.vllm_symbols import source_metadata
+        from .spec import check_update
 
         started = time.perf_counter()
         source = ModuleSource(model)  # a fresh source per update: 0.33 caches its metadata

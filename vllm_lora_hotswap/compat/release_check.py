@@ -114,7 +114,7 @@ def check_release(release: str, wheels: Path, python: str | None = None) -> tupl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vllm_lora_hotswap.engine.release_check",
+        prog="python -m vllm_lora_hotswap.compat.release_check",
         description="Check a vLLM release from the package index against what the plugin relies on.",
     )
     parser.add_argument("release", help="a vLLM version (0.34.0) or 'latest', the newest on the index")

@@ -1,4 +1,6 @@
-"""A real vLLM OpenAI server (CPU) with the plugin, run as a subprocess for tests."""
+"""A real vLLM OpenAI server with the plugin, run as a subprocess (its own process group):
+the one harness of the engine tests and the benchmarks (``benchmarks.common.Server`` is this
+class with the benchmarks' arguments)."""
 
 from __future__ import annotations
 
@@ -10,16 +12,21 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
-BASE_ARGS = (
+# The tests' serving arguments (a toy model); the benchmarks pass their own.
+TEST_ARGS = (
     "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2", "--max-cpu-loras", "8",
     "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--max-num-seqs", "16",
 )  # fmt: skip
+# The tests' plugin settings, under what a server is given (the benchmarks set their own).
+TEST_ENV = {"VLLM_HOTSWAP_POLL_INTERVAL": "0.5", "VLLM_HOTSWAP_RETIRE_GRACE": "1"}
 
 
 def sse_lines(response: httpx.Response) -> Iterator[str]:
@@ -55,7 +62,10 @@ def free_port_range(count: int) -> int:
 
 
 class VllmServer:
-    """``python -m vllm.entrypoints.openai.api_server`` with ``VLLM_HOTSWAP_*`` settings."""
+    """``python -m vllm.entrypoints.openai.api_server`` with ``VLLM_HOTSWAP_*`` settings.
+
+    ``root``: the store (``VLLM_HOTSWAP_ROOT``), or None to leave it to ``env``.
+    ``base_args`` and ``defaults`` (environment under ``env``) are the tests' unless given."""
 
     def __init__(
         self,
@@ -67,6 +77,9 @@ class VllmServer:
         args: Sequence[str] = (),
         port: int | None = None,
         api_key: str | None = None,
+        base_args: Sequence[str] = TEST_ARGS,
+        defaults: dict[str, str] | None = None,
+        start_timeout: float = 300,
     ):
         self.model = model
         self.root = root
@@ -76,28 +89,35 @@ class VllmServer:
         self.env = {
             **os.environ,
             "VLLM_CPU_KVCACHE_SPACE": "1",
-            "VLLM_HOTSWAP_POLL_INTERVAL": "0.5",
-            "VLLM_HOTSWAP_RETIRE_GRACE": "1",
+            **(TEST_ENV if defaults is None else defaults),
             **({"VLLM_HOTSWAP_ROOT": str(root)} if root is not None else {}),
             **(env or {}),
         }
-        self.args = [*BASE_ARGS, *args, *(["--api-key", api_key] if api_key else [])]
+        self.args = [*base_args, *args, *(["--api-key", api_key] if api_key else [])]
         self.api_key = api_key
+        self.start_timeout = start_timeout
         self.process: subprocess.Popen[bytes] | None = None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=self.url, timeout=120, headers=headers)
+        self.http = self.client  # the benchmarks' name for it
 
-    def start(self, timeout: float = 300) -> VllmServer:
+    def start(self, timeout: float | None = None) -> VllmServer:
+        timeout = self.start_timeout if timeout is None else timeout
         command = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(self.model), "--port", str(self.port), "--host", "127.0.0.1", *self.args,
         ]  # fmt: skip
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:  # the child holds its own copy
+            self.process = subprocess.Popen(
+                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with {self.process.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"vLLM server exited with {self.process.returncode} (log: {self.log_path}):\n{self.log_tail()}"
+                )
             try:
                 if self.client.get("/health", timeout=2).status_code == 200:
                     return self
@@ -105,21 +125,40 @@ class VllmServer:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"vLLM server did not become healthy in {timeout}s:\n{self.log_tail()}")
+        raise RuntimeError(f"vLLM server did not become healthy in {timeout:.0f}s (log: {self.log_path}):\n{self.log_tail()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        """Signal the API server and every process it started (its process group), and wait
+        until they are gone, so that their memory and files are released."""
         if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, sig)
+            return  # never started, or stopped (or exited) already: its group id may be another's now
         try:
-            self.process.wait(timeout)
+            root = psutil.Process(self.process.pid)
+            members = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            members = []
+        _signal_group(self.process.pid, sig)
+        deadline = time.monotonic() + timeout
+        while any(_running(member) for member in members) and time.monotonic() < deadline + 10:
+            self.process.poll()  # reap the API server
+            if time.monotonic() > deadline:
+                _signal_group(self.process.pid, signal.SIGKILL)
+            time.sleep(0.2)
+        try:
+            self.process.wait(10)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            _signal_group(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
 
     def kill(self) -> None:
         """SIGKILL the whole process group (API server, engine core, worker)."""
         self.stop(signal.SIGKILL)
+
+    def __enter__(self) -> VllmServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def log_tail(self, lines: int = 60) -> str:
         try:
@@ -180,3 +219,52 @@ class VllmServer:
             timeout,
             f"{adapter} to serve {version}",
         )
+
+    def wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = 120, interval: float = 0.05) -> None:
+        # Not faster: on a small machine a tight status poll slows the swap it waits for.
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; log: {self.log_path}")
+            time.sleep(interval)
+
+    def wait_swapped(self, adapter: str, version: str, *, retired: bool = True, timeout: float = 120) -> dict[str, Any]:
+        """Wait until ``adapter`` serves ``version`` (and, with ``retired``, no other version
+        holds a slot); returns the adapter's status with its ``last_swap``."""
+        status: dict[str, Any] = {}
+
+        def done() -> bool:
+            nonlocal status
+            status = self.adapters().get(adapter, {})
+            swap = status.get("last_swap") or {}
+            if swap.get("version") == version and swap.get("result") not in (None, "served"):
+                raise RuntimeError(f"{adapter}@{version}: swap {swap.get('result')}: {swap.get('error')}")
+            served = status.get("served_version") == version and swap.get("version") == version
+            return served and (not retired or status.get("installed_versions") == [version])
+
+        self.wait_for(done, f"{adapter} to serve {version}", timeout)
+        return status
+
+
+def _signal_group(group: int, sig: int) -> None:
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _running(process: psutil.Process) -> bool:
+    """Still there and not a zombie (an orphan's zombie may wait long for init to reap it)."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def start_all(servers: Iterable[VllmServer]) -> None:
+    """Start servers side by side (start-up is mostly one core's work each), each stopped by its
+    caller; the first failure is raised once every start has ended."""
+    servers = list(servers)
+    with ThreadPoolExecutor(max_workers=max(1, len(servers))) as starter:
+        for started in [starter.submit(server.start) for server in servers]:
+            started.result()

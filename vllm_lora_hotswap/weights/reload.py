@@ -1,6 +1,6 @@
 """Replacing the served model's weights in place, and the memory that takes.
 
-Why: the gloo backend (:mod:`.gloo_transfer`) promises an all-or-nothing
+Why: the gloo backend (:mod:`.gloo`) promises an all-or-nothing
 update. Everything that can refuse an update (the parameter check, the other
 engines' verdicts, the trainer's status byte) does so before any layer is
 touched; once layers are being replaced there is no way back, and a failure
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .vllm_symbols import reload_lifecycle
+from ..compat.vllm_symbols import reload_lifecycle
 
 # vLLM's own budget for a layer-wise reload, where vLLM does not say (before 0.34).
 PEAK_LAYER_FACTOR = 3

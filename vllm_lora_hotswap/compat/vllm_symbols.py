@@ -17,7 +17,7 @@ One checker, two back-ends:
   (a wheel, without its dependencies) and never imports them, so a release that
   cannot be installed here (other torch, CUDA only) is checked all the same::
 
-      python -m vllm_lora_hotswap.engine.vllm_symbols --source vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl
+      python -m vllm_lora_hotswap.compat.vllm_symbols --source vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl
       make compat VLLM=0.33.0          # downloads that wheel (no dependencies) and checks it
       make compat VLLM_SOURCE=DIR      # an unpacked tree
 """
@@ -30,8 +30,8 @@ import inspect
 import operator
 import re
 import sys
-import zipfile
 import textwrap
+import zipfile
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
@@ -138,13 +138,13 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s("vllm.v1.worker.gpu_worker", "Worker.rank", "attribute"),
     _s("vllm.v1.worker.gpu_worker", "Worker.vllm_config", "attribute"),
     _s("vllm.config.parallel", "ParallelConfig.data_parallel_rank", "attribute"),
-    # gloo_transfer.py: this worker's rank in the transfer group
+    # weights/gloo.py: this worker's rank in the transfer group
     _s("vllm.config.parallel", "ParallelConfig.data_parallel_index", "attribute"),
     _s("vllm.config.parallel", "ParallelConfig.world_size", "attribute"),
     _s("vllm.config.parallel", "ParallelConfig.rank", "attribute"),
     # the engine-core utility that times an RPC where it holds the engine
     _s("vllm.v1.engine.core", "EngineCore.collective_rpc", "method", "method", "timeout", "args"),
-    # gloo_transfer.py and weight_sync.py: the weight-transfer API
+    # weights/gloo.py and weights/trainer.py: the weight-transfer API
     _s(f"{_WT}.factory", "WeightTransferEngineFactory.register_engine", "method", "name", "module_path_or_cls", "class_name"),
     _s(f"{_WT}.factory", "WeightTransferEngineFactory._registry", "attribute"),
     _s(f"{_WT}.factory", "WeightTransferTrainerFactory.register_engine", "method", "name", "module_path_or_cls", "class_name"),
@@ -242,7 +242,7 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s("vllm.v1.metrics.stats", "SchedulerStats.running_lora_adapters", "attribute"),
     _s("vllm.v1.metrics.stats", "SchedulerStats.waiting_lora_adapters", "attribute"),
     # What the plugin reads of vLLM's objects, by where it reads it (worker.py, device_slots.py,
-    # common.py, server.py, offline.py, sample_api.py, endpoints.py, weights_api.py, gloo_transfer.py)
+    # worker_rpc.py, server.py, offline.py, sample_api.py, endpoints.py, weights/routes.py, weights/gloo.py)
     _s("vllm.v1.worker.lora_model_runner_mixin", "LoRAModelRunnerMixin.lora_manager", "attribute"),
     _s("vllm.config.vllm", "VllmConfig.parallel_config", "attribute"),
     _s("vllm.config.vllm", "VllmConfig.lora_config", "attribute"),
@@ -294,7 +294,7 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s("vllm.entrypoints.common.cli_args", "FrontendArgs.port", "attribute", versions=">=0.33"),
     _s("vllm.entrypoints.common.cli_args", "FrontendArgs.api_key", "attribute", versions=">=0.33"),
     _s("vllm.engine.arg_utils", "EngineArgs.weight_transfer_config", "attribute"),
-    # gloo_transfer.py overrides and calls of the weight-transfer base classes
+    # weights/gloo.py overrides and calls of the weight-transfer base classes
     _s(f"{_WT}.base", "WeightTransferEngine.__init__", "method"),
     _s(f"{_WT}.base", "WeightTransferEngine.init_transfer_engine", "method", "init_info"),
     _s(f"{_WT}.base", "WeightTransferEngine.start_weight_update", "method"),
@@ -313,7 +313,7 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s(f"{_WT}.base", "VLLMWeightSyncClient.finish_weight_update", "method", "weight_version"),
     _s("vllm.model_executor.model_loader.reload.layerwise", "finalize_layerwise_processing", "function",
        "model", "model_config", versions="<0.34"),
-    # weight_sync.py: vLLM's own NCCL trainer engine
+    # weights/trainer.py: vLLM's own NCCL trainer engine
     _s(f"{_WT}.nccl_engine", "NCCLTrainerWeightTransferEngine.send_weights", "method"),
     _s(f"{_WT}.nccl_engine", "NCCLTrainerWeightTransferEngine.shutdown", "method"),
     # fleet/launcher.py and cli.py start `python -m vllm.entrypoints.openai.api_server`
@@ -754,7 +754,7 @@ def source_tensors(source: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vllm_lora_hotswap.engine.vllm_symbols",
+        prog="python -m vllm_lora_hotswap.compat.vllm_symbols",
         description="Check every private vLLM symbol the plugin relies on against a vLLM.",
     )
     where = parser.add_mutually_exclusive_group(required=True)

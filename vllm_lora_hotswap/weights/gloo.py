@@ -41,11 +41,11 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
+from ..compat.vllm_symbols import source_metadata, source_tensors
 from . import packing, reload
 from .packing import DEFAULT_BUCKET_BYTES, buckets, unpack
 from .reload import NothingLoaded, UpdateRefused
-from .vllm_symbols import source_metadata, source_tensors
-from .weight_spec import check_update, spec_of
+from .spec import check_update, spec_of
 
 # How long the trainer still waits for the workers' check once a server answered an error
 # (a refusal answers right after the check completes; a server that never joined does not).
