@@ -266,3 +266,27 @@ class RayFleet:
             ray.kill(actor, no_restart=True)
         self.actors = []
         self._http.close()
+
+
+def loopback_cluster(nodes: int = 2, cpus_per_node: float = 1) -> Any:
+    """A simulated multi-node Ray cluster on this machine, every process on 127.0.0.1 (tests,
+    benchmarks): a head without CPUs (nothing is placed there) and ``nodes`` nodes of
+    ``cpus_per_node`` CPUs; the driver is connected. Returns the ``ray.cluster_utils.Cluster``.
+
+    Ray replaces a loopback address with the machine's own one (``resolve_ip_for_localhost``)
+    unless its single-machine switch is on: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, set here for
+    the processes Ray starts (they read it when they import Ray) and patched in this one."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray = _ray()
+    import ray._private.ray_constants as constants
+    from ray.cluster_utils import Cluster
+
+    constants.ENABLE_RAY_CLUSTER = False
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+    )
+    for _ in range(nodes):
+        cluster.add_node(num_cpus=cpus_per_node, node_ip_address="127.0.0.1")
+    ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
+    return cluster
