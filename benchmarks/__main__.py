@@ -32,6 +32,7 @@ from . import (
     parallel_swaps,
     policy_sync,
     publish_latency,
+    ray_fleet,
     report,
     serving,
     slot_stall,
@@ -146,6 +147,9 @@ def main() -> None:
     stage("8 policy sync per RL step: ours on 2 and 1 engines against TRL's adapter and merged paths")
     load["policy_sync"] = _loadavg()
     policy_sync.run(options.out, quick=options.quick)
+    stage("9 Ray fleet on a simulated two-node cluster: replica restart, publish → served across nodes with and without notices")
+    load["ray_fleet"] = _loadavg()
+    ray_fleet.main(["--swaps", "3" if options.quick else "5", "--out", str(options.out / "ray_fleet.json")])
     stage("GPU: pinned vs pageable host-to-device copies")
     results["gpu_copy"] = gpu_copy.measure({label: assets.adapter_bytes(label) for label in assets.adapters})
 

@@ -84,8 +84,11 @@ class FleetRollout:
     in `versioned` mode (the default). Each batch is recorded in `records`.
 
     Args:
-        urls (`Sequence[str]`):
-            Base URLs of the engines, e.g. `["http://gpu1:8000", "http://gpu2:8000"]`.
+        urls (`Sequence[str]` or a fleet):
+            Base URLs of the engines, e.g. `["http://gpu1:8000", "http://gpu2:8000"]`, or a fleet whose `urls()`
+            lists the live engines (`vllm_lora_hotswap.fleet.ray_fleet.RayFleet`): it is asked before every batch,
+            so engines that join or leave are picked up, and the share of an engine that dies mid-batch is re-sent
+            to the others on the same version (`resent` lists them).
         publisher ([`HotSwapCallback`]):
             The callback that publishes the adapter being trained (its `adapter` is what the engines generate with).
         max_staleness (`int`, *optional*, defaults to `0`):
@@ -122,7 +125,7 @@ class FleetRollout:
 
     def __init__(
         self,
-        urls: Sequence[str],
+        urls: Sequence[str] | Any,
         publisher: HotSwapCallback,
         *,
         max_staleness: int = 0,
@@ -130,8 +133,13 @@ class FleetRollout:
         timeout: float = 300.0,
         api_key: str | None = None,
     ):
-        if isinstance(urls, str) or not urls or not all(isinstance(u, str) and u for u in urls):
-            raise ValueError(f"urls must be a non-empty list of engine base URLs, got {urls!r}")
+        # A fleet (e.g. vllm_lora_hotswap.fleet.ray_fleet.RayFleet): any object whose urls() lists
+        # the live engines now; asked again before every batch, so replicas may come and go.
+        self.fleet = urls if callable(getattr(urls, "urls", None)) else None
+        if self.fleet is not None:
+            urls = self.fleet.urls()
+        elif isinstance(urls, str) or not urls or not all(isinstance(u, str) and u for u in urls):
+            raise ValueError(f"urls must be a non-empty list of engine base URLs or a fleet, got {urls!r}")
         if not isinstance(publisher, HotSwapCallback) or publisher.adapter is None:
             raise ValueError(f"publisher must be a HotSwapCallback that publishes into a store, got {publisher!r}")
         if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
@@ -146,10 +154,13 @@ class FleetRollout:
         self.timeout = float(timeout)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(headers=headers, timeout=httpx.Timeout(600.0, connect=10.0))
-        self._pool = ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="fleet-rollout")
+        workers = len(self.urls) if self.fleet is None else max(16, len(self.urls))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleet-rollout")
+        self._api_key = api_key
         self._without_wait_route: set[str] = set()  # engines that answered 404: polled
         self.refused: list[str] = []  # versions whose probe failed under a batch (their samples discarded)
         self.records: list[RolloutRecord] = []
+        self.resent: list[tuple[str, int]] = []  # (engine that died mid-batch, prompts re-sent to others)
         publisher.notifier.add(self.urls, api_key=api_key)
 
     # -- the rollout_func --------------------------------------------------------------
@@ -245,6 +256,11 @@ class FleetRollout:
         deadline = time.monotonic() + self.timeout
         while True:
             started = time.monotonic()
+            if self.fleet is not None and not self._refresh():
+                if started > deadline:
+                    raise TimeoutError(f"FleetRollout: after {self.timeout:.0f}s the fleet has no live engine")
+                time.sleep(POLL_S * 10)
+                continue
             publications = self._publications()
             lowest = max(0, len(publications) - 1 - self.max_staleness)
             target = publications[lowest]
@@ -271,6 +287,15 @@ class FleetRollout:
                     f"({latest.version or f'step {latest.step}, not committed yet'}): {lagging}"
                 )
             time.sleep(max(0.0, min(POLL_S - (time.monotonic() - started), deadline - time.monotonic())))
+
+    def _refresh(self) -> bool:
+        """Take the fleet's live engines now (new ones also get the publisher's notices); False if none."""
+        assert self.fleet is not None
+        urls = [u.rstrip("/") for u in self.fleet.urls()]
+        if urls:
+            self.urls = urls
+            self.publisher.notifier.add(urls, api_key=self._api_key)
+        return bool(urls)
 
     # -- generation --------------------------------------------------------------------
     @staticmethod
@@ -309,9 +334,26 @@ class FleetRollout:
                 raise RuntimeError(f"FleetRollout: {url}/api/v1/sample answered {status}: {response.text}")
             return response.json()["samples"]
 
+        def attempt(url: str, chunk: list[list[int]]) -> list[dict[str, Any]] | ConnectionError:
+            try:
+                return sample(url, chunk)
+            except ConnectionError as exc:
+                if self.fleet is None:
+                    raise
+                return exc
+
         with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
-            results = list(pool.map(lambda c: sample(*c), chunks))
-        return [s for samples in results for s in samples]
+            results = list(pool.map(lambda c: attempt(*c), chunks))
+        # A fleet's engine that died mid-batch: its share goes to the engines that answered,
+        # on the same pinned version, so the batch still comes from one version.
+        alive = [url for (url, _), result in zip(chunks, results, strict=True) if not isinstance(result, Exception)]
+        for i, ((url, chunk), result) in enumerate(zip(chunks, results, strict=True)):
+            if isinstance(result, ConnectionError):
+                if not alive:
+                    raise result
+                self.resent.append((url, len(chunk)))
+                results[i] = sample(alive[i % len(alive)], chunk)
+        return [s for samples in results for s in samples]  # type: ignore[union-attr]
 
     # -- measuring ---------------------------------------------------------------------
     def sync_seconds(self, version: str) -> float | None:

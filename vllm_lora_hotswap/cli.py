@@ -238,6 +238,7 @@ def launch(
     log_dir: Annotated[Path, typer.Option(help="One log file per instance.")] = Path("lora-hotswap-logs"),
     startup_timeout: Annotated[float, typer.Option(help="Seconds to wait for every instance to be healthy.")] = 600.0,
     restart: Annotated[bool, typer.Option(help="Restart an instance that dies.")] = True,
+    ray: Annotated[str | None, typer.Option("--ray", help="Place the instances on this Ray cluster ('auto': the local one) as Ray actors that Ray restarts, spread across nodes; needs the [ray] extra.")] = None,
     root: RootOption = None,
 ) -> None:
     """Start N vLLM servers with the plugin (args after `--` go to every `vllm serve`); Ctrl-C stops them all."""
@@ -246,6 +247,11 @@ def launch(
     from rich.live import Live
 
     from .fleet.launcher import Launcher
+
+    if ray is not None:
+        gpus = (1 if shutil.which("nvidia-smi") else 0) if gpus_per_instance < 0 else gpus_per_instance
+        _launch_on_ray(model, ray, instances, gpus, adapters_per_instance, host, log_dir, startup_timeout, ctx.args, root)
+        return
 
     try:
         launcher = Launcher(
@@ -272,6 +278,50 @@ def launch(
         console.print("stopping instances…")
         launcher.stop()
         console.print("stopped")
+
+
+def _launch_on_ray(
+    model: str, address: str, replicas: int, gpus: int, adapters: str, host: str, log_dir: Path,
+    startup_timeout: float, vllm_args: list[str], root: Path | None,
+) -> None:  # fmt: skip
+    """``launch --ray``: the replicas are Ray actors (:mod:`.fleet.ray_fleet`); Ray restarts them."""
+    import signal
+    import threading
+
+    from .fleet.ray_fleet import RayFleet
+
+    try:
+        fleet = RayFleet(model, replicas=replicas, root=str(root) if root else None, gpus_per_replica=gpus,
+                         vllm_args=vllm_args, adapters=adapters, host=host, address=address, log_dir=str(log_dir))  # fmt: skip
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    fleet.start()
+    try:
+        healthy = fleet.wait_healthy(startup_timeout)
+        console.print(_replicas_table(fleet.replicas()))
+        if not healthy:
+            typer.echo(f"error: not every replica became healthy within {startup_timeout:.0f}s; see {log_dir} on each node", err=True)
+            raise typer.Exit(1)
+        console.print("[green]fleet up on Ray[/green]: Ray restarts a replica that dies; Ctrl-C stops every replica")
+        while not stopping.wait(1.0):
+            pass
+    finally:
+        console.print("stopping replicas…")
+        fleet.stop()
+        console.print("stopped")
+
+
+def _replicas_table(replicas: list[Any]) -> Table:
+    table = Table("replica", "url", "node", "state", "starts")
+    for r in replicas:
+        state = "[green]healthy[/green]" if r.healthy else f"[yellow]{r.error or 'starting'}[/yellow]"
+        table.add_row(str(r.index), r.url or "-", (r.node_ip or "-") + (f" ({r.node_id[:8]})" if r.node_id else ""),
+                      state, str(r.starts))  # fmt: skip
+    return table
 
 
 def _instances_table(instances: list[Any]) -> Table:

@@ -79,11 +79,14 @@ class DistributedLoRAScheduler:
         host: str = "127.0.0.1",
         api_key: str | None = None,
         configs: list[LoRAHotSwapConfig] | None = None,
+        fleet: Any = None,
     ):
         self.store = CheckpointStore(_store_root(cpfs_base))
+        # A fleet (RayFleet: anything whose urls() lists the live instances) replaces the port range.
+        self.fleet = fleet
         self.poll_interval = poll_interval
         self.enable_probe = enable_probe
-        self.instance_urls = [f"http://{host}:{base_port + i}" for i in range(num_gpus)]
+        self._instance_urls = [f"http://{host}:{base_port + i}" for i in range(num_gpus)]
         self.configs: dict[int, LoRAHotSwapConfig] = {}
         for config in configs or []:
             self.configure(config)
@@ -94,6 +97,15 @@ class DistributedLoRAScheduler:
         self._cursors: dict[str, tuple[float, int]] = {}  # url -> (instance started_at, last seq)
         self._task: asyncio.Task[None] | None = None
         self._notices: set[asyncio.Task[Any]] = set()
+
+    @property
+    def instance_urls(self) -> list[str]:
+        """The instances now: the fleet's live replicas, or the fixed port range."""
+        return list(self.fleet.urls()) if self.fleet is not None else self._instance_urls
+
+    @instance_urls.setter
+    def instance_urls(self, urls: list[str]) -> None:
+        self._instance_urls = list(urls)
 
     # -- naming ------------------------------------------------------------------------
     def configure(self, config: LoRAHotSwapConfig) -> None:
