@@ -63,8 +63,26 @@ class Plan:
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls(latency_swaps=15, parallel_rounds=5, stall_swaps=5, sticky_seconds=3, serving_seconds=20, memory_swaps=100, pushes=2, slot_swaps=5)
-        return cls(latency_swaps=50, parallel_rounds=10, stall_swaps=20, sticky_seconds=10, serving_seconds=120, memory_swaps=1000, pushes=5, slot_swaps=10)
+            return cls(
+                latency_swaps=15,
+                parallel_rounds=5,
+                stall_swaps=5,
+                sticky_seconds=3,
+                serving_seconds=20,
+                memory_swaps=100,
+                pushes=2,
+                slot_swaps=5,
+            )
+        return cls(
+            latency_swaps=50,
+            parallel_rounds=10,
+            stall_swaps=20,
+            sticky_seconds=10,
+            serving_seconds=120,
+            memory_swaps=1000,
+            pushes=5,
+            slot_swaps=10,
+        )
 
 
 def main() -> None:
@@ -82,9 +100,12 @@ def main() -> None:
         "quick": options.quick,
         "plan": plan.__dict__,
         "machine": describe(),
-        "servers": {"args": list(SERVER_ARGS), "events": {"poll_interval_s": EVENTS_POLL_S, "events": True},
-                    "polling": {"poll_interval_s": POLLING_POLL_S, "events": False}},
-    }  # fmt: skip
+        "servers": {
+            "args": list(SERVER_ARGS),
+            "events": {"poll_interval_s": EVENTS_POLL_S, "events": True},
+            "polling": {"poll_interval_s": POLLING_POLL_S, "events": False},
+        },
+    }
     load: dict[str, list[float]] = {}  # 1-minute load average when each benchmark starts: a busy machine shows
 
     stage("assets: benchmark model and adapters (cached in benchmarks/.cache)")
@@ -96,11 +117,19 @@ def main() -> None:
         BENCH_MODEL.hidden_size, BENCH_MODEL.intermediate_size, BENCH_MODEL.num_layers, MAX_LORA_RANK
     )
 
-    events, events_store = plugin_server(assets, tmp, "events", events=True, poll_s=EVENTS_POLL_S,
-                                         extra_args=["--weight-transfer-config", '{"backend": "gloo"}'])  # fmt: skip
+    events, events_store = plugin_server(
+        assets,
+        tmp,
+        "events",
+        events=True,
+        poll_s=EVENTS_POLL_S,
+        extra_args=["--weight-transfer-config", '{"backend": "gloo"}'],
+    )
     polling, polling_store = plugin_server(assets, tmp, "polling", events=False, poll_s=POLLING_POLL_S, extra_args=[])
     with ExitStack() as servers:
-        stage("starting both servers: events (inotify + 5 s poll, native reload, gloo weight transfer) and polling (1 s)")
+        stage(
+            "starting both servers: events (inotify + 5 s poll, native reload, gloo weight transfer) and polling (1 s)"
+        )
         # Side by side: start-up is mostly one core's work each, and an idle server costs nothing.
         for server in (events, polling):
             servers.callback(server.stop)
@@ -114,40 +143,51 @@ def main() -> None:
         stage(f"1/5 publish → served with polling only, each publish notified, {plan.latency_swaps} swaps")
         load["latency_polling_notified"] = _loadavg()
         notifier = CommitNotifier([polling.url])
-        results["latency_polling_notified"] = publish_latency.run(polling, polling_store, assets, plan.latency_swaps,
-                                                                  "polling, notified", notifier)  # fmt: skip
+        results["latency_polling_notified"] = publish_latency.run(
+            polling, polling_store, assets, plan.latency_swaps, "polling, notified", notifier
+        )
         notifier.close()
         polling.stop()
         stage(f"1/5 publish → served with events and the probe off (a third server), {plan.latency_swaps} swaps")
-        probe_off, probe_off_store = plugin_server(assets, tmp, "probe-off", events=True, poll_s=EVENTS_POLL_S,
-                                                   extra_args=[], probe=False)  # fmt: skip
+        probe_off, probe_off_store = plugin_server(
+            assets, tmp, "probe-off", events=True, poll_s=EVENTS_POLL_S, extra_args=[], probe=False
+        )
         with probe_off:
             load["latency_events_probe_off"] = _loadavg()
-            results["latency_events_probe_off"] = publish_latency.run(probe_off, probe_off_store, assets, plan.latency_swaps,
-                                                                      "events, probe off")  # fmt: skip
+            results["latency_events_probe_off"] = publish_latency.run(
+                probe_off, probe_off_store, assets, plan.latency_swaps, "events, probe off"
+            )
         stage(f"1/5 {parallel_swaps.ADAPTERS} adapters published at once against one, {plan.parallel_rounds} rounds")
         load["parallel"] = _loadavg()
         results["parallel"] = parallel_swaps.run(events, events_store, assets, plan.parallel_rounds)
         stage(f"2/5 engine-loop stall, ours and native, {plan.stall_swaps} swaps per adapter shape")
         load["stall"] = _loadavg()
         results["stall"] = engine_stall.run(events, events_store, assets, plan.stall_swaps, plan.sticky_seconds)
-        stage(f"3/5 serving: {serving.CLIENTS} streaming clients, {plan.serving_seconds:.0f} s with swaps every 2 s in {serving.BLOCK_S:.0f} s blocks between blocks without")
+        stage(
+            f"3/5 serving: {serving.CLIENTS} streaming clients, {plan.serving_seconds:.0f} s with swaps every 2 s in {serving.BLOCK_S:.0f} s blocks between blocks without"
+        )
         load["serving"] = _loadavg()
         results["serving"] = serving.run(events, events_store, assets, plan.serving_seconds)
         stage(f"4/5 memory over {plan.memory_swaps} swaps")
         load["memory"] = _loadavg()
         results["memory"] = memory.run(events, events_store, assets, plan.memory_swaps)
-        stage(f"5/5 base-weight sync over gloo: {plan.pushes} pushes alternated with plain gloo broadcasts of the same bytes")
+        stage(
+            f"5/5 base-weight sync over gloo: {plan.pushes} pushes alternated with plain gloo broadcasts of the same bytes"
+        )
         load["weight_sync"] = _loadavg()
-        results["weight_sync"] = {**base_weights.run(events, assets, plan.pushes),
-                                  "nccl": gpu_copy.NO_GPU if not _has_gpu() else NCCL_NOT_HERE}  # fmt: skip
+        results["weight_sync"] = {
+            **base_weights.run(events, assets, plan.pushes),
+            "nccl": gpu_copy.NO_GPU if not _has_gpu() else NCCL_NOT_HERE,
+        }
     stage(f"7 install stall against adapter size and --max-lora-rank {slot_stall.RANKS}, {plan.slot_swaps} swaps each")
     load["slot_stall"] = _loadavg()
     results["slot_stall"] = slot_stall.run(prepare(shapes=slot_stall.SIZES), tmp, plan.slot_swaps)
     stage("8 policy sync per RL step: ours on 2 and 1 engines against TRL's adapter and merged paths")
     load["policy_sync"] = _loadavg()
     policy_sync.run(options.out, quick=options.quick)
-    stage("9 Ray fleet on a simulated two-node cluster: replica restart, publish → served across nodes with and without notices")
+    stage(
+        "9 Ray fleet on a simulated two-node cluster: replica restart, publish → served across nodes with and without notices"
+    )
     load["ray_fleet"] = _loadavg()
     ray_fleet.main(["--swaps", "3" if options.quick else "5", "--out", str(options.out / "ray_fleet.json")])
     stage("GPU: pinned vs pageable host-to-device copies")

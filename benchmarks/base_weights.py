@@ -135,5 +135,10 @@ def target(sync: dict[str, Any]) -> dict[str, Any]:
         fraction = statistics.fmean(ratios)
     else:
         fraction = sync["push"]["bytes_per_s"] / sync["ceiling"]["bytes_per_s"]
-    return {"measured": fraction, "limit": LIMIT, "ratio": fraction / LIMIT, "met": fraction >= LIMIT,
-            "ci95": sync.get("ratio_ci95")}  # fmt: skip
+    return {
+        "measured": fraction,
+        "limit": LIMIT,
+        "ratio": fraction / LIMIT,
+        "met": fraction >= LIMIT,
+        "ci95": sync.get("ratio_ci95"),
+    }

@@ -30,16 +30,29 @@ PROMPT = "the quick brown fox jumps over the lazy dog"
 # native baseline's adapters on the same server; batch slots (--max-loras) for
 # the versions that serving under swaps keeps in flight at once.
 SERVER_ARGS = (
-    "--enable-lora", "--max-lora-rank", "64", "--max-loras", "8", "--max-cpu-loras", "32",
-    "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "32",
-)  # fmt: skip
+    "--enable-lora",
+    "--max-lora-rank",
+    "64",
+    "--max-loras",
+    "8",
+    "--max-cpu-loras",
+    "32",
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "512",
+    "--enforce-eager",
+    "--max-num-seqs",
+    "32",
+)
 
 
 EVENTS_POLL_S = 5.0  # the events servers' poll, behind inotify
 
 
-def plugin_server(assets: Assets, tmp: Path, name: str, *, events: bool, poll_s: float, extra_args: list[str],
-                  probe: bool = True) -> tuple[Server, CheckpointStore]:  # fmt: skip
+def plugin_server(
+    assets: Assets, tmp: Path, name: str, *, events: bool, poll_s: float, extra_args: list[str], probe: bool = True
+) -> tuple[Server, CheckpointStore]:
     root = tmp / f"store-{name}"
     root.mkdir(parents=True)
     env = {
@@ -131,8 +144,15 @@ class StreamLoad:
                 pass
 
     async def _client(self, client: httpx.AsyncClient, max_tokens: int, delay: float) -> None:
-        body = {"model": self.model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0,
-                "ignore_eos": True, "stream": True, "return_token_ids": True}  # fmt: skip
+        body = {
+            "model": self.model,
+            "prompt": PROMPT,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": True,
+            "return_token_ids": True,
+        }
         await asyncio.sleep(delay)
         while True:
             stream = Stream(started=time.time())
@@ -173,9 +193,7 @@ def gaps_between(streams: Iterable[Stream], start: float, end: float) -> list[fl
 
 def gaps_outside(streams: Iterable[Stream], windows: Sequence[tuple[float, float]]) -> list[float]:
     """Inter-token gaps that overlap none of ``windows``."""
-    return [
-        b - a for s in streams for a, b in s.gaps() if not any(b >= start and a <= end for start, end in windows)
-    ]
+    return [b - a for s in streams for a, b in s.gaps() if not any(b >= start and a <= end for start, end in windows)]
 
 
 # -- statistics and output ---------------------------------------------------------------

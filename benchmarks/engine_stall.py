@@ -49,7 +49,11 @@ def memory_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> dict[str, fl
             seconds.append(time.perf_counter() - start)
         return nbytes / statistics.median(seconds)
 
-    return {"copy_bytes_per_s": rate(lambda: target.copy_(source)), "zero_bytes_per_s": rate(target.zero_), "buffer_bytes": nbytes}
+    return {
+        "copy_bytes_per_s": rate(lambda: target.copy_(source)),
+        "zero_bytes_per_s": rate(target.zero_),
+        "buffer_bytes": nbytes,
+    }
 
 
 def slot_bytes(hidden: int, intermediate: int, layers: int, max_rank: int) -> int:
@@ -110,11 +114,13 @@ def _swap_shape(
         # Phases run in order and end with the switch, so the install's wall-clock
         # window is found by walking back from the record's finish time.
         install_end = swap["finished_at"] - timings["switch"] - timings.get("probe", 0.0)
-        ours.append({
-            "engine_stall_s": timings["engine_stall"],
-            "install_s": timings["install"],
-            "windows": {"install": (install_end - timings["install"], install_end), "swap": (committed, done)},
-        })  # fmt: skip
+        ours.append(
+            {
+                "engine_stall_s": timings["engine_stall"],
+                "install_s": timings["install"],
+                "windows": {"install": (install_end - timings["install"], install_end), "swap": (committed, done)},
+            }
+        )
         time.sleep(SETTLE_S)
         start = time.time()
         load_native(server, native, str(source), inplace=True)

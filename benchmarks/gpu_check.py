@@ -272,7 +272,12 @@ def check_side_stream_copy(off_step: bool = False) -> dict[str, Any]:
         timings.append(time.perf_counter() - started)
         wrong += [f"rank {rank}: {name}" for name in _mismatches(manager, reservation.index, lora, rank, snapshot)]
         manager._active_adapters.pop(lora.id)  # frees the slot for the next round
-    return {"ok": not wrong, "mismatched": wrong[:5], "slot_mib": _slot_mib(), "rounds_s": [round(t, 4) for t in timings]}
+    return {
+        "ok": not wrong,
+        "mismatched": wrong[:5],
+        "slot_mib": _slot_mib(),
+        "rounds_s": [round(t, 4) for t in timings],
+    }
 
 
 def check_off_step_flip() -> dict[str, Any]:

@@ -41,8 +41,12 @@ def measure(sizes: Mapping[str, int], repeats: int = 20) -> dict[str, Any]:
             "pinned": _time_copies(slot, pinned, repeats),
             "pageable": _time_copies(slot, pageable, repeats),
         }
-    return {"measured": True, "device": torch.cuda.get_device_name(device), "sizes": results,
-            "overlap": {label: overlap(nbytes) for label, nbytes in sizes.items()}}  # fmt: skip
+    return {
+        "measured": True,
+        "device": torch.cuda.get_device_name(device),
+        "sizes": results,
+        "overlap": {label: overlap(nbytes) for label, nbytes in sizes.items()},
+    }
 
 
 def overlap(nbytes: int, matmuls: int = 50, size: int = 4096) -> dict[str, float]:
@@ -75,8 +79,11 @@ def overlap(nbytes: int, matmuls: int = 50, size: int = 4096) -> dict[str, float
     timed(side, copy)
     torch.cuda.synchronize()
     results = {}
-    for name, runs in (("matmuls_alone", [(default, loop)]), ("copy_alone", [(side, copy)]),
-                       ("together", [(default, loop), (side, copy)])):  # fmt: skip
+    for name, runs in (
+        ("matmuls_alone", [(default, loop)]),
+        ("copy_alone", [(side, copy)]),
+        ("together", [(default, loop), (side, copy)]),
+    ):
         events = [timed(stream, work) for stream, work in runs]
         torch.cuda.synchronize()
         seconds = [start.elapsed_time(end) / 1000 for start, end in events]

@@ -34,7 +34,9 @@ def _publish_and_wait(server: Server, store: CheckpointStore, adapters: list[str
     published = store.publish_many(dict.fromkeys(adapters, source))
     versions = [published[adapter] for adapter in adapters]
     commits = [ready_mtime(store, a, v) for a, v in zip(adapters, versions)]
-    switched = [server.wait_swapped(a, v, retired=False)["last_swap"]["finished_at"] for a, v in zip(adapters, versions)]
+    switched = [
+        server.wait_swapped(a, v, retired=False)["last_swap"]["finished_at"] for a, v in zip(adapters, versions)
+    ]
     return max(switched) - min(commits), max(commits) - min(commits)
 
 
@@ -53,8 +55,15 @@ def run(server: Server, store: CheckpointStore, assets: Assets, rounds: int) -> 
         progress.advance()
     for name in names:
         store.retire(name)
-    return {"adapters": ADAPTERS, "adapter_shape": ADAPTER_SHAPE, "one": summary(one), "eight": summary(eight),
-            "commit_spread": summary(spread), "one_s": one, "eight_s": eight}  # fmt: skip
+    return {
+        "adapters": ADAPTERS,
+        "adapter_shape": ADAPTER_SHAPE,
+        "one": summary(one),
+        "eight": summary(eight),
+        "commit_spread": summary(spread),
+        "one_s": one,
+        "eight_s": eight,
+    }
 
 
 def target(result: dict[str, Any]) -> dict[str, Any]:
@@ -85,9 +94,11 @@ def main() -> None:
         result = run(server, store, assets, options.rounds)
     shutil.rmtree(tmp, ignore_errors=True)
     check = target(result)
-    print(f"one publish p50 {1000 * result['one']['p50']:.0f} ms; {ADAPTERS} at once, all served p50 "
-          f"{1000 * result['eight']['p50']:.0f} ms (commits spread over {1000 * result['commit_spread']['p50']:.0f} ms); "
-          f"ratio to the 2x limit {check['ratio']:.2f} ({'met' if check['met'] else 'missed'})")
+    print(
+        f"one publish p50 {1000 * result['one']['p50']:.0f} ms; {ADAPTERS} at once, all served p50 "
+        f"{1000 * result['eight']['p50']:.0f} ms (commits spread over {1000 * result['commit_spread']['p50']:.0f} ms); "
+        f"ratio to the 2x limit {check['ratio']:.2f} ({'met' if check['met'] else 'missed'})"
+    )
 
 
 if __name__ == "__main__":

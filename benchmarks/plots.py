@@ -58,10 +58,21 @@ def stall(results: dict[str, Any]) -> plt.Figure:
     axis.plot(sizes, series("ours_external_install"), "s--", label="ours: external gap over the install")
     axis.plot(sizes, series("native_external"), "^-", label="native load_inplace: external gap")
     axis.plot(sizes, [1000 * copy_floor(results, s.label) for s in shapes], "k:", label="copy floor (adapter bytes)")
-    axis.plot(sizes, [1000 * slot_floor(results, s.label) for s in shapes], "k-.", label="slot floor (zero max-rank slot + copy)")
+    axis.plot(
+        sizes,
+        [1000 * slot_floor(results, s.label) for s in shapes],
+        "k-.",
+        label="slot floor (zero max-rank slot + copy)",
+    )
     for size, shape in zip(sizes, shapes):
-        axis.annotate(shape.label, (size, 1000 * copy_floor(results, shape.label)), textcoords="offset points",
-                      xytext=(0, -12), ha="center", fontsize=7)  # fmt: skip
+        axis.annotate(
+            shape.label,
+            (size, 1000 * copy_floor(results, shape.label)),
+            textcoords="offset points",
+            xytext=(0, -12),
+            ha="center",
+            fontsize=7,
+        )
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.set_xlabel("adapter size (MB)")
@@ -80,13 +91,23 @@ def throughput(results: dict[str, Any]) -> plt.Figure:
     publishes = serving["publish_times"]
     swap_blocks = [block for block in serving["blocks"] if block["kind"] == "swaps"]
     for index, block in enumerate(swap_blocks):
-        axis.axvspan(block["start_s"] - serving["settle_s"], block["end_s"], color="orange", alpha=0.12,
-                     label="swap blocks" if index == 0 else None)  # fmt: skip
+        axis.axvspan(
+            block["start_s"] - serving["settle_s"],
+            block["end_s"],
+            color="orange",
+            alpha=0.12,
+            label="swap blocks" if index == 0 else None,
+        )
     for index, moment in enumerate(publishes):
         axis.axvline(moment, color="red", alpha=0.4, linewidth=0.8, label="publish" if index == 0 else None)
     for name, color in (("no_swaps", "green"), ("swaps", "red")):
-        axis.axhline(serving[name]["tokens_per_s"], color=color, linestyle="--", alpha=0.6,
-                     label=f"mean, {name.replace('_', ' ')}")  # fmt: skip
+        axis.axhline(
+            serving[name]["tokens_per_s"],
+            color=color,
+            linestyle="--",
+            alpha=0.6,
+            label=f"mean, {name.replace('_', ' ')}",
+        )
     axis.set_xlabel("seconds")
     axis.set_ylabel("output tokens/s")
     axis.set_ylim(bottom=0)

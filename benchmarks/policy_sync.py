@@ -113,7 +113,9 @@ def ours(model: Any, servers: list[Server], store: CheckpointStore, adapter: str
             noticed = time.perf_counter()
             list(pool.map(lambda server, version=version: first_token_of(server, version), servers))
             seconds.append(time.perf_counter() - started)
-            trainer_phases.append({"save": saved - started, "commit": committed - saved, "notice": noticed - committed})
+            trainer_phases.append(
+                {"save": saved - started, "commit": committed - saved, "notice": noticed - committed}
+            )
             served = [_updated_event(server, adapter, version) for server in servers]
             engine_phases.append(max(served, key=lambda e: e["at"])["timings"])
     notifier.close()
@@ -148,11 +150,15 @@ def async_grpo(model: Any, server: Server, directory: Path, steps: int) -> list[
         started = time.time()
         path = directory / f"trl-policy-v{version}"
         model.save_pretrained(path, safe_serialization=True)
-        response = server.http.post("/v1/load_lora_adapter", json={
-            "lora_name": f"trl-policy-v{version}", "lora_path": str(path), "load_inplace": False})  # fmt: skip
+        response = server.http.post(
+            "/v1/load_lora_adapter",
+            json={"lora_name": f"trl-policy-v{version}", "lora_path": str(path), "load_inplace": False},
+        )
         response.raise_for_status()
         if version > 1:
-            server.http.post("/v1/unload_lora_adapter", json={"lora_name": f"trl-policy-v{version - 1}"}).raise_for_status()
+            server.http.post(
+                "/v1/unload_lora_adapter", json={"lora_name": f"trl-policy-v{version - 1}"}
+            ).raise_for_status()
         first_token(server, f"trl-policy-v{version}")
         seconds.append(time.time() - started)
     return seconds
@@ -167,8 +173,11 @@ def merged(model: Any, model_path: Path, server: Server, steps: int) -> list[flo
     from vllm_lora_hotswap.weights.trainer import FleetWeightSyncClient, WeightSync
 
     plain = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    peft_params = {name.removeprefix("base_model.model.").replace(".base_layer", ""): p
-                   for name, p in model.named_parameters() if "lora_" not in name}  # fmt: skip
+    peft_params = {
+        name.removeprefix("base_model.model.").replace(".base_layer", ""): p
+        for name, p in model.named_parameters()
+        if "lora_" not in name
+    }
     for name, param in plain.named_parameters():
         param.data = peft_params[name].data
     sync = WeightSync(FleetWeightSyncClient([server.url]), backend="gloo", master_port=free_port())
@@ -223,8 +232,13 @@ def hf_rollout(model: Any, model_path: Path, repeats: int) -> dict[str, Any]:
         model.generate(**batch, do_sample=True, max_new_tokens=4, pad_token_id=tokenizer.pad_token_id)  # warm-up
         for _ in range(repeats):
             started = time.perf_counter()
-            out = model.generate(**batch, do_sample=True, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
-                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            out = model.generate(
+                **batch,
+                do_sample=True,
+                max_new_tokens=MAX_TOKENS,
+                min_new_tokens=MAX_TOKENS,
+                pad_token_id=tokenizer.pad_token_id,
+            )
             seconds.append(time.perf_counter() - started)
     tokens = (out.shape[1] - batch.input_ids.shape[1]) * len(PROMPTS)
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / statistics.median(seconds)}
@@ -256,15 +270,25 @@ def write(results: dict[str, Any], out: Path) -> Path:
         lines.append(f"| {label} | {engines} | {sync[key]['p50']:.3f} s | {sync[key]['max']:.3f} s |")
     trl = sync["trl_async_load_lora"]["p50"]
     two, one = sync["ours"]["p50"] / trl, sync["ours_one_engine"]["p50"] / trl
-    lines += ["", f"Ours ÷ TRL AsyncGRPO (p50): {two:.2f} on 2 engines (target ≤ 1.0), {one:.2f} on 1 engine (target ≤ 0.8)"]
+    lines += [
+        "",
+        f"Ours ÷ TRL AsyncGRPO (p50): {two:.2f} on 2 engines (target ≤ 1.0), {one:.2f} on 1 engine (target ≤ 0.8)",
+    ]
     for key, engines in (("ours", 2), ("ours_one_engine", 1)):
-        trainer = ", ".join(f"{phase} {1000 * value:.1f} ms" for phase, value in sync[key]["trainer_phases_p50"].items())
+        trainer = ", ".join(
+            f"{phase} {1000 * value:.1f} ms" for phase, value in sync[key]["trainer_phases_p50"].items()
+        )
         engine = ", ".join(f"{phase} {1000 * value:.1f} ms" for phase, value in sync[key]["phases_p50"].items())
         lines += ["", f"Ours on {engines} engine(s), p50: trainer {trainer}; last engine {engine}"]
-    lines += ["", f"Rollout: {len(PROMPTS)} prompts x {MAX_TOKENS} sampled tokens", "",
-              "| generation | tokens/s (median) |", "|---|---|",
-              f"| two engines, /api/v1/sample | {rollout['engines']['tokens_per_s']:.0f} |",
-              f"| HF generate on the PEFT model (GRPOTrainer use_vllm=False) | {rollout['hf']['tokens_per_s']:.0f} |"]  # fmt: skip
+    lines += [
+        "",
+        f"Rollout: {len(PROMPTS)} prompts x {MAX_TOKENS} sampled tokens",
+        "",
+        "| generation | tokens/s (median) |",
+        "|---|---|",
+        f"| two engines, /api/v1/sample | {rollout['engines']['tokens_per_s']:.0f} |",
+        f"| HF generate on the PEFT model (GRPOTrainer use_vllm=False) | {rollout['hf']['tokens_per_s']:.0f} |",
+    ]
     path = out / "policy_sync.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -272,7 +296,9 @@ def write(results: dict[str, Any], out: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.policy_sync", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="5 steps per path instead of 20, 2 rollout batches instead of 3")
+    parser.add_argument(
+        "--quick", action="store_true", help="5 steps per path instead of 20, 2 rollout batches instead of 3"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="output directory (default: %(default)s)")
     parser.add_argument("--cache", type=Path, default=CACHE, help="benchmark model cache (default: %(default)s)")
     options = parser.parse_args()
@@ -292,13 +318,20 @@ def run(out: Path, cache: Path = CACHE, *, quick: bool = False) -> Path:
     root.mkdir()
     env = {"VLLM_HOTSWAP_ROOT": str(root), "VLLM_HOTSWAP_POLL_INTERVAL": "1", "VLLM_HOTSWAP_RETIRE_GRACE": "1"}
     cores = sorted(os.sched_getaffinity(0))  # each engine's worker on its own core, as on its own device
-    first = Server(assets.model, tmp / "engine-1.log",
-                   {**env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_OMP_THREADS_BIND": str(cores[0])},
-                   ["--weight-transfer-config", '{"backend": "gloo"}'])  # fmt: skip
+    first = Server(
+        assets.model,
+        tmp / "engine-1.log",
+        {**env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_OMP_THREADS_BIND": str(cores[0])},
+        ["--weight-transfer-config", '{"backend": "gloo"}'],
+    )
     second_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": str(cores[1 % len(cores)]), "VLLM_HOTSWAP_ADAPTERS": ADAPTER}
     second = Server(assets.model, tmp / "engine-2.log", second_env)
-    results: dict[str, Any] = {"model": "benchmark Llama (hidden 1024, 8 layers, 415 MB)", "steps": steps,
-                               "adapter_bytes": assets.adapter_bytes(ADAPTER_SHAPE), "machine": describe()}  # fmt: skip
+    results: dict[str, Any] = {
+        "model": "benchmark Llama (hidden 1024, 8 layers, 415 MB)",
+        "steps": steps,
+        "adapter_bytes": assets.adapter_bytes(ADAPTER_SHAPE),
+        "machine": describe(),
+    }
     with ExitStack() as stack:
         stage("starting two engines following one store")
         for server in (first, second):
@@ -314,7 +347,10 @@ def run(out: Path, cache: Path = CACHE, *, quick: bool = False) -> Path:
         stage(f"AsyncGRPOTrainer's /v1/load_lora_adapter path: {steps} steps on one engine")
         sync["trl_async_load_lora"] = _summary(async_grpo(model, first, tmp / "async-adapters", steps))
         stage(f"rollout tokens/s: two engines vs HF generate, {repeats} batches each")
-        results["rollout"] = {"engines": engine_rollout([first, second], repeats), "hf": hf_rollout(model, assets.model, repeats)}
+        results["rollout"] = {
+            "engines": engine_rollout([first, second], repeats),
+            "hf": hf_rollout(model, assets.model, repeats),
+        }
         stage(f"GRPOTrainer's merged path (gloo): {steps} steps on one engine")
         sync["trl_merged_gloo"] = _summary(merged(model, assets.model, first, steps))
         results["sync"] = sync

@@ -111,8 +111,14 @@ def read_floor(directory: Path, repeats: int = 5) -> float:
     return statistics.median(seconds[1:])
 
 
-def run(server: Server, store: CheckpointStore, assets: Assets, swaps: int, label: str,
-        notifier: CommitNotifier | None = None) -> dict[str, Any]:  # fmt: skip
+def run(
+    server: Server,
+    store: CheckpointStore,
+    assets: Assets,
+    swaps: int,
+    label: str,
+    notifier: CommitNotifier | None = None,
+) -> dict[str, Any]:
     """``swaps`` measured publishes of one adapter (after one unmeasured warm-up swap), each
     followed by a notice to the server when there is a ``notifier``."""
     adapter = f"latency-{ADAPTER_SHAPE}"
@@ -134,18 +140,24 @@ def run(server: Server, store: CheckpointStore, assets: Assets, swaps: int, labe
             status = server.wait_swapped(adapter, version)
             windows.append((publish_started, time.time()))
             timings = status["last_swap"]["timings"]
-            records.append({
-                "version": version,
-                "publish_call_s": committed - publish_started,  # copy + hash before the commit
-                "publish_to_served_s": first.received - committed,
-                "first_request_sent_after_commit_s": first.sent - committed,
-                "commit_to_switch_s": sum(timings.get(p, 0.0) for p in PHASES),
-                "timings": timings,
-            })  # fmt: skip
+            records.append(
+                {
+                    "version": version,
+                    "publish_call_s": committed - publish_started,  # copy + hash before the commit
+                    "publish_to_served_s": first.received - committed,
+                    "first_request_sent_after_commit_s": first.sent - committed,
+                    "commit_to_switch_s": sum(timings.get(p, 0.0) for p in PHASES),
+                    "timings": timings,
+                }
+            )
             progress.advance()
         # One engine step as a client sees it: a 1-token request (its prefill and first token
         # are one step) away from any swap, HTTP round trip included.
-        quiet = [r.received - r.sent for r in watcher.responses if not any(a <= r.received and r.sent <= b for a, b in windows)]
+        quiet = [
+            r.received - r.sent
+            for r in watcher.responses
+            if not any(a <= r.received and r.sent <= b for a, b in windows)
+        ]
     store.retire(adapter)  # frees its slot for the benchmarks that follow
     result = summarize(records)
     result["step"] = summary(quiet)
@@ -177,20 +189,38 @@ def target(result: dict[str, Any], poll_interval: float | None, *, less_probe: b
     steps = STEPS_WITH_PROBE if probed else STEPS_WITH_PROBE - 1
     budget = result["read_floor_s"] + steps * result["step"]["p50"] + (poll_interval or 0.0)
     if less_probe:
-        measured = statistics.median(r["publish_to_served_s"] - r["timings"].get("probe", 0.0) for r in result["swaps"])
+        measured = statistics.median(
+            r["publish_to_served_s"] - r["timings"].get("probe", 0.0) for r in result["swaps"]
+        )
     else:
         measured = result["publish_to_served"]["p50"]
-    return {"measured_s": measured, "limit_s": budget, "ratio": measured / budget, "met": measured <= budget, "steps": steps}
+    return {
+        "measured_s": measured,
+        "limit_s": budget,
+        "ratio": measured / budget,
+        "met": measured <= budget,
+        "steps": steps,
+    }
 
 
 def stage_target(result: dict[str, Any]) -> dict[str, Any]:
     measured = result["phases"]["stage"]["p50"]
-    return {"measured_s": measured, "limit_s": STAGE_LIMIT_S, "ratio": measured / STAGE_LIMIT_S, "met": measured <= STAGE_LIMIT_S}
+    return {
+        "measured_s": measured,
+        "limit_s": STAGE_LIMIT_S,
+        "ratio": measured / STAGE_LIMIT_S,
+        "met": measured <= STAGE_LIMIT_S,
+    }
 
 
 def detect_target(result: dict[str, Any]) -> dict[str, Any]:
     measured = result["phases"]["detect"]["p50"]
-    return {"measured_s": measured, "limit_s": DETECT_LIMIT_S, "ratio": measured / DETECT_LIMIT_S, "met": measured <= DETECT_LIMIT_S}
+    return {
+        "measured_s": measured,
+        "limit_s": DETECT_LIMIT_S,
+        "ratio": measured / DETECT_LIMIT_S,
+        "met": measured <= DETECT_LIMIT_S,
+    }
 
 
 def notified_target(notified: dict[str, Any], events: dict[str, Any]) -> dict[str, Any]:
@@ -203,8 +233,10 @@ def _toy_assets(directory: Path) -> Assets:
     from hotswap_devkit.toy_models import make_adapter, make_model
 
     model = make_model(directory / "tiny-llama")
-    adapters = tuple(make_adapter(model, directory / f"{ADAPTER_SHAPE}-seed{seed}", seed, 16, ("q_proj", "v_proj"))
-                     for seed in (0, 1))  # fmt: skip
+    adapters = tuple(
+        make_adapter(model, directory / f"{ADAPTER_SHAPE}-seed{seed}", seed, 16, ("q_proj", "v_proj"))
+        for seed in (0, 1)
+    )
     return Assets(model=model, adapters={ADAPTER_SHAPE: adapters})
 
 
@@ -220,15 +252,20 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.publish_latency", description=main.__doc__)
     parser.add_argument("--swaps", type=int, default=20)
-    parser.add_argument("--model", choices=("toy", "bench"), default="toy", help="the tests' toy model or the benchmark's")
+    parser.add_argument(
+        "--model", choices=("toy", "bench"), default="toy", help="the tests' toy model or the benchmark's"
+    )
     parser.add_argument("--poll", type=float, default=1.0, help="poll interval of the server without events (s)")
     options = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="publish-latency-"))
     try:
         assets = _toy_assets(tmp / "assets") if options.model == "toy" else prepare()
         results: dict[str, Any] = {}
-        runs = (("events", True, EVENTS_POLL_S, None), ("polling", False, options.poll, None),
-                ("polling + notices", False, options.poll, "notify"))  # fmt: skip
+        runs = (
+            ("events", True, EVENTS_POLL_S, None),
+            ("polling", False, options.poll, None),
+            ("polling + notices", False, options.poll, "notify"),
+        )
         for label, events, poll, notify in runs:
             name = label.replace(" + ", "-")
             server, store = plugin_server(assets, tmp, name, events=events, poll_s=poll, extra_args=[])
@@ -243,15 +280,30 @@ def main() -> None:
     print(f"\n{options.model} model, {options.swaps} swaps each, poll without events {options.poll:.1f} s")
     print(f"{'path':<20} {'detect p50':>11} {'publish→served p50':>19} {'p95':>9}")
     for label, result in results.items():
-        print(f"{label:<20} {1e3 * result['phases']['detect']['p50']:>9.1f}ms "
-              f"{1e3 * result['publish_to_served']['p50']:>17.1f}ms {1e3 * result['publish_to_served']['p95']:>7.1f}ms")  # fmt: skip
-    detect, notified = detect_target(results["events"]), notified_target(results["polling + notices"], results["events"])
-    print(f"detect p50, events: {1e3 * detect['measured_s']:.1f} ms (target <= {1e3 * DETECT_LIMIT_S:.0f} ms: "
-          f"{'met' if detect['met'] else 'MISSED'})")
-    print(f"publish→served p50, polling + notices / events: {notified['ratio'] * NOTIFIED_FACTOR:.2f}x "
-          f"(target <= {NOTIFIED_FACTOR}x: {'met' if notified['met'] else 'MISSED'})")
-    summary_only = {label: {"detect_p50_s": r["phases"]["detect"]["p50"], "publish_to_served": r["publish_to_served"],
-                            "phases_p50": {p: v.get("p50") for p, v in r["phases"].items()}} for label, r in results.items()}  # fmt: skip
+        print(
+            f"{label:<20} {1e3 * result['phases']['detect']['p50']:>9.1f}ms "
+            f"{1e3 * result['publish_to_served']['p50']:>17.1f}ms {1e3 * result['publish_to_served']['p95']:>7.1f}ms"
+        )
+    detect, notified = (
+        detect_target(results["events"]),
+        notified_target(results["polling + notices"], results["events"]),
+    )
+    print(
+        f"detect p50, events: {1e3 * detect['measured_s']:.1f} ms (target <= {1e3 * DETECT_LIMIT_S:.0f} ms: "
+        f"{'met' if detect['met'] else 'MISSED'})"
+    )
+    print(
+        f"publish→served p50, polling + notices / events: {notified['ratio'] * NOTIFIED_FACTOR:.2f}x "
+        f"(target <= {NOTIFIED_FACTOR}x: {'met' if notified['met'] else 'MISSED'})"
+    )
+    summary_only = {
+        label: {
+            "detect_p50_s": r["phases"]["detect"]["p50"],
+            "publish_to_served": r["publish_to_served"],
+            "phases_p50": {p: v.get("p50") for p, v in r["phases"].items()},
+        }
+        for label, r in results.items()
+    }
     print(json.dumps(summary_only, indent=1))
 
 

@@ -51,12 +51,20 @@ def _peft_model(spec: Any, rank: int, targets: tuple[str, ...]) -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-                         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-                         num_key_value_heads=spec.num_heads, max_position_embeddings=spec.max_position_embeddings)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+    )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False, task_type="CAUSAL_LM"
+    )
     return get_peft_model(base, lora)
 
 
@@ -84,8 +92,12 @@ def _direct_path(model: Any, store: CheckpointStore, adapter: str) -> dict[str, 
     saved = time.perf_counter()
     staged.commit({"bench": True})
     done = time.perf_counter()
-    return {"save": saved - started, "hash+commit": done - saved, "total": done - started,
-            "of which check+hash+fsync": staged.timings["check+hash+fsync"]}  # fmt: skip
+    return {
+        "save": saved - started,
+        "hash+commit": done - saved,
+        "total": done - started,
+        "of which check+hash+fsync": staged.timings["check+hash+fsync"],
+    }
 
 
 def _stream_path(model: Any, store: CheckpointStore, adapter: str) -> dict[str, float]:
@@ -111,8 +123,10 @@ def _stream_path(model: Any, store: CheckpointStore, adapter: str) -> dict[str, 
 def trainer(publishes: int) -> dict[str, Any]:
     from hotswap_devkit.toy_models import BENCH_MODEL, TEST_MODEL
 
-    shapes = {"small (tiny Llama, r8 q/v)": (TEST_MODEL, 8, ("q_proj", "v_proj")),
-              "~10 MB (bench Llama shape, r16 all linear)": (BENCH_MODEL, 16, ALL_LINEAR)}  # fmt: skip
+    shapes = {
+        "small (tiny Llama, r8 q/v)": (TEST_MODEL, 8, ("q_proj", "v_proj")),
+        "~10 MB (bench Llama shape, r16 all linear)": (BENCH_MODEL, 16, ALL_LINEAR),
+    }
     paths = {"copy": _copy_path, "direct": _direct_path, "direct-stream": _stream_path}
     results: dict[str, Any] = {}
     for label, (spec, rank, targets) in shapes.items():
@@ -127,8 +141,10 @@ def trainer(publishes: int) -> dict[str, Any]:
                     _nudge(model)
                     samples[name].append(path(model, store, name))
             size = os.stat(store.version_dir("copy", store.versions("copy")[-1]) / "adapter_model.safetensors").st_size
-        results[label] = {"weight_bytes": size, **{
-            name: {key: _p50_ms([s[key] for s in runs]) for key in runs[0]} for name, runs in samples.items()}}  # fmt: skip
+        results[label] = {
+            "weight_bytes": size,
+            **{name: {key: _p50_ms([s[key] for s in runs]) for key in runs[0]} for name, runs in samples.items()},
+        }
         print(label, json.dumps(results[label], indent=1), flush=True)
     return results
 
@@ -145,7 +161,11 @@ def engine(swaps: int) -> dict[str, Any]:
         model = make_model(tmp / "tiny-llama")
         root = tmp / "store"
         root.mkdir()
-        env = {"VLLM_HOTSWAP_ROOT": str(root), "VLLM_HOTSWAP_POLL_INTERVAL": "0.5", "VLLM_HOTSWAP_RETIRE_GRACE": "0.25"}
+        env = {
+            "VLLM_HOTSWAP_ROOT": str(root),
+            "VLLM_HOTSWAP_POLL_INTERVAL": "0.5",
+            "VLLM_HOTSWAP_RETIRE_GRACE": "0.25",
+        }
         server = Server(model, tmp / "engine.log", env, ["--max-lora-rank", "16", "--max-model-len", "256"])
         store = CheckpointStore(root)
         results: dict[str, Any] = {}
@@ -160,9 +180,13 @@ def engine(swaps: int) -> dict[str, Any]:
                     if i:  # the first swap of an adapter warms its path up
                         timings.append(status["last_swap"]["timings"])
                 size = os.stat(sources[0] / "adapter_model.safetensors").st_size
-                results[label] = {"weight_bytes": size, **{
-                    phase: _p50_ms([t.get(phase, 0.0) for t in timings]) for phase in ("validate", "stage")}}  # fmt: skip
-                results[label]["validate+stage"] = _p50_ms([t.get("validate", 0.0) + t.get("stage", 0.0) for t in timings])
+                results[label] = {
+                    "weight_bytes": size,
+                    **{phase: _p50_ms([t.get(phase, 0.0) for t in timings]) for phase in ("validate", "stage")},
+                }
+                results[label]["validate+stage"] = _p50_ms(
+                    [t.get("validate", 0.0) + t.get("stage", 0.0) for t in timings]
+                )
                 print(label, results[label], flush=True)
         return results
     finally:

@@ -35,8 +35,22 @@ from vllm_lora_hotswap.notify import CommitNotifier
 from vllm_lora_hotswap.store import CheckpointStore
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BASE_ARGS = ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "2", "--max-cpu-loras", "8", "--dtype",
-             "float32", "--max-model-len", "256", "--enforce-eager", "--max-num-seqs", "16"]  # fmt: skip
+BASE_ARGS = [
+    "--enable-lora",
+    "--max-lora-rank",
+    "16",
+    "--max-loras",
+    "2",
+    "--max-cpu-loras",
+    "8",
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "256",
+    "--enforce-eager",
+    "--max-num-seqs",
+    "16",
+]
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOTSWAP_RETIRE_GRACE": "1"}
 
 
@@ -56,7 +70,9 @@ def _updated_at(url: str, adapter: str, version: str) -> float | None:
     return min(times) if times else None
 
 
-def publish_to_served(fleet: Any, store: CheckpointStore, adapters: list[Path], notifier: CommitNotifier | None) -> list[float]:
+def publish_to_served(
+    fleet: Any, store: CheckpointStore, adapters: list[Path], notifier: CommitNotifier | None
+) -> list[float]:
     """Seconds from each commit to the later replica's ``updated`` event."""
     seconds = []
     for adapter_dir in adapters:
@@ -66,7 +82,11 @@ def publish_to_served(fleet: Any, store: CheckpointStore, adapters: list[Path], 
             notifier.add(fleet.urls())
             notifier.notify("policy", version)
         urls = fleet.urls()
-        served = wait_for(lambda: all(_updated_at(u, "policy", version) for u in urls) and urls, 30, "both replicas serve it")
+        served = wait_for(
+            lambda version=version, urls=urls: all(_updated_at(u, "policy", version) for u in urls) and urls,
+            30,
+            "both replicas serve it",
+        )
         seconds.append(max(_updated_at(u, "policy", version) or 0.0 for u in served) - committed)
         time.sleep(1.5)  # a quiet gap between publications
     return seconds
@@ -79,16 +99,36 @@ def restart(fleet: Any, store: CheckpointStore) -> dict[str, float]:
     os.killpg(victim.pid, signal.SIGKILL)
     back = wait_for(lambda: (r := fleet.replicas()[0]).healthy and r.pid != victim.pid and r, 600, "replica back")
     healthy = time.monotonic() - killed
-    wait_for(lambda: httpx.get(f"{back.url}/v1/lora/adapters", timeout=5).json()["adapters"].get("policy", {})
-          .get("served_version") == version, 120, "restarted replica serves the version")  # fmt: skip
-    return {"kill_to_healthy_s": healthy, "kill_to_serving_s": time.monotonic() - killed, "moved_node": back.node_id != victim.node_id}
+    wait_for(
+        lambda: (
+            httpx.get(f"{back.url}/v1/lora/adapters", timeout=5)
+            .json()["adapters"]
+            .get("policy", {})
+            .get("served_version")
+            == version
+        ),
+        120,
+        "restarted replica serves the version",
+    )
+    return {
+        "kill_to_healthy_s": healthy,
+        "kill_to_serving_s": time.monotonic() - killed,
+        "moved_node": back.node_id != victim.node_id,
+    }
 
 
 def run_fleet(model: Path, store: CheckpointStore, env: dict[str, str], log_dir: Path) -> Any:
     from vllm_lora_hotswap.fleet.ray_fleet import RayFleet
 
-    fleet = RayFleet(str(model), replicas=2, root=str(store.root), host="127.0.0.1", vllm_args=BASE_ARGS,
-                     env={**ENV, **env}, log_dir=str(log_dir)).start()  # fmt: skip
+    fleet = RayFleet(
+        str(model),
+        replicas=2,
+        root=str(store.root),
+        host="127.0.0.1",
+        vllm_args=BASE_ARGS,
+        env={**ENV, **env},
+        log_dir=str(log_dir),
+    ).start()
     if not fleet.wait_healthy(600):
         fleet.stop()
         raise RuntimeError(f"the fleet did not start: {fleet.replicas()}; logs in {log_dir}")
@@ -135,7 +175,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cluster.shutdown()
     for key in ("events_publish_to_served_s", "cross_node_without_notices_s", "cross_node_with_notices_s"):
         results[key.removesuffix("_s") + "_p50_s"] = statistics.median(results[key])
-    results["notices_over_events"] = results["cross_node_with_notices_p50_s"] / results["events_publish_to_served_p50_s"]
+    results["notices_over_events"] = (
+        results["cross_node_with_notices_p50_s"] / results["events_publish_to_served_p50_s"]
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

@@ -18,51 +18,102 @@ NATIVE_FACTOR = 3.0  # and must be at least this many times lower than the nativ
 
 
 def _row(name: str, rule: str, measured: str, ratio: float, met: bool, note: str = "") -> dict[str, Any]:
-    return {"name": name, "rule": rule, "measured": measured, "ratio": ratio, "met": met, "note": note,
-            "summary": f"{measured} ({rule}; ratio {ratio:.2f}){' ' + note if note else ''}"}  # fmt: skip
+    return {
+        "name": name,
+        "rule": rule,
+        "measured": measured,
+        "ratio": ratio,
+        "met": met,
+        "note": note,
+        "summary": f"{measured} ({rule}; ratio {ratio:.2f}){' ' + note if note else ''}",
+    }
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     # With events the poll interval does not count: events, not polls, should find the publish.
     polling = results["servers"]["polling"]["poll_interval_s"]
-    for key, name, poll, less_probe in (("events", "events", None, False), ("events_probe_off", "events, probe off", None, False),
-                                        ("polling", "polling", polling, False), ("polling", "polling, less the probe", polling, True)):  # fmt: skip
+    for key, name, poll, less_probe in (
+        ("events", "events", None, False),
+        ("events_probe_off", "events, probe off", None, False),
+        ("polling", "polling", polling, False),
+        ("polling", "polling, less the probe", polling, True),
+    ):
         result = results[f"latency_{key}"]
         check = publish_latency.target(result, poll, less_probe=less_probe)
         extra = f"{poll:.0f} s poll + " if poll else ""
-        rule = (f"≤ {extra}read floor {_ms(result['read_floor_s'])} + {check['steps']} × step "
-                f"{_ms(result['step']['p50'])} = {_ms(check['limit_s'])}")  # fmt: skip
+        rule = (
+            f"≤ {extra}read floor {_ms(result['read_floor_s'])} + {check['steps']} × step "
+            f"{_ms(result['step']['p50'])} = {_ms(check['limit_s'])}"
+        )
         if less_probe:
             note = "publish → served less the probe phase, swap by swap"
         elif result["probe"]:
             note = f"probe {_ms(result['phases']['probe'].get('p50'))}, stage {_ms(result['phases']['stage']['p50'])}"
         else:
             note = f"a server with `VLLM_HOTSWAP_PROBE=0`; stage {_ms(result['phases']['stage']['p50'])}"
-        rows.append(_row(f"publish → served p50, {name}", rule, _ms(check["measured_s"]), check["ratio"], check["met"], note))
+        rows.append(
+            _row(f"publish → served p50, {name}", rule, _ms(check["measured_s"]), check["ratio"], check["met"], note)
+        )
     if "latency_polling_notified" in results:
         events = results["latency_events"]
         check = publish_latency.detect_target(events)
-        rows.append(_row("detect p50, events", f"≤ {_ms(check['limit_s'])}", _ms(check["measured_s"]), check["ratio"], check["met"]))
+        rows.append(
+            _row(
+                "detect p50, events",
+                f"≤ {_ms(check['limit_s'])}",
+                _ms(check["measured_s"]),
+                check["ratio"],
+                check["met"],
+            )
+        )
         check = publish_latency.notified_target(results["latency_polling_notified"], events)
-        rows.append(_row("publish → served p50, polling + notices", f"≤ {publish_latency.NOTIFIED_FACTOR} × events "
-                         f"{_ms(events['publish_to_served']['p50'])} = {_ms(check['limit_s'])}", _ms(check["measured_s"]),
-                         check["ratio"], check["met"], f"events off, {polling:.0f} s poll: an engine on another node"))  # fmt: skip
+        rows.append(
+            _row(
+                "publish → served p50, polling + notices",
+                f"≤ {publish_latency.NOTIFIED_FACTOR} × events "
+                f"{_ms(events['publish_to_served']['p50'])} = {_ms(check['limit_s'])}",
+                _ms(check["measured_s"]),
+                check["ratio"],
+                check["met"],
+                f"events off, {polling:.0f} s poll: an engine on another node",
+            )
+        )
     check = publish_latency.stage_target(results["latency_events"])
-    rows.append(_row(f"staging p50, {publish_latency.ADAPTER_SHAPE} ({_mb(results['adapters'][publish_latency.ADAPTER_SHAPE]['bytes'])})",
-                     f"≤ {_ms(check['limit_s'])}", _ms(check["measured_s"]), check["ratio"], check["met"]))  # fmt: skip
+    rows.append(
+        _row(
+            f"staging p50, {publish_latency.ADAPTER_SHAPE} ({_mb(results['adapters'][publish_latency.ADAPTER_SHAPE]['bytes'])})",
+            f"≤ {_ms(check['limit_s'])}",
+            _ms(check["measured_s"]),
+            check["ratio"],
+            check["met"],
+        )
+    )
     if "parallel" in results:
         parallel = results["parallel"]
         check = parallel_swaps.target(parallel)
-        rows.append(_row(f"{parallel['adapters']} adapters published at once, all served (p50)",
-                         f"≤ 2 × one publish ({_ms(parallel['one']['p50'])}) = {_ms(check['limit_s'])}",
-                         _ms(check["measured_s"]), check["ratio"], check["met"]))  # fmt: skip
+        rows.append(
+            _row(
+                f"{parallel['adapters']} adapters published at once, all served (p50)",
+                f"≤ 2 × one publish ({_ms(parallel['one']['p50'])}) = {_ms(check['limit_s'])}",
+                _ms(check["measured_s"]),
+                check["ratio"],
+                check["met"],
+            )
+        )
     for shape in SHAPES:
         summary = results["stall"]["shapes"][shape.label]["summary"]
         stall = summary["ours_engine_stall"]["p50"]
         limit = FLOOR_FACTOR * copy_floor(results, shape.label)
-        rows.append(_row(f"engine stall p50 vs copy floor, {shape.label}", f"≤ 1.5 × floor = {_ms(limit)}",
-                         _ms(stall), stall / limit, stall <= limit))  # fmt: skip
+        rows.append(
+            _row(
+                f"engine stall p50 vs copy floor, {shape.label}",
+                f"≤ 1.5 × floor = {_ms(limit)}",
+                _ms(stall),
+                stall / limit,
+                stall <= limit,
+            )
+        )
     gap = results["stall"]["baseline_gap"]
     noise = gap["p95"] - gap["p50"]
     for shape in SHAPES:
@@ -74,34 +125,84 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         # read as ≤ 0 ms: each side counts as at least 1 ms, and such a row says so.
         speedup = max(native, 1e-3) / max(ours, 1e-3)
         note = f"within the gap noise (p95 − p50 = {_ms(noise)}): inconclusive" if max(ours, native) < noise else ""
-        rows.append(_row(f"stall vs native in-place reload, {shape.label}",
-                         f"native ≥ 3 × ours (ours {_ms(ours)}, native {_ms(native)})",
-                         f"{speedup:.1f}×", speedup / NATIVE_FACTOR, speedup >= NATIVE_FACTOR, note))  # fmt: skip
+        rows.append(
+            _row(
+                f"stall vs native in-place reload, {shape.label}",
+                f"native ≥ 3 × ours (ours {_ms(ours)}, native {_ms(native)})",
+                f"{speedup:.1f}×",
+                speedup / NATIVE_FACTOR,
+                speedup >= NATIVE_FACTOR,
+                note,
+            )
+        )
     if "slot_stall" in results:
         check = slot_stall.targets(results["slot_stall"])
         worst = max(check["rows"], key=lambda row: row["ratio"])
-        rows.append(_row("install stall p50 vs any worker RPC, worst size and rank",
-                         f"≤ max(1 ms, 1.5 × any RPC) = {_ms(worst['limit_s'])} (r{worst['rank']}, {worst['label']})",
-                         _ms(worst["ours_s"]), worst["ratio"], all(row["met"] for row in check["rows"])))  # fmt: skip
-        rows.append(_row("install stall p50, largest ÷ smallest over sizes and ranks", f"≤ {slot_stall.SPREAD_LIMIT}",
-                         f"{check['spread']:.2f}", check["spread"] / slot_stall.SPREAD_LIMIT, check["spread_met"]))  # fmt: skip
+        rows.append(
+            _row(
+                "install stall p50 vs any worker RPC, worst size and rank",
+                f"≤ max(1 ms, 1.5 × any RPC) = {_ms(worst['limit_s'])} (r{worst['rank']}, {worst['label']})",
+                _ms(worst["ours_s"]),
+                worst["ratio"],
+                all(row["met"] for row in check["rows"]),
+            )
+        )
+        rows.append(
+            _row(
+                "install stall p50, largest ÷ smallest over sizes and ranks",
+                f"≤ {slot_stall.SPREAD_LIMIT}",
+                f"{check['spread']:.2f}",
+                check["spread"] / slot_stall.SPREAD_LIMIT,
+                check["spread_met"],
+            )
+        )
     checks = serving.targets(results["serving"])
     pairs = results["serving"]["paired"]["pairs"]
     check = checks["throughput"]
-    rows.append(_row("serving throughput under swaps", f"≥ {100 * serving.THROUGHPUT_MIN:.0f}% of no swaps", f"{100 * check['measured']:.1f}%",
-                     check["ratio"], check["met"], _interval(check, pairs, "{:.1%}")))  # fmt: skip
+    rows.append(
+        _row(
+            "serving throughput under swaps",
+            f"≥ {100 * serving.THROUGHPUT_MIN:.0f}% of no swaps",
+            f"{100 * check['measured']:.1f}%",
+            check["ratio"],
+            check["met"],
+            _interval(check, pairs, "{:.1%}"),
+        )
+    )
     check = checks["p99_itl"]
-    rows.append(_row("serving p99 inter-token latency under swaps", f"≤ {serving.ITL_P99_MAX} × no swaps",
-                     f"{check['measured']:.2f}×", check["ratio"], check["met"], _interval(check, pairs, "{:.2f}×")))  # fmt: skip
+    rows.append(
+        _row(
+            "serving p99 inter-token latency under swaps",
+            f"≤ {serving.ITL_P99_MAX} × no swaps",
+            f"{check['measured']:.2f}×",
+            check["ratio"],
+            check["met"],
+            _interval(check, pairs, "{:.2f}×"),
+        )
+    )
     check = memory.target(results["memory"])
-    rows.append(_row(f"RSS after {check['last_swaps']} swaps vs after {check['reference_swaps']}", "within ±2%",
-                     f"{100 * check['measured']:+.2f}%", check["ratio"], check["met"]))  # fmt: skip
+    rows.append(
+        _row(
+            f"RSS after {check['last_swaps']} swaps vs after {check['reference_swaps']}",
+            "within ±2%",
+            f"{100 * check['measured']:+.2f}%",
+            check["ratio"],
+            check["met"],
+        )
+    )
     sync = results["weight_sync"]
     check = base_weights.target(sync)
     pushes = len(sync["push"]["seconds"])
-    rows.append(_row("gloo weight push vs plain gloo broadcast", "≥ 70% of the ceiling",
-                     f"{100 * check['measured']:.0f}%", check["ratio"], check["met"],
-                     _interval(check, pushes, "{:.0%}").replace("block pairs", "push/broadcast pairs")))  # fmt: skip
+    rows.append(
+        _row(
+            "gloo weight push vs plain gloo broadcast",
+            "≥ 70% of the ceiling",
+            f"{100 * check['measured']:.0f}%",
+            check["ratio"],
+            check["met"],
+            _interval(check, pushes, "{:.0%}").replace("block pairs", "push/broadcast pairs"),
+        )
+    )
     return rows
 
 
@@ -122,7 +223,12 @@ def _mb(nbytes: float) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows), ""]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+    ]
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -137,15 +243,27 @@ def markdown(results: dict[str, Any]) -> str:
         + ", ".join(f"{name} {values[0]:.1f}" for name, values in results["load_average"].items())
         + f" (on {machine['logical_cores']} cores; above that, other work shared the machine).",
         "vLLM variables in the environment of the run (the servers inherit them): "
-        + (", ".join(f"`{k}={v}`" for k, v in machine["vllm_environment"].items()) or "none (vLLM's defaults)") + ".",
+        + (", ".join(f"`{k}={v}`" for k, v in machine["vllm_environment"].items()) or "none (vLLM's defaults)")
+        + ".",
         "",
         "## Targets",
         "",
         "The ratio is measured / limit: below 1 meets a ≤ target, above 1 meets a ≥ target.",
         "",
-        *_table(["target", "rule", "measured", "ratio", "result", "note"],
-                [[r["name"], r["rule"], r["measured"], f"{r['ratio']:.2f}", "met" if r["met"] else "**missed**", r["note"]]
-                 for r in results["targets"]]),  # fmt: skip
+        *_table(
+            ["target", "rule", "measured", "ratio", "result", "note"],
+            [
+                [
+                    r["name"],
+                    r["rule"],
+                    r["measured"],
+                    f"{r['ratio']:.2f}",
+                    "met" if r["met"] else "**missed**",
+                    r["note"],
+                ]
+                for r in results["targets"]
+            ],
+        ),
     ]
     lines += _latency_section(results) + _stall_section(results) + _serving_section(results)
     lines += _memory_section(results) + _weights_section(results)
@@ -158,10 +276,23 @@ def _slot_stall_section(result: dict[str, Any]) -> list[str]:
     rows = []
     for rank, per_rank in result["ranks"].items():
         for label, size in per_rank["sizes"].items():
-            rows.append([rank, label, _mb(size["adapter_bytes"]), _ms(size["copy_floor_s"]), _ms(size["stage"]["p50"]),
-                         f"{1000 * size['ours']['p50']:.2f} ms", f"{1000 * size['ours']['p95']:.2f} ms",
-                         f"{1000 * size['any_rpc']['p50']:.2f} ms", _ms(size["native_external"].get("p50"))])  # fmt: skip
-    installs = {key: sum(r["installs"][key] for r in result["ranks"].values()) for key in ("slot_writes", "step_copies", "slots_lost")}
+            rows.append(
+                [
+                    rank,
+                    label,
+                    _mb(size["adapter_bytes"]),
+                    _ms(size["copy_floor_s"]),
+                    _ms(size["stage"]["p50"]),
+                    f"{1000 * size['ours']['p50']:.2f} ms",
+                    f"{1000 * size['ours']['p95']:.2f} ms",
+                    f"{1000 * size['any_rpc']['p50']:.2f} ms",
+                    _ms(size["native_external"].get("p50")),
+                ]
+            )
+    installs = {
+        key: sum(r["installs"][key] for r in result["ranks"].values())
+        for key in ("slot_writes", "step_copies", "slots_lost")
+    }
     return [
         "## 7. Install stall against adapter size and slot size",
         "",
@@ -175,22 +306,46 @@ def _slot_stall_section(result: dict[str, Any]) -> list[str]:
         f"into a slot while staging, {installs['step_copies']} copied in the step, {installs['slots_lost']} reserved slots "
         "taken back by vLLM.",
         "",
-        *_table(["--max-lora-rank", "adapter", "bytes", "copy floor", "stage p50", "ours p50", "ours p95", "any RPC p50",
-                 "native ext. p50"], rows),  # fmt: skip
+        *_table(
+            [
+                "--max-lora-rank",
+                "adapter",
+                "bytes",
+                "copy floor",
+                "stage p50",
+                "ours p50",
+                "ours p95",
+                "any RPC p50",
+                "native ext. p50",
+            ],
+            rows,
+        ),
         "",
     ]
 
 
 def _latency_section(results: dict[str, Any]) -> list[str]:
     rows = []
-    for key, mode in (("events", "events"), ("events_probe_off", "events, probe off"), ("polling", "polling"),
-                      ("polling_notified", "polling + notices")):  # fmt: skip
+    for key, mode in (
+        ("events", "events"),
+        ("events_probe_off", "events, probe off"),
+        ("polling", "polling"),
+        ("polling_notified", "polling + notices"),
+    ):
         if f"latency_{key}" not in results:
             continue
         r = results[f"latency_{key}"]
-        rows.append([mode, str(r["publish_to_served"]["n"]), _ms(r["publish_to_served"]["p50"]), _ms(r["publish_to_served"]["p95"]),
-                     *(_ms(r["phases"][p].get("p50")) for p in PHASES), _ms(r["commit_to_switch"]["p50"]),
-                     _ms(r["commit_to_switch_without_probe"]["p50"])])  # fmt: skip
+        rows.append(
+            [
+                mode,
+                str(r["publish_to_served"]["n"]),
+                _ms(r["publish_to_served"]["p50"]),
+                _ms(r["publish_to_served"]["p95"]),
+                *(_ms(r["phases"][p].get("p50")) for p in PHASES),
+                _ms(r["commit_to_switch"]["p50"]),
+                _ms(r["commit_to_switch_without_probe"]["p50"]),
+            ]
+        )
     return [
         "## 1. Publish → served",
         "",
@@ -198,7 +353,10 @@ def _latency_section(results: dict[str, Any]) -> list[str]:
         f"tight loop of 1-token requests; adapter {results['latency_events']['adapter_shape']}. Phases are "
         "p50 of the instance's own `last_swap.timings`; commit → switch is their sum.",
         "",
-        *_table(["mode", "swaps", "p50", "p95", *(f"{p} p50" for p in PHASES), "commit → switch p50", "… without probe"], rows),
+        *_table(
+            ["mode", "swaps", "p50", "p95", *(f"{p} p50" for p in PHASES), "commit → switch p50", "… without probe"],
+            rows,
+        ),
         "![publish to served by phase](latency_phases.png)",
         "",
     ]
@@ -209,10 +367,21 @@ def _stall_section(results: dict[str, Any]) -> list[str]:
     rows = []
     for shape in SHAPES:
         s = stall["shapes"][shape.label]["summary"]
-        rows.append([shape.label, _mb(results["adapters"][shape.label]["bytes"]), _ms(copy_floor(results, shape.label)),
-                     _ms(slot_floor(results, shape.label)), _ms(s["ours_engine_stall"]["p50"]), _ms(s["ours_engine_stall"]["p95"]),
-                     _ms(s["ours_external_install"].get("p50")), _ms(s["ours_external_whole_swap"].get("p50")),
-                     _ms(s["native_external"].get("p50")), _ms(s["native_external"].get("p95")), _ms(s["native_request"]["p50"])])  # fmt: skip
+        rows.append(
+            [
+                shape.label,
+                _mb(results["adapters"][shape.label]["bytes"]),
+                _ms(copy_floor(results, shape.label)),
+                _ms(slot_floor(results, shape.label)),
+                _ms(s["ours_engine_stall"]["p50"]),
+                _ms(s["ours_engine_stall"]["p95"]),
+                _ms(s["ours_external_install"].get("p50")),
+                _ms(s["ours_external_whole_swap"].get("p50")),
+                _ms(s["native_external"].get("p50")),
+                _ms(s["native_external"].get("p95")),
+                _ms(s["native_request"]["p50"]),
+            ]
+        )
     sticky = stall["sticky_load_inplace"]
     bandwidth = results["memory_bandwidth"]
     return [
@@ -227,8 +396,22 @@ def _stall_section(results: dict[str, Any]) -> list[str]:
         "over the whole swap (commit → old version retired: staging's CPU use and the probe included), native over the "
         "`/v1/load_lora_adapter` request. Swaps of the two paths alternate on one server, on the same adapter files.",
         "",
-        *_table(["adapter", "bytes", "copy floor", "slot floor", "ours stall p50", "ours stall p95", "ours ext. install p50",
-                 "ours ext. whole swap p50", "native ext. p50", "native ext. p95", "native request p50"], rows),  # fmt: skip
+        *_table(
+            [
+                "adapter",
+                "bytes",
+                "copy floor",
+                "slot floor",
+                "ours stall p50",
+                "ours stall p95",
+                "ours ext. install p50",
+                "ours ext. whole swap p50",
+                "native ext. p50",
+                "native ext. p95",
+                "native request p50",
+            ],
+            rows,
+        ),
         f"vLLM 0.32's sticky `load_inplace`: after one in-place reload every step that runs the adapter re-reads it "
         f"from disk. Inter-token latency on {sticky['adapter_shape']}: p50 {_ms(sticky['sticky'].get('p50'))} after an "
         f"in-place reload against {_ms(sticky['clean'].get('p50'))} for the same weights loaded plainly.",
@@ -240,8 +423,16 @@ def _stall_section(results: dict[str, Any]) -> list[str]:
 
 def _serving_section(results: dict[str, Any]) -> list[str]:
     s = results["serving"]
-    rows = [[name.replace("_", " "), f"{s[name]['seconds']:.0f} s", f"{s[name]['tokens_per_s']:.1f}",
-             _ms(s[name]["itl"].get("p50")), _ms(s[name]["itl"].get("p99"))] for name in ("no_swaps", "swaps")]  # fmt: skip
+    rows = [
+        [
+            name.replace("_", " "),
+            f"{s[name]['seconds']:.0f} s",
+            f"{s[name]['tokens_per_s']:.1f}",
+            _ms(s[name]["itl"].get("p50")),
+            _ms(s[name]["itl"].get("p99")),
+        ]
+        for name in ("no_swaps", "swaps")
+    ]
     paired = s["paired"]
     throughput = ", ".join(f"{100 * r:.0f}%" for r in paired["throughput_ratios"])
     itl = ", ".join(f"{r:.2f}×" for r in paired["p99_itl_ratios"])
@@ -321,10 +512,23 @@ def _weights_section(results: dict[str, Any]) -> list[str]:
     ]
     if not gpu["measured"]:
         return [*lines, gpu["note"] + ".", ""]
-    rows = [[label, _mb(r["bytes"]), _ms(r["pinned"]["median_s"]), f"{r['pinned']['bytes_per_s'] / 1e9:.1f} GB/s",
-             _ms(r["pageable"]["median_s"]), f"{r['pageable']['bytes_per_s'] / 1e9:.1f} GB/s"] for label, r in gpu["sizes"].items()]  # fmt: skip
-    return [*lines, f"Device: {gpu['device']}.", "",
-            *_table(["adapter", "bytes", "pinned", "pinned rate", "pageable", "pageable rate"], rows)]  # fmt: skip
+    rows = [
+        [
+            label,
+            _mb(r["bytes"]),
+            _ms(r["pinned"]["median_s"]),
+            f"{r['pinned']['bytes_per_s'] / 1e9:.1f} GB/s",
+            _ms(r["pageable"]["median_s"]),
+            f"{r['pageable']['bytes_per_s'] / 1e9:.1f} GB/s",
+        ]
+        for label, r in gpu["sizes"].items()
+    ]
+    return [
+        *lines,
+        f"Device: {gpu['device']}.",
+        "",
+        *_table(["adapter", "bytes", "pinned", "pinned rate", "pageable", "pageable rate"], rows),
+    ]
 
 
 def write(results: dict[str, Any], out: Path) -> None:

@@ -50,14 +50,46 @@ SETTLE_S = 2.0
 BIN_S = 1.0
 MIN_PAIRS_FOR_INTERVAL = 4
 # Student's t, 97.5th percentile, for 1 to 30 degrees of freedom.
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 THROUGHPUT_MIN = 0.98
 ITL_P99_MAX = 1.1
 
 
-def run(server: Server, store: CheckpointStore, assets: Assets, seconds: float, swap_every: float = 2.0) -> dict[str, Any]:
+def run(
+    server: Server, store: CheckpointStore, assets: Assets, seconds: float, swap_every: float = 2.0
+) -> dict[str, Any]:
     """``seconds`` with swaps in all, in blocks of ``BLOCK_S``; one quiet block more."""
     adapter = f"serve-{ADAPTER_SHAPE}"
     sources = assets.adapters[ADAPTER_SHAPE]
@@ -94,8 +126,10 @@ def run(server: Server, store: CheckpointStore, assets: Assets, seconds: float, 
         "swap_every_s": swap_every,
         "block_s": BLOCK_S,
         "settle_s": SETTLE_S,
-        "blocks": [{"kind": kind, "start_s": a - start, "end_s": b - start, **_phase(load.streams, [(a, b)])}
-                   for kind, a, b in measured],  # fmt: skip
+        "blocks": [
+            {"kind": kind, "start_s": a - start, "end_s": b - start, **_phase(load.streams, [(a, b)])}
+            for kind, a, b in measured
+        ],
         "published": len(publishes),
         "published_versions_served": sum(1 for _, version in publishes if version in served),
         "publish_times": [t - start for t, _ in publishes],
@@ -180,8 +214,18 @@ def targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     paired = result["paired"]
     throughput, itl = paired["throughput"], paired["p99_itl"]
     return {
-        "throughput": {"measured": throughput, "limit": THROUGHPUT_MIN, "ratio": throughput / THROUGHPUT_MIN,
-                       "met": throughput >= THROUGHPUT_MIN, "ci95": paired["throughput_ci95"]},
-        "p99_itl": {"measured": itl, "limit": ITL_P99_MAX, "ratio": itl / ITL_P99_MAX, "met": itl <= ITL_P99_MAX,
-                    "ci95": paired["p99_itl_ci95"]},
-    }  # fmt: skip
+        "throughput": {
+            "measured": throughput,
+            "limit": THROUGHPUT_MIN,
+            "ratio": throughput / THROUGHPUT_MIN,
+            "met": throughput >= THROUGHPUT_MIN,
+            "ci95": paired["throughput_ci95"],
+        },
+        "p99_itl": {
+            "measured": itl,
+            "limit": ITL_P99_MAX,
+            "ratio": itl / ITL_P99_MAX,
+            "met": itl <= ITL_P99_MAX,
+            "ci95": paired["p99_itl_ci95"],
+        },
+    }

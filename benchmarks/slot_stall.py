@@ -53,7 +53,12 @@ from .engine_stall import STREAM_TOKENS, load_native, memory_bandwidth
 
 RANKS = (16, 64, 256)
 # About 1, 10, 40 and 160 MB of float32 LoRA weights on the bench model.
-SIZES = (AdapterShape(8, QV), AdapterShape(16, ALL_LINEAR), AdapterShape(64, ALL_LINEAR), AdapterShape(256, ALL_LINEAR))
+SIZES = (
+    AdapterShape(8, QV),
+    AdapterShape(16, ALL_LINEAR),
+    AdapterShape(64, ALL_LINEAR),
+    AdapterShape(256, ALL_LINEAR),
+)
 SETTLE_S = 0.2
 RPC_FACTOR = 1.5
 STALL_FLOOR_S = 0.001
@@ -66,8 +71,14 @@ def run(assets: Assets, tmp: Path, swaps: int) -> dict[str, Any]:
     for rank in RANKS:
         shapes = [shape for shape in SIZES if shape.rank <= rank]
         stage(f"  --max-lora-rank {rank}: {len(shapes)} adapter sizes × {swaps} swaps")
-        server, store = plugin_server(assets, tmp, f"slots-r{rank}", events=True, poll_s=EVENTS_POLL_S,
-                                      extra_args=["--max-lora-rank", str(rank), "--max-loras", "2"])  # fmt: skip
+        server, store = plugin_server(
+            assets,
+            tmp,
+            f"slots-r{rank}",
+            events=True,
+            poll_s=EVENTS_POLL_S,
+            extra_args=["--max-lora-rank", str(rank), "--max-loras", "2"],
+        )
         with server:
             ranks[str(rank)] = _one_server(server, store, assets, shapes, swaps)
     for per_rank in ranks.values():
@@ -76,7 +87,9 @@ def run(assets: Assets, tmp: Path, swaps: int) -> dict[str, Any]:
     return {"memory_bandwidth": bandwidth, "ranks": ranks, "swaps": swaps}
 
 
-def _one_server(server: Server, store: CheckpointStore, assets: Assets, shapes: list[AdapterShape], swaps: int) -> dict[str, Any]:
+def _one_server(
+    server: Server, store: CheckpointStore, assets: Assets, shapes: list[AdapterShape], swaps: int
+) -> dict[str, Any]:
     sizes: dict[str, Any] = {}
     with StreamLoad(server.url, str(assets.model), STREAM_TOKENS) as load:
         load.wait_warm()
@@ -86,8 +99,11 @@ def _one_server(server: Server, store: CheckpointStore, assets: Assets, shapes: 
     windows = [w for result in sizes.values() for w in result.pop("windows")]
     baseline = statistics.median(gaps_outside(load.streams, windows))
     for result in sizes.values():
-        native = [max(gaps) - baseline for start, end in result.pop("native_windows")
-                  if (gaps := gaps_between(load.streams, start, end))]  # fmt: skip
+        native = [
+            max(gaps) - baseline
+            for start, end in result.pop("native_windows")
+            if (gaps := gaps_between(load.streams, start, end))
+        ]
         result["native_external"] = summary(native)
     workers = server.http.get("/v1/lora/workers").json()["workers"]
     return {
@@ -98,7 +114,9 @@ def _one_server(server: Server, store: CheckpointStore, assets: Assets, shapes: 
     }
 
 
-def _swap(server: Server, store: CheckpointStore, assets: Assets, label: str, swaps: int, progress: Progress) -> dict[str, Any]:
+def _swap(
+    server: Server, store: CheckpointStore, assets: Assets, label: str, swaps: int, progress: Progress
+) -> dict[str, Any]:
     adapter, native = f"slot-{label}", f"native-{label}"
     sources = assets.adapters[label]
     server.wait_swapped(adapter, store.publish(adapter, sources[0]))
@@ -136,8 +154,16 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     for rank, per_rank in result["ranks"].items():
         for label, size in per_rank["sizes"].items():
             limit = max(STALL_FLOOR_S, RPC_FACTOR * size["any_rpc"]["p50"])
-            rows.append({"rank": int(rank), "label": label, "ours_s": size["ours"]["p50"], "limit_s": limit,
-                         "ratio": size["ours"]["p50"] / limit, "met": size["ours"]["p50"] <= limit})  # fmt: skip
+            rows.append(
+                {
+                    "rank": int(rank),
+                    "label": label,
+                    "ours_s": size["ours"]["p50"],
+                    "limit_s": limit,
+                    "ratio": size["ours"]["p50"] / limit,
+                    "met": size["ours"]["p50"] <= limit,
+                }
+            )
     stalls = [row["ours_s"] for row in rows]
     spread = max(stalls) / min(stalls)
     return {"rows": rows, "spread": spread, "spread_met": spread <= SPREAD_LIMIT}
@@ -156,9 +182,13 @@ def main() -> None:
     result["targets"] = targets(result)
     options.out.write_text(json.dumps(result, indent=2))
     for row in result["targets"]["rows"]:
-        print(f"  r{row['rank']:<4} {row['label']:<8} ours {1000 * row['ours_s']:.2f} ms, limit {1000 * row['limit_s']:.2f} ms: "
-              f"{'met' if row['met'] else 'MISSED'}")  # fmt: skip
-    print(f"  spread largest/smallest: {result['targets']['spread']:.2f} ({'met' if result['targets']['spread_met'] else 'MISSED'})")
+        print(
+            f"  r{row['rank']:<4} {row['label']:<8} ours {1000 * row['ours_s']:.2f} ms, limit {1000 * row['limit_s']:.2f} ms: "
+            f"{'met' if row['met'] else 'MISSED'}"
+        )
+    print(
+        f"  spread largest/smallest: {result['targets']['spread']:.2f} ({'met' if result['targets']['spread_met'] else 'MISSED'})"
+    )
 
 
 if __name__ == "__main__":

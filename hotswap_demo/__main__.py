@@ -33,10 +33,25 @@ ENGINES = 2
 # 1 GiB of KV cache on CPU builds (ignored by CUDA builds). A version every step: host slots
 # for several at once (--max-cpu-loras), replaced versions retired fast, and a short poll,
 # which is also when a swap that found no free slot tries again.
-SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-              "VLLM_HOTSWAP_POLL_INTERVAL": "0.5", "VLLM_HOTSWAP_RETIRE_GRACE": "0.25"}  # fmt: skip
-SERVER_ARGS = ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "2", "--max-cpu-loras", "8",
-               "--dtype", "float32", "--max-model-len", "256", "--enforce-eager"]  # fmt: skip
+SERVER_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+    "VLLM_HOTSWAP_POLL_INTERVAL": "0.5",
+    "VLLM_HOTSWAP_RETIRE_GRACE": "0.25",
+}
+SERVER_ARGS = [
+    "--enable-lora",
+    "--max-lora-rank",
+    "16",
+    "--max-loras",
+    "2",
+    "--max-cpu-loras",
+    "8",
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "256",
+    "--enforce-eager",
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,9 +59,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="base model (HF id or path); default: a tiny local model made here")
     parser.add_argument("--root", type=Path, help="checkpoint store root; default: <out>/store (emptied first)")
     parser.add_argument("--steps", type=int, default=30, help="GRPO steps (default 30)")
-    parser.add_argument("--port", type=int, default=8000, help="port of the first engine; the others follow (default 8000)")
-    parser.add_argument("--max-staleness", type=int, default=0,
-                        help="publications a rollout's version may lag behind the latest (default 0: on-policy)")
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port of the first engine; the others follow (default 8000)"
+    )
+    parser.add_argument(
+        "--max-staleness",
+        type=int,
+        default=0,
+        help="publications a rollout's version may lag behind the latest (default 0: on-policy)",
+    )
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="where results go (default demo-output)")
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     return parser.parse_args(argv)
@@ -69,14 +90,24 @@ def main(argv: list[str] | None = None) -> None:
 
     engine_cores, trainer_cores = _split_cores()
     with ExitStack() as stack:
-        console.print(f"[bold]1.[/bold] starting {ENGINES} vLLM engines with the plugin on ports "
-                      f"{args.port}–{args.port + ENGINES - 1}, following {root}")  # fmt: skip
+        console.print(
+            f"[bold]1.[/bold] starting {ENGINES} vLLM engines with the plugin on ports "
+            f"{args.port}–{args.port + ENGINES - 1}, following {root}"
+        )
         launchers = []  # one launcher per engine: each starts one server on its own port
         env = {**SERVER_ENV, **({"VLLM_CPU_OMP_THREADS_BIND": engine_cores} if engine_cores else {})}
         for i in range(ENGINES):
-            launcher = Launcher(model, instances=1, base_port=args.port + i, host="127.0.0.1", root=str(root),
-                                log_dir=out / "logs" / f"engine-{i + 1}", extra_args=SERVER_ARGS, restart=False,
-                                env=env)  # fmt: skip
+            launcher = Launcher(
+                model,
+                instances=1,
+                base_port=args.port + i,
+                host="127.0.0.1",
+                root=str(root),
+                log_dir=out / "logs" / f"engine-{i + 1}",
+                extra_args=SERVER_ARGS,
+                restart=False,
+                env=env,
+            )
             stack.callback(launcher.stop)
             launcher.start()
             launchers.append(launcher)
@@ -91,10 +122,20 @@ def main(argv: list[str] | None = None) -> None:
             os.sched_setaffinity(0, trainer_cores)
             torch.set_num_threads(len(trainer_cores))
 
-        console.print(f"[bold]2.[/bold] GRPO on [cyan]{ADAPTER}[/cyan]: a publication every step, rollouts from "
-                      f"both engines (max staleness {args.max_staleness})")  # fmt: skip
-        steps = run_training(model, root, ADAPTER, urls, steps=args.steps, learning_rate=args.learning_rate,
-                             max_staleness=args.max_staleness, console=console)  # fmt: skip
+        console.print(
+            f"[bold]2.[/bold] GRPO on [cyan]{ADAPTER}[/cyan]: a publication every step, rollouts from "
+            f"both engines (max staleness {args.max_staleness})"
+        )
+        steps = run_training(
+            model,
+            root,
+            ADAPTER,
+            urls,
+            steps=args.steps,
+            learning_rate=args.learning_rate,
+            max_staleness=args.max_staleness,
+            console=console,
+        )
 
         console.print("[bold]3.[/bold] results")
         steps_path, plot_path = write_report(out, steps, args.max_staleness, console)

@@ -27,14 +27,17 @@ def write_report(out: Path, steps: list[StepRecord], max_staleness: int, console
     every = max(1, len(steps) // TABLE_ROWS)
     for record in [s for s in steps if s.step % every == 0 or s is steps[-1]]:
         sync = "-" if record.sync_seconds is None else f"{record.sync_seconds:.2f} s"
-        table.add_row(str(record.step), f"{record.reward:.2f}", ", ".join(record.rollout_versions),
-                      str(record.staleness), sync)  # fmt: skip
+        table.add_row(
+            str(record.step), f"{record.reward:.2f}", ", ".join(record.rollout_versions), str(record.staleness), sync
+        )
     console.print(table)
     syncs = sorted(s.sync_seconds for s in steps if s.sync_seconds is not None)
     if syncs:
-        console.print(f"sync (publish → served on both engines): median {statistics.median(syncs):.2f} s, "
-                      f"max {syncs[-1]:.2f} s over {len(syncs)} versions; every step's rollouts on one version, "
-                      f"at most {max(s.staleness for s in steps)} behind (bound {max_staleness})")  # fmt: skip
+        console.print(
+            f"sync (publish → served on both engines): median {statistics.median(syncs):.2f} s, "
+            f"max {syncs[-1]:.2f} s over {len(syncs)} versions; every step's rollouts on one version, "
+            f"at most {max(s.staleness for s in steps)} behind (bound {max_staleness})"
+        )
     return steps_path, plot_path
 
 

@@ -10,8 +10,16 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-PROMPTS = ("the quick brown fox", "hello world", "numbers like one two", "the store is",
-           "a journey of", "rewards go up when", "hot swapping adapters", "the model said")  # fmt: skip
+PROMPTS = (
+    "the quick brown fox",
+    "hello world",
+    "numbers like one two",
+    "the store is",
+    "a journey of",
+    "rewards go up when",
+    "hot swapping adapters",
+    "the model said",
+)
 
 
 class YesReward:
@@ -46,8 +54,17 @@ class StepRecord:
         return asdict(self)
 
 
-def run_training(model: str, root: Path, adapter: str, urls: list[str], *, steps: int, learning_rate: float,
-                 max_staleness: int, console: Console) -> list[StepRecord]:  # fmt: skip
+def run_training(
+    model: str,
+    root: Path,
+    adapter: str,
+    urls: list[str],
+    *,
+    steps: int,
+    learning_rate: float,
+    max_staleness: int,
+    console: Console,
+) -> list[StepRecord]:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
@@ -60,39 +77,75 @@ def run_training(model: str, root: Path, adapter: str, urls: list[str], *, steps
     rollout = FleetRollout(urls, hotswap, max_staleness=max_staleness)
     records: list[StepRecord] = []
     started = time.time()
-    progress = Progress(TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.description}"), console=console)  # fmt: skip
+    progress = Progress(
+        TextColumn("[bold]GRPO"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+    )
     task = progress.add_task("", total=steps)
 
     class Live(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+        ) -> None:
             if not logs or "reward" not in logs:
                 return
             # This step's batch was generated at the step before (GRPO generates at the start of a step).
             batch = [r for r in rollout.records if r.step < state.global_step][-1]
-            record = StepRecord(step=state.global_step, reward=float(logs["reward"]), rollout_versions=[batch.version],
-                                staleness=batch.staleness, sync_seconds=rollout.sync_seconds(batch.version),
-                                waited_seconds=batch.waited_seconds, generate_seconds=batch.generate_seconds,
-                                at=time.time() - started)  # fmt: skip
+            record = StepRecord(
+                step=state.global_step,
+                reward=float(logs["reward"]),
+                rollout_versions=[batch.version],
+                staleness=batch.staleness,
+                sync_seconds=rollout.sync_seconds(batch.version),
+                waited_seconds=batch.waited_seconds,
+                generate_seconds=batch.generate_seconds,
+                at=time.time() - started,
+            )
             records.append(record)
             sync = "-" if record.sync_seconds is None else f"{record.sync_seconds:.2f} s"
-            progress.console.print(f"step {record.step:3d}  reward {record.reward:.2f}  rollouts {adapter}@{batch.version}  "
-                                   f"behind {batch.staleness}  sync {sync}", soft_wrap=True)  # fmt: skip
+            progress.console.print(
+                f"step {record.step:3d}  reward {record.reward:.2f}  rollouts {adapter}@{batch.version}  "
+                f"behind {batch.staleness}  sync {sync}",
+                soft_wrap=True,
+            )
             progress.update(task, completed=state.global_step, description=f"reward {record.reward:.2f}")
 
     config = GRPOConfig(
-        output_dir=str(root.parent / "grpo-out"), max_steps=steps, learning_rate=learning_rate,
-        per_device_train_batch_size=32, num_generations=16, max_completion_length=8, temperature=1.0,
-        beta=0.0, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
-        gradient_checkpointing=False, disable_tqdm=True, use_vllm=False,
-    )  # fmt: skip
+        output_dir=str(root.parent / "grpo-out"),
+        max_steps=steps,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=32,
+        num_generations=16,
+        max_completion_length=8,
+        temperature=1.0,
+        beta=0.0,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        use_vllm=False,
+    )
     trainer = GRPOTrainer(
-        model=model, reward_funcs=reward, args=config,
+        model=model,
+        reward_funcs=reward,
+        args=config,
         train_dataset=Dataset.from_dict({"prompt": list(PROMPTS) * (steps + 1)}),
-        peft_config=LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
-                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-        callbacks=[hotswap, Live()], rollout_func=rollout,
-    )  # fmt: skip
+        peft_config=LoraConfig(
+            r=16,
+            lora_alpha=32,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+        callbacks=[hotswap, Live()],
+        rollout_func=rollout,
+    )
     trainer.remove_callback(PrinterCallback)  # the step lines and the progress bar say it all
     with progress:
         trainer.train()

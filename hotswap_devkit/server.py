@@ -22,9 +22,21 @@ import psutil
 
 # The tests' serving arguments (a toy model); the benchmarks pass their own.
 TEST_ARGS = (
-    "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2", "--max-cpu-loras", "8",
-    "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--max-num-seqs", "16",
-)  # fmt: skip
+    "--enable-lora",
+    "--max-lora-rank",
+    "16",
+    "--max-loras",
+    "2",
+    "--max-cpu-loras",
+    "8",
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "256",
+    "--enforce-eager",
+    "--max-num-seqs",
+    "16",
+)
 # The tests' plugin settings, under what a server is given (the benchmarks set their own).
 TEST_ENV = {"VLLM_HOTSWAP_POLL_INTERVAL": "0.5", "VLLM_HOTSWAP_RETIRE_GRACE": "1"}
 
@@ -104,9 +116,17 @@ class VllmServer:
     def start(self, timeout: float | None = None) -> VllmServer:
         timeout = self.start_timeout if timeout is None else timeout
         command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model), "--port", str(self.port), "--host", "127.0.0.1", *self.args,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model),
+            "--port",
+            str(self.port),
+            "--host",
+            "127.0.0.1",
+            *self.args,
+        ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:  # the child holds its own copy
             self.process = subprocess.Popen(
@@ -125,7 +145,9 @@ class VllmServer:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"vLLM server did not become healthy in {timeout:.0f}s (log: {self.log_path}):\n{self.log_tail()}")
+        raise RuntimeError(
+            f"vLLM server did not become healthy in {timeout:.0f}s (log: {self.log_path}):\n{self.log_tail()}"
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
         """Signal the API server and every process it started (its process group), and wait
@@ -168,8 +190,15 @@ class VllmServer:
 
     # -- requests ----------------------------------------------------------------------
     def complete(self, model: str, prompt: str, max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
-        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                "ignore_eos": True, "return_token_ids": True, **extra}  # fmt: skip
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+            **extra,
+        }
         response = self.client.post("/v1/completions", json=body)
         response.raise_for_status()
         return response.json()
@@ -181,13 +210,22 @@ class VllmServer:
 
     def stream(self, model: str, prompt: str, max_tokens: int) -> tuple[set[str], list[int]]:
         """A streamed greedy completion: (every model name its chunks gave, generated token ids)."""
-        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                "ignore_eos": True, "return_token_ids": True, "stream": True}  # fmt: skip
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+            "stream": True,
+        }
         served_by: set[str] = set()
         tokens: list[int] = []
         # A connection of its own, closed after: many client threads would otherwise leave
         # that many keep-alive connections open on the server (a soak counts its fds).
-        with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=120, headers=self.client.headers) as response:
+        with httpx.stream(
+            "POST", f"{self.url}/v1/completions", json=body, timeout=120, headers=self.client.headers
+        ) as response:
             response.raise_for_status()
             for line in sse_lines(response):
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -228,7 +266,9 @@ class VllmServer:
                 raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; log: {self.log_path}")
             time.sleep(interval)
 
-    def wait_swapped(self, adapter: str, version: str, *, retired: bool = True, timeout: float = 120) -> dict[str, Any]:
+    def wait_swapped(
+        self, adapter: str, version: str, *, retired: bool = True, timeout: float = 120
+    ) -> dict[str, Any]:
         """Wait until ``adapter`` serves ``version`` (and, with ``retired``, no other version
         holds a slot); returns the adapter's status with its ``last_swap``."""
         status: dict[str, Any] = {}

@@ -60,9 +60,7 @@ def make_tokenizer(path: Path, vocab_size: int = 384, corpus: Sequence[str] = CO
         show_progress=False,
     )
     tokenizer.train_from_iterator(list(corpus) * 4, trainer=trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     hf.save_pretrained(path)
     return hf
 

@@ -79,7 +79,9 @@ def test_the_targets_are_judged_on_the_paired_figures_and_few_pairs_give_no_inte
 def test_a_block_without_tokens_is_no_figure_and_no_crash():
     measured = blocks(9)
     stalled = stream(measured, lambda kind, index: 0 if index in (2, 3, 4) else 10)
-    stalled.chunk_times, stalled.chunk_tokens = zip(*[(t, n) for t, n in zip(stalled.chunk_times, stalled.chunk_tokens) if n])
+    stalled.chunk_times, stalled.chunk_tokens = zip(
+        *[(t, n) for t, n in zip(stalled.chunk_times, stalled.chunk_tokens) if n]
+    )
     checks = serving.targets({"paired": paired_figures(stalled, measured)})
     assert math.isnan(checks["throughput"]["measured"]) and not checks["throughput"]["met"]
     assert math.isnan(checks["p99_itl"]["measured"]) and not checks["p99_itl"]["met"]

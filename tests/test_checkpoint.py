@@ -31,7 +31,9 @@ json_values = st.recursive(
 
 def test_a_peft_lora_directory_validates(tmp_path: Path) -> None:
     config, weights = validate_checkpoint_dir(write_lora(tmp_path / "a"))
-    assert config.r == 8 and config.target_modules == ("q_proj", "v_proj") and weights.name == "adapter_model.safetensors"
+    assert (
+        config.r == 8 and config.target_modules == ("q_proj", "v_proj") and weights.name == "adapter_model.safetensors"
+    )
 
 
 @pytest.mark.parametrize(
@@ -91,7 +93,9 @@ def test_nan_and_inf_weights(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e5m2])
 @pytest.mark.parametrize("value", [None, float("nan"), float("inf"), -float("inf")])
-def test_non_finite_weights_of_every_float_dtype_are_found(tmp_path: Path, dtype: torch.dtype, value: float | None) -> None:
+def test_non_finite_weights_of_every_float_dtype_are_found(
+    tmp_path: Path, dtype: torch.dtype, value: float | None
+) -> None:
     from safetensors.torch import save_file
 
     from vllm_lora_hotswap.store.checkpoint import check_finite

@@ -149,8 +149,20 @@ def test_the_deployment_runs_vllm_serve_with_flags_vllm_accepts():
 
 # PromQL words that look like metric names: functions are caught by the "(" that follows them.
 _PROMQL_WORDS = {
-    "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
-    "offset", "bool", "inf", "nan", "atan2",
+    "and",
+    "or",
+    "unless",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "bool",
+    "inf",
+    "nan",
+    "atan2",
 }
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
 _MATCHERS = re.compile(r"\{[^{}]*\}")
@@ -206,7 +218,7 @@ def _expressions(dashboard: dict) -> list[str]:
 
 def test_metric_name_extraction():
     assert metric_names(
-        'histogram_quantile(0.95, sum by (phase, le) (rate(vllm_hotswap_phase_seconds_bucket'
+        "histogram_quantile(0.95, sum by (phase, le) (rate(vllm_hotswap_phase_seconds_bucket"
         '{adapter=~"$adapter", instance="a:1"}[$__rate_interval])))'
     ) == {"vllm_hotswap_phase_seconds_bucket"}
     assert metric_names("a_total / on (instance) group_left (version) b == bool 1e3") == {"a_total", "b"}

@@ -62,8 +62,12 @@ def make_lora(lora_id: int, value: float, modules: int = 2):
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.lora_weights import LoRALayerWeights
 
-    loras = {f"layer{i}": LoRALayerWeights(f"layer{i}", RANK, RANK, torch.full((RANK, DIM), value),
-                                           torch.full((DIM, RANK), value), scaling=1.0) for i in range(modules)}  # fmt: skip
+    loras = {
+        f"layer{i}": LoRALayerWeights(
+            f"layer{i}", RANK, RANK, torch.full((RANK, DIM), value), torch.full((DIM, RANK), value), scaling=1.0
+        )
+        for i in range(modules)
+    }
     return LoRAModel(lora_id, RANK, loras)
 
 
@@ -212,7 +216,9 @@ def ranked_lora(lora_id: int, rank: int, value: float):
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.lora_weights import LoRALayerWeights
 
-    weights = LoRALayerWeights("proj", rank, rank, torch.full((rank, DIM), value), torch.full((DIM, rank), value), scaling=1.0)
+    weights = LoRALayerWeights(
+        "proj", rank, rank, torch.full((rank, DIM), value), torch.full((DIM, rank), value), scaling=1.0
+    )
     return LoRAModel(lora_id, rank, {"proj": weights})
 
 

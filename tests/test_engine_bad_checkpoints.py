@@ -139,14 +139,18 @@ def test_bad_version_is_refused_and_the_last_good_one_keeps_serving(
 
     status = subprocess.run(
         [sys.executable, "-m", "vllm_lora_hotswap.cli", "status", "--root", str(store.root), "--json"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     (entry,) = [a for a in json.loads(status.stdout)["adapters"] if a["adapter"] == adapter]
     assert entry["active_version"] == v1  # the failure record makes v1 active again for everyone
     assert any(reason in error for error in entry["errors"].values())
 
 
-def test_weights_without_ready_are_never_considered(engine: VllmServer, shared_store: CheckpointStore, make_lora, reference) -> None:
+def test_weights_without_ready_are_never_considered(
+    engine: VllmServer, shared_store: CheckpointStore, make_lora, reference
+) -> None:
     store = shared_store
     good = make_lora(42)
     v1 = store.publish("half-written", good)

@@ -26,9 +26,20 @@ def test_offline_llm_follows_the_store(toy_model: Path, make_lora, reference, tm
     out = tmp_path / "out.json"
     env = {**os.environ, "VLLM_HOTSWAP_ROOT": str(store.root), "VLLM_CPU_KVCACHE_SPACE": "1"}
     run = subprocess.run(
-        [sys.executable, str(SCRIPTS / "offline_colocated.py"), str(toy_model), str(store.root), str(lora_v2), str(out), PROMPTS[0]],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(SCRIPTS / "offline_colocated.py"),
+            str(toy_model),
+            str(store.root),
+            str(lora_v2),
+            str(out),
+            PROMPTS[0],
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.read_text())
     v2 = results["v2_name"]
@@ -74,16 +85,22 @@ def test_no_spare_slot_falls_back_to_in_place_and_no_slot_is_reported(
     store.retire("b")  # frees a slot: c is served within the poll interval
     tight_engine.wait_served("c", vc1)
     assert tight_engine.tokens("c", PROMPTS[0]) == (f"c@{vc1}", reference(c1, PROMPTS[0]))
-    assert tight_engine.client.post("/v1/completions", json={"model": "b", "prompt": "hi", "max_tokens": 2}).status_code == 404
+    assert (
+        tight_engine.client.post("/v1/completions", json={"model": "b", "prompt": "hi", "max_tokens": 2}).status_code
+        == 404
+    )
 
 
 @pytest.fixture(scope="module")
 def inplace_engine(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
     root = tmp_path_factory.mktemp("inplace-store")
     server = VllmServer(
-        toy_model, root, tmp_path_factory.mktemp("logs") / "inplace.log",
-        env={"VLLM_HOTSWAP_MODE": "inplace"}, args=["--enable-prefix-caching"],
-    ).start()  # fmt: skip
+        toy_model,
+        root,
+        tmp_path_factory.mktemp("logs") / "inplace.log",
+        env={"VLLM_HOTSWAP_MODE": "inplace"},
+        args=["--enable-prefix-caching"],
+    ).start()
     yield server
     server.stop()
 

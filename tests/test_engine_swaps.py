@@ -24,7 +24,9 @@ def assert_serves(engine: VllmServer, model: str, adapter_dir: Path, reference: 
         assert tokens == reference(adapter_dir, prompt), f"{model} on {prompt!r} is not {version}'s PEFT output"
 
 
-def test_a_published_version_is_served_exactly(engine: VllmServer, shared_store: CheckpointStore, make_lora, reference) -> None:
+def test_a_published_version_is_served_exactly(
+    engine: VllmServer, shared_store: CheckpointStore, make_lora, reference
+) -> None:
     """Foundation: greedy output of a published store version equals HF + PEFT."""
     store = shared_store
     lora = make_lora(1)
@@ -46,7 +48,9 @@ def test_versions_of_falling_and_rising_rank_are_each_served_exactly(
         assert_serves(engine, "ranks", lora, reference, version)
 
 
-def test_swaps_show_in_metrics_and_one_log_line_each(engine: VllmServer, shared_store: CheckpointStore, make_lora) -> None:
+def test_swaps_show_in_metrics_and_one_log_line_each(
+    engine: VllmServer, shared_store: CheckpointStore, make_lora
+) -> None:
     version = shared_store.publish("observed", make_lora(3))
     engine.wait_served("observed", version)
     metrics = engine.client.get("/metrics").text
@@ -60,7 +64,9 @@ def test_swaps_show_in_metrics_and_one_log_line_each(engine: VllmServer, shared_
     assert f"version={version} result=served mode=versioned" in line and "stage_ms=" in line and "probe_ms=" in line
 
 
-def test_swap_rollback_follow_and_pinned_versions(engine: VllmServer, shared_store: CheckpointStore, make_lora, reference) -> None:
+def test_swap_rollback_follow_and_pinned_versions(
+    engine: VllmServer, shared_store: CheckpointStore, make_lora, reference
+) -> None:
     store = shared_store
     lora_v1, lora_v2 = make_lora(11), make_lora(12)
     v1 = store.publish("lora1", lora_v1, {"reward": 0.1})
@@ -98,7 +104,9 @@ def test_unknown_pinned_version_is_a_clear_404(engine: VllmServer, shared_store:
     assert engine.adapters()["lora404"]["last_error"] is None
 
 
-def test_new_adapter_is_listed_and_servable_within_the_poll_interval(engine: VllmServer, shared_store: CheckpointStore, make_lora) -> None:
+def test_new_adapter_is_listed_and_servable_within_the_poll_interval(
+    engine: VllmServer, shared_store: CheckpointStore, make_lora
+) -> None:
     store = shared_store
     version = store.publish("fresh", make_lora(2))
     engine.wait_until(
@@ -107,7 +115,9 @@ def test_new_adapter_is_listed_and_servable_within_the_poll_interval(engine: Vll
     assert engine.tokens("fresh", PROMPTS[0])[0] == f"fresh@{version}"
 
 
-def test_prefix_cache_never_serves_the_old_version(engine: VllmServer, shared_store: CheckpointStore, make_lora, reference) -> None:
+def test_prefix_cache_never_serves_the_old_version(
+    engine: VllmServer, shared_store: CheckpointStore, make_lora, reference
+) -> None:
     """A prompt longer than a KV block (128 tokens on CPU) is cached under v1; after the
     swap the same prompt must get v2's output, never v1's cached blocks."""
     store = shared_store
@@ -177,7 +187,9 @@ def test_streaming_clients_during_30_swaps_each_get_exactly_one_version(
         assert tokens == expected[weights_of[version]], f"response from {version} mixes versions"
     assert len(versions_seen) >= 5
     # vLLM's per-LoRA request gauge names adapters, not versions: its series do not grow with swaps.
-    info = [line for line in engine.client.get("/metrics").text.splitlines() if line.startswith("vllm:lora_requests_info{")]
+    info = [
+        line for line in engine.client.get("/metrics").text.splitlines() if line.startswith("vllm:lora_requests_info{")
+    ]
     assert info and 'running_lora_adapters="stream"' in "".join(info)
     assert not [line for line in info if "stream@" in line], info
 
@@ -268,10 +280,16 @@ def test_a_held_stage_holds_up_no_other_adapter_status_or_pinned_version(
         return result
 
     assert timed("status", engine.adapters)["held"]["state"] == "swapping"
-    assert timed("pinned", lambda: engine.tokens(f"held@{v1}", PROMPTS[0])) == (f"held@{v1}", reference(lora_v1, PROMPTS[0]))
+    assert timed("pinned", lambda: engine.tokens(f"held@{v1}", PROMPTS[0])) == (
+        f"held@{v1}",
+        reference(lora_v1, PROMPTS[0]),
+    )
     o2 = store.publish("held-other", other_v2)
     engine.wait_served("held-other", o2, timeout=30)
-    assert timed("other", lambda: engine.tokens("held-other", PROMPTS[0])) == (f"held-other@{o2}", reference(other_v2, PROMPTS[0]))
+    assert timed("other", lambda: engine.tokens("held-other", PROMPTS[0])) == (
+        f"held-other@{o2}",
+        reference(other_v2, PROMPTS[0]),
+    )
     assert engine.adapters()["held"]["phase"] == "stage", "the other adapter went ahead while this one still stages"
     print(f"answered while a stage was held: {', '.join(f'{k} {1000 * v:.0f} ms' for k, v in latencies.items())}")
 
@@ -286,7 +304,9 @@ def _phase_count(engine: VllmServer, adapter: str, phase: str) -> float:
     return float(lines[0].split()[-1]) if lines else 0.0
 
 
-def test_a_pinned_version_in_use_is_staged_and_probed_once(engine: VllmServer, shared_store: CheckpointStore, make_lora, reference) -> None:
+def test_a_pinned_version_in_use_is_staged_and_probed_once(
+    engine: VllmServer, shared_store: CheckpointStore, make_lora, reference
+) -> None:
     """Requests naming ``adapter@<old version>`` keep that version installed: its idle clock
     restarts with each request, so it is not retired and staged again in between."""
     store = shared_store
@@ -310,4 +330,6 @@ def test_a_pinned_version_in_use_is_staged_and_probed_once(engine: VllmServer, s
     assert results == [(f"pinned-use@{v1}", reference(lora_v1, PROMPTS[0]))] * 6
     after = {phase: _phase_count(engine, "pinned-use", phase) for phase in ("stage", "probe")}
     assert {phase: after[phase] - before[phase] for phase in after} == {"stage": 1.0, "probe": 1.0}
-    engine.wait_until(lambda: engine.adapters()["pinned-use"]["installed_versions"] == [v2], 30, "v1 to retire once unused")
+    engine.wait_until(
+        lambda: engine.adapters()["pinned-use"]["installed_versions"] == [v2], 30, "v1 to retire once unused"
+    )

@@ -41,18 +41,50 @@ class Fleet:
         return [f"http://127.0.0.1:{self.base_port + i}" for i in range(2)]
 
     def tokens(self, url: str, model: str, prompt: str) -> tuple[str, list[int]]:
-        body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": 8,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        }
         data = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
         return data["model"], data["choices"][0]["token_ids"]
 
 
 def launch(toy_model: Path, root: Path, log_dir: Path, base_port: int, instances: int) -> subprocess.Popen[str]:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOTSWAP_POLL_INTERVAL": "0.5", "VLLM_HOTSWAP_RETIRE_GRACE": "1"}
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_HOTSWAP_POLL_INTERVAL": "0.5",
+        "VLLM_HOTSWAP_RETIRE_GRACE": "1",
+    }
     # The weight-update routes let a test hold an engine paused: a probe then waits in it.
-    command = [sys.executable, "-m", "vllm_lora_hotswap.cli", "launch", "--model", str(toy_model),
-               "--instances", str(instances), "--base-port", str(base_port), "--gpus-per-instance", "0",
-               "--host", "127.0.0.1", "--root", str(root), "--log-dir", str(log_dir), "--", *TEST_ARGS,
-               "--weight-transfer-config", '{"backend": "gloo"}']  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "vllm_lora_hotswap.cli",
+        "launch",
+        "--model",
+        str(toy_model),
+        "--instances",
+        str(instances),
+        "--base-port",
+        str(base_port),
+        "--gpus-per-instance",
+        "0",
+        "--host",
+        "127.0.0.1",
+        "--root",
+        str(root),
+        "--log-dir",
+        str(log_dir),
+        "--",
+        *TEST_ARGS,
+        "--weight-transfer-config",
+        '{"backend": "gloo"}',
+    ]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -98,8 +130,9 @@ def test_publish_rollback_and_events_across_two_instances(fleet: Fleet, make_lor
     lora_v1, lora_v2 = make_lora(101), make_lora(102)
 
     async def scenario() -> tuple[list[LoRAUpdateEvent], str, str, dict, dict]:
-        scheduler = create_distributed_lora_scheduler(base_port=fleet.base_port, num_gpus=2, cpfs_base=str(fleet.root),
-                                                      poll_interval=0.5, enable_probe=True)  # fmt: skip
+        scheduler = create_distributed_lora_scheduler(
+            base_port=fleet.base_port, num_gpus=2, cpfs_base=str(fleet.root), poll_interval=0.5, enable_probe=True
+        )
         events: list[LoRAUpdateEvent] = []
 
         async def on_updated(event: LoRAUpdateEvent) -> None:  # async callbacks are accepted
@@ -108,7 +141,9 @@ def test_publish_rollback_and_events_across_two_instances(fleet: Fleet, make_lor
         scheduler.on_lora_updated = on_updated
         scheduler.on_lora_failed = events.append  # and plain ones
         await scheduler.start()
-        v1 = await scheduler.publish_lora_update(lora_id=1, src_ckpt_dir=str(lora_v1), metadata={"reward": 0.85, "training_step": 100})
+        v1 = await scheduler.publish_lora_update(
+            lora_id=1, src_ckpt_dir=str(lora_v1), metadata={"reward": 0.85, "training_step": 100}
+        )
         assert await scheduler.wait_converged(1, v1, timeout=60)
         v2 = await scheduler.publish_lora_update(1, lora_v2, {"reward": 0.9})
         assert await scheduler.wait_converged(1, v2, timeout=60)
@@ -146,7 +181,9 @@ def test_bad_version_fires_on_lora_failed_per_instance(fleet: Fleet, tmp_path: P
     good = make_lora(103)
 
     async def scenario() -> tuple[list[LoRAUpdateEvent], str, str]:
-        scheduler = create_distributed_lora_scheduler(base_port=fleet.base_port, num_gpus=2, cpfs_base=str(fleet.root), poll_interval=0.5)
+        scheduler = create_distributed_lora_scheduler(
+            base_port=fleet.base_port, num_gpus=2, cpfs_base=str(fleet.root), poll_interval=0.5
+        )
         failures: list[LoRAUpdateEvent] = []
         scheduler.on_lora_failed = failures.append
         await scheduler.start()
@@ -171,13 +208,26 @@ def test_system_status_custom_configs_and_blue_green(fleet: Fleet, make_lora, re
 
     async def scenario() -> tuple[dict, str, str]:
         scheduler = create_distributed_lora_scheduler(
-            base_port=fleet.base_port, num_gpus=2, cpfs_base=str(fleet.root), poll_interval=0.5,
-            configs=[LoRAHotSwapConfig(lora_id=7, port=fleet.base_port, cpfs_root=str(fleet.root), adapter_name="custom_lora7", adapter_id=7)],
-        )  # fmt: skip
+            base_port=fleet.base_port,
+            num_gpus=2,
+            cpfs_base=str(fleet.root),
+            poll_interval=0.5,
+            configs=[
+                LoRAHotSwapConfig(
+                    lora_id=7,
+                    port=fleet.base_port,
+                    cpfs_root=str(fleet.root),
+                    adapter_name="custom_lora7",
+                    adapter_id=7,
+                )
+            ],
+        )
         first = await scheduler.publish_lora_update(7, blue)
         assert await scheduler.wait_converged(7, first, timeout=60)
         verified: list[str] = []
-        version = await scheduler.blue_green_update(7, green, {"reward": 1.0}, verify=lambda name: verified.append(name) or True)
+        version = await scheduler.blue_green_update(
+            7, green, {"reward": 1.0}, verify=lambda name: verified.append(name) or True
+        )
         assert verified == ["custom_lora7-green"]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # the green name is retired, asynchronously, everywhere
@@ -192,10 +242,19 @@ def test_system_status_custom_configs_and_blue_green(fleet: Fleet, make_lora, re
     assert system["healthy"] == 2
     for instance in system["instances"]:
         assert instance["served_versions"]["custom_lora7"] == version and instance["heartbeat_age"] < 10
-        assert set(instance["last_swap"]["custom_lora7"]["timings"]) >= {"validate", "stage", "install", "probe", "switch"}
+        assert set(instance["last_swap"]["custom_lora7"]["timings"]) >= {
+            "validate",
+            "stage",
+            "install",
+            "probe",
+            "switch",
+        }
         assert instance["served_versions"].get("custom_lora7-green") is None
     for url in fleet.urls:
-        assert fleet.tokens(url, "custom_lora7", PROMPTS[0]) == (f"custom_lora7@{version}", reference(green, PROMPTS[0]))
+        assert fleet.tokens(url, "custom_lora7", PROMPTS[0]) == (
+            f"custom_lora7@{version}",
+            reference(green, PROMPTS[0]),
+        )
     assert CheckpointStore(fleet.root).is_retired("custom_lora7-green")
 
 
@@ -219,15 +278,21 @@ def test_killed_instance_is_restarted_marked_stale_meanwhile_and_converges(
     lora = make_lora(106 if victim_process == "worker" else 107)
     adapter = f"restart-{victim_process}"
     victim_url = fleet.urls[1]
-    server = next(p for p in psutil.Process(fleet.process.pid).children()
-                  if f"--port {fleet.base_port + 1}" in " ".join(p.cmdline()))  # fmt: skip
+    server = next(
+        p
+        for p in psutil.Process(fleet.process.pid).children()
+        if f"--port {fleet.base_port + 1}" in " ".join(p.cmdline())
+    )
     left_behind = server.children(recursive=True)
     if victim_process == "worker":
         # Paused for a base-weight update, the engine holds the probe until the kill.
         assert httpx.post(f"{victim_url}/start_weight_update", json={"mode": "wait"}, timeout=60).status_code == 200
         version = store.publish(adapter, lora)
         deadline = time.monotonic() + 60
-        while httpx.get(f"{victim_url}/v1/lora/adapters", timeout=5).json()["adapters"].get(adapter, {}).get("phase") != "probe":
+        while (
+            httpx.get(f"{victim_url}/v1/lora/adapters", timeout=5).json()["adapters"].get(adapter, {}).get("phase")
+            != "probe"
+        ):
             assert time.monotonic() < deadline, "the victim never started probing the new version"
             time.sleep(0.1)
         _vllm_process(server, "Worker").kill()
@@ -245,13 +310,20 @@ def test_killed_instance_is_restarted_marked_stale_meanwhile_and_converges(
         time.sleep(0.5)
     else:
         raise AssertionError("the killed instance was never marked stale")
-    status = subprocess.run([sys.executable, "-m", "vllm_lora_hotswap.cli", "status", "--root", str(fleet.root)],
-                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    status = subprocess.run(
+        [sys.executable, "-m", "vllm_lora_hotswap.cli", "status", "--root", str(fleet.root)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "STALE" in status
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{victim_url}/v1/lora/adapters", timeout=2).json()["adapters"][adapter]["served_version"] == version:
+            if (
+                httpx.get(f"{victim_url}/v1/lora/adapters", timeout=2).json()["adapters"][adapter]["served_version"]
+                == version
+            ):
                 break
         except (httpx.HTTPError, KeyError, json.JSONDecodeError):
             pass

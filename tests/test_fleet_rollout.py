@@ -27,7 +27,9 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def second_engine(toy_model: Path, shared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+def second_engine(
+    toy_model: Path, shared_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VllmServer]:
     log = tmp_path_factory.mktemp("logs") / "second-engine.log"
     server = VllmServer(toy_model, shared_root, log, args=["--enable-prefix-caching"]).start()
     yield server
@@ -39,8 +41,15 @@ def token_reward(completion_ids: list[list[int]], **_: Any) -> list[float]:
     return [(ids[0] % 7) / 7 if ids else 0.0 for ids in completion_ids]
 
 
-def run_grpo(model: Any, root: Path, adapter: str, urls: list[str], *, max_staleness: int,
-             sampling_params: dict[str, Any] | None = None) -> tuple[FleetRollout, HotSwapCallback, list[dict]]:  # fmt: skip
+def run_grpo(
+    model: Any,
+    root: Path,
+    adapter: str,
+    urls: list[str],
+    *,
+    max_staleness: int,
+    sampling_params: dict[str, Any] | None = None,
+) -> tuple[FleetRollout, HotSwapCallback, list[dict]]:
     """STEPS GRPO steps with FleetRollout; returns the rollout, the publisher and every batch it returned."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -57,16 +66,32 @@ def run_grpo(model: Any, root: Path, adapter: str, urls: list[str], *, max_stale
         return batch
 
     args = GRPOConfig(
-        output_dir=str(root.parent / f"out-{adapter}"), use_vllm=False, per_device_train_batch_size=4,
-        num_generations=2, max_completion_length=8, max_steps=STEPS, logging_steps=1, learning_rate=5e-2,
-        report_to="none", save_strategy="no", use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(root.parent / f"out-{adapter}"),
+        use_vllm=False,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        max_steps=STEPS,
+        logging_steps=1,
+        learning_rate=5e-2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
+    )
     trainer = GRPOTrainer(
-        model=model, reward_funcs=token_reward, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
-        peft_config=None if not isinstance(model, str) else LoraConfig(r=8, target_modules=["q_proj", "v_proj"],
-                                                                           task_type="CAUSAL_LM"),
-        callbacks=[hotswap], rollout_func=rollout_func,
-    )  # fmt: skip
+        model=model,
+        reward_funcs=token_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
+        peft_config=None
+        if not isinstance(model, str)
+        else LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        callbacks=[hotswap],
+        rollout_func=rollout_func,
+    )
     trainer.train()
     assert hotswap.errors == []
     return rollout, hotswap, batches
@@ -85,8 +110,9 @@ def test_on_policy_grpo_with_two_engines(
     engine: VllmServer, second_engine: VllmServer, shared_store: CheckpointStore, toy_model: Path
 ) -> None:
     """max_staleness=0: every batch comes from the trainer's latest publication, which changes every step."""
-    rollout, hotswap, batches = run_grpo(str(toy_model), shared_store.root, "rollout-onpolicy",
-                                         [engine.url, second_engine.url], max_staleness=0)  # fmt: skip
+    rollout, hotswap, batches = run_grpo(
+        str(toy_model), shared_store.root, "rollout-onpolicy", [engine.url, second_engine.url], max_staleness=0
+    )
     assert len(batches) == len(rollout.records) == STEPS
     used = []
     for batch, record in zip(batches, rollout.records, strict=True):
@@ -94,17 +120,22 @@ def test_on_policy_grpo_with_two_engines(
         assert version == record.version == record.latest == batch["latest"][-1] and record.staleness == 0
         used.append(version)
         reference = ReferenceModel(toy_model, shared_store.version_dir("rollout-onpolicy", version))
-        for prompt_ids, completion_ids, logprobs in zip(batch["prompt_ids"], batch["completion_ids"], batch["logprobs"],
-                                                        strict=True):  # fmt: skip
+        for prompt_ids, completion_ids, logprobs in zip(
+            batch["prompt_ids"], batch["completion_ids"], batch["logprobs"], strict=True
+        ):
             expected = peft_logprobs(reference, prompt_ids, completion_ids)
             assert logprobs == pytest.approx(expected, abs=2e-3), f"samples of {version} are not its weights'"
         sync = rollout.sync_seconds(version)
         assert sync is not None  # both engines served it
-        print(f"\n{version}: waited {record.waited_seconds:.2f} s, generated {record.generate_seconds:.2f} s, "
-              f"publish -> served on both engines {sync:.2f} s")  # fmt: skip
+        print(
+            f"\n{version}: waited {record.waited_seconds:.2f} s, generated {record.generate_seconds:.2f} s, "
+            f"publish -> served on both engines {sync:.2f} s"
+        )
     assert len(set(used)) == STEPS  # a new version every step
     # The weights did change from version to version (else the check above could not tell them apart).
-    first, last = (shared_store.version_dir("rollout-onpolicy", v) / "adapter_model.safetensors" for v in (used[0], used[-1]))
+    first, last = (
+        shared_store.version_dir("rollout-onpolicy", v) / "adapter_model.safetensors" for v in (used[0], used[-1])
+    )
     assert first.read_bytes() != last.read_bytes()
     assert [p.version for p in hotswap.publications[:STEPS]] == used
 
@@ -120,11 +151,18 @@ def test_stale_by_one_greedy_rollouts_equal_peft(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = make_lora(41)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy_model, dtype=torch.float32), start,
-                                      is_trainable=True)  # fmt: skip
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(toy_model, dtype=torch.float32), start, is_trainable=True
+    )
     greedy = {"temperature": 0.0, "ignore_eos": True}
-    rollout, _, batches = run_grpo(model, shared_store.root, "rollout-stale", [engine.url, second_engine.url],
-                                   max_staleness=1, sampling_params=greedy)  # fmt: skip
+    rollout, _, batches = run_grpo(
+        model,
+        shared_store.root,
+        "rollout-stale",
+        [engine.url, second_engine.url],
+        max_staleness=1,
+        sampling_params=greedy,
+    )
     assert len(batches) == STEPS
     tokenizer = AutoTokenizer.from_pretrained(toy_model)
     by_ids = {tuple(tokenizer(p).input_ids): p for p in PROMPTS}  # what the trainer sent, as text
@@ -145,18 +183,24 @@ def test_a_lagging_engine_is_named_when_the_wait_times_out(tmp_path: Path) -> No
     hotswap.publications.append(Publication(step=1, value=None, reasons=("schedule",), version="2030-01-01T00-00-00Z"))
     rollout = FleetRollout(["http://127.0.0.1:9"], hotswap, max_staleness=0, timeout=0.3)
     trainer = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1))
-    with pytest.raises(TimeoutError, match=r"max_staleness=0 .*2030-01-01T00-00-00Z.*http://127.0.0.1:9 serves policy@None "
-                                           r"\(last error: ConnectError"):  # fmt: skip
+    with pytest.raises(
+        TimeoutError,
+        match=r"max_staleness=0 .*2030-01-01T00-00-00Z.*http://127.0.0.1:9 serves policy@None "
+        r"\(last error: ConnectError",
+    ):
         rollout(["hello"], trainer)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"urls": "http://a:8000"}, "urls must be a non-empty list"),
-    ({"urls": []}, "urls must be a non-empty list"),
-    ({"max_staleness": -1}, "max_staleness must be an integer >= 0, got -1"),
-    ({"timeout": 0}, "timeout must be a positive number"),
-    ({"publisher": object()}, "publisher must be a HotSwapCallback"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"urls": "http://a:8000"}, "urls must be a non-empty list"),
+        ({"urls": []}, "urls must be a non-empty list"),
+        ({"max_staleness": -1}, "max_staleness must be an integer >= 0, got -1"),
+        ({"timeout": 0}, "timeout must be a positive number"),
+        ({"publisher": object()}, "publisher must be a HotSwapCallback"),
+    ],
+)
 def test_bad_arguments_are_refused_naming_them(tmp_path: Path, kwargs: dict[str, Any], message: str) -> None:
     arguments = {"urls": ["http://a:8000"], "publisher": HotSwapCallback(tmp_path, "policy"), **kwargs}
     with pytest.raises(ValueError, match=message):

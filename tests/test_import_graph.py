@@ -163,11 +163,7 @@ def test_no_import_cycles():
 
 def test_trainer_side_never_imports_the_engine():
     graph = _graph()
-    roots = [
-        name
-        for name in graph
-        if any(name == root or name.startswith(root + ".") for root in TRAINER_ROOTS)
-    ]
+    roots = [name for name in graph if any(name == root or name.startswith(root + ".") for root in TRAINER_ROOTS)]
     assert "vllm_lora_hotswap.client" in roots and "trl_callbacks" in roots
     chains = _reachable(graph, roots)
     offending = [

@@ -17,9 +17,7 @@ def _labels(arrivals: list[str]) -> tuple[dict[str, int], dict[str, int]]:
     return dict(stats.running_lora_adapters), dict(stats.waiting_lora_adapters)
 
 
-def test_versions_count_under_their_adapter_listed_in_name_order_whatever_the_arrival_order() -> (
-    None
-):
+def test_versions_count_under_their_adapter_listed_in_name_order_whatever_the_arrival_order() -> None:
     running, waiting = _labels(["b@v2", "a@v1", "b@v3", "c"])
     assert list(running) == ["a", "b", "c"], "vLLM joins these keys into the label, in this order"
     assert running == {"a": 1, "b": 2, "c": 1}

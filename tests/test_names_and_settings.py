@@ -25,7 +25,22 @@ def test_valid_adapter_names(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["", "../x", "/etc", "a/b", "a\\b", ".hidden", "..", "a..b", "lora@v1", "ｌora1", "lorа1", "a" * 129, "a b", "x\n"],
+    [
+        "",
+        "../x",
+        "/etc",
+        "a/b",
+        "a\\b",
+        ".hidden",
+        "..",
+        "a..b",
+        "lora@v1",
+        "ｌora1",
+        "lorа1",
+        "a" * 129,
+        "a b",
+        "x\n",
+    ],
 )
 def test_unsafe_adapter_names_are_refused(name: str) -> None:
     with pytest.raises(InvalidNameError, match="invalid adapter name"):
@@ -99,8 +114,14 @@ def test_the_probe_prompt_is_one_token_unless_set(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("var", "value"),
-    [("POLL_INTERVAL", "abc"), ("POLL_INTERVAL", "-1"), ("MODE", "sideways"), ("PROBE", "maybe"), ("ADAPTERS", " , "),
-     ("PROBE_PROMPT", "")],
+    [
+        ("POLL_INTERVAL", "abc"),
+        ("POLL_INTERVAL", "-1"),
+        ("MODE", "sideways"),
+        ("PROBE", "maybe"),
+        ("ADAPTERS", " , "),
+        ("PROBE_PROMPT", ""),
+    ],
 )
 def test_bad_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
     monkeypatch.setenv(f"VLLM_HOTSWAP_{var}", value)
@@ -128,5 +149,7 @@ def test_the_wheel_ships_neither_the_demo_nor_the_toy_models() -> None:
     rules = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     packages = find_packages(str(root), include=rules["include"])
     assert "vllm_lora_hotswap" in packages and "trl_callbacks" in packages
-    assert not [p for p in packages if p.startswith(("hotswap_demo", "hotswap_devkit", "tests", "benchmarks"))], packages
+    assert not [p for p in packages if p.startswith(("hotswap_demo", "hotswap_devkit", "tests", "benchmarks"))], (
+        packages
+    )
     assert not (root / "vllm_lora_hotswap" / "toy_models.py").exists()

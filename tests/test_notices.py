@@ -150,7 +150,11 @@ def test_a_notice_makes_the_engine_read_the_store_at_once(routes, store: Checkpo
 def test_a_forged_notice_changes_nothing(routes, store: CheckpointStore) -> None:
     client, controller, first = routes
     before = controller.status().adapters
-    for body in ({"adapter": "policy", "version": FORGED}, {"adapter": "ghost", "version": FORGED}, {"adapter": "policy"}):
+    for body in (
+        {"adapter": "policy", "version": FORGED},
+        {"adapter": "ghost", "version": FORGED},
+        {"adapter": "policy"},
+    ):
         assert client.post("/v1/lora/notify", json=body).status_code == 202
     time.sleep(0.2)  # the controller thread has looked (or would have)
     assert served(controller, "policy") == first
@@ -245,7 +249,9 @@ class FakeEngineServer:
                         self._answer(200, {"served_version": owner.served, "sampling": True, "last_error": None})
                         return
                     with owner.changed:
-                        owner.changed.wait_for(lambda: (owner.served or "") >= query["version"], float(query["timeout"]))
+                        owner.changed.wait_for(
+                            lambda: (owner.served or "") >= query["version"], float(query["timeout"])
+                        )
                     self._answer(200, {"served_version": owner.served, "last_error": None})
                 else:
                     self._answer(404, {"detail": "Not Found"})
@@ -293,9 +299,13 @@ def test_the_callback_notifies_its_engines_after_each_commit(tmp_path: Path, toy
     from transformers import AutoModelForCausalLM, TrainerState
 
     engine = fake_engines()
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(toy_model, dtype=torch.float32),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))  # fmt: skip
-    hotswap = HotSwapCallback(tmp_path / "store", "policy", on_improvement=False, every_n_steps=1, engines=[engine.url])
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(toy_model, dtype=torch.float32),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    hotswap = HotSwapCallback(
+        tmp_path / "store", "policy", on_improvement=False, every_n_steps=1, engines=[engine.url]
+    )
     hotswap.publish(TrainerState(global_step=1), model)
     (publication,) = hotswap.publications
     assert hotswap.wait_for_commit(publication, 60) and publication.version is not None, publication.error
@@ -372,23 +382,34 @@ def test_a_batch_runs_beside_the_probe_and_is_sampled_again_when_the_version_fai
 
     threading.Thread(target=next_version, daemon=True).start()
     trainer = SimpleNamespace(
-        accelerator=SimpleNamespace(num_processes=1), processing_class=AutoTokenizer.from_pretrained(toy_model),
-        state=SimpleNamespace(global_step=3), max_completion_length=4, temperature=1.0, top_p=1.0, top_k=0,
-        min_p=0.0, repetition_penalty=1.0, num_generations=1,
-    )  # fmt: skip
+        accelerator=SimpleNamespace(num_processes=1),
+        processing_class=AutoTokenizer.from_pretrained(toy_model),
+        state=SimpleNamespace(global_step=3),
+        max_completion_length=4,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        num_generations=1,
+    )
     out = rollout(["hello world"], trainer)
     assert out["policy_version"] == [v3] and rollout.refused == [v2]
     assert engine.sampled == [f"policy@{v2}", f"policy@{v3}"]
 
 
-def test_the_scheduler_notifies_its_instances_after_each_store_change(tmp_path: Path, lora: Path, fake_engines) -> None:
+def test_the_scheduler_notifies_its_instances_after_each_store_change(
+    tmp_path: Path, lora: Path, fake_engines
+) -> None:
     import asyncio
 
     from vllm_lora_hotswap.fleet.scheduler import DistributedLoRAScheduler
 
     engine = fake_engines()
     port = int(engine.url.rsplit(":", 1)[1])
-    scheduler = DistributedLoRAScheduler(base_port=port, num_gpus=1, cpfs_base=str(tmp_path / "store"), api_key="secret")
+    scheduler = DistributedLoRAScheduler(
+        base_port=port, num_gpus=1, cpfs_base=str(tmp_path / "store"), api_key="secret"
+    )
 
     async def scenario() -> tuple[str, str]:
         first = await scheduler.publish_lora_update("policy", lora)

@@ -27,20 +27,25 @@ FORGED = "2099-01-01T00-00-00Z"
 
 
 @pytest.fixture(scope="module")
-def quiet_engine(toy_model: Path, make_lora, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VllmServer, CheckpointStore]]:
+def quiet_engine(
+    toy_model: Path, make_lora, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[VllmServer, CheckpointStore]]:
     root = tmp_path_factory.mktemp("notice-store")
     store = CheckpointStore(root)
     store.publish(ADAPTER, make_lora(1))  # served from start-up (the start-up sync reads the store once)
     env = {"VLLM_HOTSWAP_EVENTS": "0", "VLLM_HOTSWAP_POLL_INTERVAL": "3600"}
-    server = VllmServer(toy_model, root, tmp_path_factory.mktemp("logs") / "quiet-engine.log", env=env, api_key=API_KEY)
+    server = VllmServer(
+        toy_model, root, tmp_path_factory.mktemp("logs") / "quiet-engine.log", env=env, api_key=API_KEY
+    )
     server.start()
     yield server, store
     server.stop()
 
 
 def wait_served(server: VllmServer, version: str, timeout: float) -> dict:
-    response = server.client.get("/v1/lora/wait", params={"adapter": ADAPTER, "version": version, "timeout": timeout},
-                                 timeout=timeout + 30)  # fmt: skip
+    response = server.client.get(
+        "/v1/lora/wait", params={"adapter": ADAPTER, "version": version, "timeout": timeout}, timeout=timeout + 30
+    )
     response.raise_for_status()
     return response.json()
 
@@ -61,9 +66,12 @@ def test_a_notified_version_is_served_long_before_the_next_poll(quiet_engine, ma
 
 def test_a_forged_notice_changes_nothing(quiet_engine) -> None:
     server, store = quiet_engine
+
     def swaps() -> dict:  # what a notice could change (a replaced version's slot is freed meanwhile)
-        return {name: {key: a[key] for key in ("served_version", "last_swap", "last_error")}
-                for name, a in server.adapters().items()}  # fmt: skip
+        return {
+            name: {key: a[key] for key in ("served_version", "last_swap", "last_error")}
+            for name, a in server.adapters().items()
+        }
 
     before = swaps()
     for body in ({"adapter": ADAPTER, "version": FORGED}, {"adapter": "ghost", "version": FORGED}):

@@ -23,7 +23,9 @@ LAYOUTS = {"tp2": ["--tensor-parallel-size", "2"], "dp2": ["--data-parallel-size
 
 
 @pytest.fixture(scope="module", params=sorted(LAYOUTS))
-def parallel_engine(request: pytest.FixtureRequest, toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+def parallel_engine(
+    request: pytest.FixtureRequest, toy_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VllmServer]:
     root = tmp_path_factory.mktemp(f"store-{request.param}")
     log = tmp_path_factory.mktemp("logs") / f"{request.param}.log"
     # Two CPU workers need a core each (vLLM refuses to bind two to one NUMA node otherwise).
@@ -45,7 +47,9 @@ def assert_every_worker_holds(engine: VllmServer, store: CheckpointStore, adapte
         assert state["disk_loads"] == 0, states
 
 
-def test_publish_rollback_and_a_bad_version_on_every_worker(parallel_engine: VllmServer, make_lora, reference, tmp_path: Path) -> None:
+def test_publish_rollback_and_a_bad_version_on_every_worker(
+    parallel_engine: VllmServer, make_lora, reference, tmp_path: Path
+) -> None:
     engine, store = parallel_engine, CheckpointStore(parallel_engine.root)
     lora_v1, lora_v2 = make_lora(91), make_lora(92)
     v1 = store.publish("par", lora_v1)

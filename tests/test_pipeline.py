@@ -82,7 +82,9 @@ def test_a_group_call_with_overlap_starts_while_another_runs(overlap: bool) -> N
     assert overlap or sorted(groups[1]) == [2, 3]
 
 
-def test_a_held_stage_holds_up_no_other_adapter_nor_status_nor_pinned_requests(store: CheckpointStore, lora: Path) -> None:
+def test_a_held_stage_holds_up_no_other_adapter_nor_status_nor_pinned_requests(
+    store: CheckpointStore, lora: Path
+) -> None:
     engine = FakeEngine()
     controller = controller_for(store, engine, retire_grace=60)
     a1 = store.publish("a", lora)
@@ -124,7 +126,9 @@ def test_a_superseded_version_is_never_installed(store: CheckpointStore, lora: P
 
 @pytest.mark.parametrize("mode", ["versioned", "inplace"])
 @pytest.mark.parametrize("phase", ["stage", "install", "probe"])
-def test_a_version_rejected_at_any_phase_is_undone_and_recorded(store: CheckpointStore, lora: Path, phase: str, mode: str) -> None:
+def test_a_version_rejected_at_any_phase_is_undone_and_recorded(
+    store: CheckpointStore, lora: Path, phase: str, mode: str
+) -> None:
     engine = FakeEngine(max_cpu_loras=3)
     controller = controller_for(store, engine, mode=mode)
     v1 = store.publish("a", lora)
@@ -142,7 +146,9 @@ def test_a_version_rejected_at_any_phase_is_undone_and_recorded(store: Checkpoin
 
 
 @pytest.mark.parametrize("call", ["stage", "stage_status", "install", "probe"])
-def test_an_engine_that_cannot_answer_is_no_verdict_on_the_version(store: CheckpointStore, lora: Path, call: str) -> None:
+def test_an_engine_that_cannot_answer_is_no_verdict_on_the_version(
+    store: CheckpointStore, lora: Path, call: str
+) -> None:
     """The worker dies, the engine is paused for a base-weight update, an RPC times out:
     nothing is recorded against the version, and it is served once the engine is back."""
     engine = FakeEngine()
@@ -160,7 +166,9 @@ def test_an_engine_that_cannot_answer_is_no_verdict_on_the_version(store: Checkp
     assert served(controller, "a") == v2
 
 
-def test_an_adapter_without_a_slot_waits_without_rereading_and_goes_on_when_one_frees(store: CheckpointStore, lora: Path) -> None:
+def test_an_adapter_without_a_slot_waits_without_rereading_and_goes_on_when_one_frees(
+    store: CheckpointStore, lora: Path
+) -> None:
     engine = FakeEngine(max_cpu_loras=2)
     controller = controller_for(store, engine)
     store.publish("a", lora), store.publish("b", lora)
@@ -335,8 +343,9 @@ class InPlaceMachine(PipelineMachine):
 def test_random_sequences_keep_the_invariants(machine: type[PipelineMachine], lora: Path) -> None:
     machine.lora = lora
     test = machine.TestCase()
-    test.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
-                             suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+    test.settings = settings(
+        max_examples=60, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
     test.runTest()
 
 

@@ -25,9 +25,7 @@ from vllm_lora_hotswap.store import publish as publish_module
 @pytest.fixture
 def setup(tmp_path: Path) -> tuple[CheckpointStore, Path]:
     """A real store, and a small PEFT LoRA to publish into it."""
-    return CheckpointStore(tmp_path), write_lora(
-        tmp_path.parent / f"{tmp_path.name}-lora", hidden=32, layers=1
-    )
+    return CheckpointStore(tmp_path), write_lora(tmp_path.parent / f"{tmp_path.name}-lora", hidden=32, layers=1)
 
 
 def _controller(store: CheckpointStore, engine: FakeEngine) -> SwapController:
@@ -64,9 +62,7 @@ def test_a_retired_version_keeps_its_id_for_the_grace_and_then_lets_it_go(
     assert controller.ensure("a", v1).lora_id != first_id
 
 
-def test_ids_and_refusals_stay_bounded_over_many_versions(
-    setup, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_ids_and_refusals_stay_bounded_over_many_versions(setup, monkeypatch: pytest.MonkeyPatch) -> None:
     store, lora = setup
     monkeypatch.setattr(slots_module, "ID_GRACE", 0.0)
     monkeypatch.setattr(outcomes_module, "REMEMBERED_FAILURES", 8)
@@ -80,9 +76,7 @@ def test_ids_and_refusals_stay_bounded_over_many_versions(
         controller.sync_once()  # housekeeping: the replaced version leaves
         assert _bound_ids(controller) <= 2
     refused = controller.slots.state("a").failed
-    assert len(refused) == 8 and max(refused) == version, (
-        "the newest refusals are the ones remembered"
-    )
+    assert len(refused) == 8 and max(refused) == version, "the newest refusals are the ones remembered"
     assert controller.status().adapters["a"].served_version == store.versions("a")[-2]
 
 

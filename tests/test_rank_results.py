@@ -30,10 +30,14 @@ def status(state: str, nbytes: int = 0, error: str | None = None) -> dict[str, A
 
 
 def test_a_version_is_staged_only_when_every_rank_staged_it() -> None:
-    engine = Ranks({"hotswap_status": [
-        [status("ready", 10), status("ready", 10)],  # rank 0: a, b
-        [status("ready", 10), status("pending")],  # rank 1: a, b
-    ]})  # fmt: skip
+    engine = Ranks(
+        {
+            "hotswap_status": [
+                [status("ready", 10), status("ready", 10)],  # rank 0: a, b
+                [status("ready", 10), status("pending")],  # rank 1: a, b
+            ]
+        }
+    )
     a, b = engine.stage_status([A, B])
     assert (a.state, a.nbytes) == ("ready", 20) and b.state == "pending"
 
@@ -44,16 +48,23 @@ def test_one_rank_that_fails_staging_fails_the_version() -> None:
     assert (a.state, a.error) == ("failed", "worker 1 of 2: ValueError: NaN")
 
 
-@pytest.mark.parametrize("failure, expected", [
-    ({"ok": False, "error": "shape mismatch"}, CheckpointRejected),
-    ({"ok": False, "capacity": True, "error": "all 8 LoRA slots"}, NoCapacity),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "failure, expected",
+    [
+        ({"ok": False, "error": "shape mismatch"}, CheckpointRejected),
+        ({"ok": False, "capacity": True, "error": "all 8 LoRA slots"}, NoCapacity),
+    ],
+)
 def test_one_rank_that_fails_an_install_fails_that_version_alone(failure: dict[str, Any], expected: type) -> None:
     ok = {"ok": True, "error": None}
-    engine = Ranks({"hotswap_install": [
-        {"results": [ok, ok], "seconds": 0.002},
-        {"results": [ok, failure], "seconds": 0.003},
-    ]})  # fmt: skip
+    engine = Ranks(
+        {
+            "hotswap_install": [
+                {"results": [ok, ok], "seconds": 0.002},
+                {"results": [ok, failure], "seconds": 0.003},
+            ]
+        }
+    )
     a, b = engine.install([InstallRequest(A), InstallRequest(B)])
     assert a == 0.003  # the engine loop is held until the slowest rank is done
     assert isinstance(b, expected) and f"worker 1 of 2: {failure['error']}" in str(b)

@@ -51,9 +51,14 @@ def cluster_and_fleet(
 ) -> Iterator[tuple[Any, RayFleet]]:
     cluster = loopback_cluster()
     fleet = RayFleet(
-        str(toy_model), replicas=2, root=str(ray_store.root), host="127.0.0.1", vllm_args=BASE_ARGS, env=ENV,
+        str(toy_model),
+        replicas=2,
+        root=str(ray_store.root),
+        host="127.0.0.1",
+        vllm_args=BASE_ARGS,
+        env=ENV,
         log_dir=str(tmp_path_factory.mktemp("ray-logs")),
-    ).start()  # fmt: skip
+    ).start()
     try:
         assert fleet.wait_healthy(300), f"replicas: {fleet.replicas()}"
         yield cluster, fleet
@@ -69,8 +74,14 @@ def fleet(cluster_and_fleet: tuple[Any, RayFleet]) -> RayFleet:
 
 
 def greedy(url: str, model: str) -> list[int]:
-    body = {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True,
-            "return_token_ids": True}  # fmt: skip
+    body = {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": 8,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
     response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
     response.raise_for_status()
     return response.json()["choices"][0]["token_ids"]
@@ -78,7 +89,9 @@ def greedy(url: str, model: str) -> list[int]:
 
 def served(url: str, adapter: str) -> str | None:
     try:
-        return httpx.get(f"{url}/v1/lora/adapters", timeout=5).json()["adapters"].get(adapter, {}).get("served_version")
+        return (
+            httpx.get(f"{url}/v1/lora/adapters", timeout=5).json()["adapters"].get(adapter, {}).get("served_version")
+        )
     except httpx.HTTPError:
         return None
 
@@ -113,9 +126,11 @@ def test_replicas_on_two_nodes_serve_a_publication(
 
 
 def test_killed_replica_and_removed_node_are_restarted_by_ray(
-    cluster_and_fleet: tuple[Any, RayFleet], ray_store: CheckpointStore, make_lora: Callable[..., Path],
+    cluster_and_fleet: tuple[Any, RayFleet],
+    ray_store: CheckpointStore,
+    make_lora: Callable[..., Path],
     reference: Callable[..., list[int]],
-) -> None:  # fmt: skip
+) -> None:
     cluster, fleet = cluster_and_fleet
     version = ray_store.publish("policy", make_lora(2))
     wait_for(lambda: all(served(u, "policy") == version for u in fleet.urls()), 60, "both replicas to serve v2")
@@ -177,10 +192,18 @@ def test_fleet_rollout_resends_the_share_of_a_replica_killed_mid_batch(
     assert sorted(rollout.urls) == sorted(fleet.urls())
     policy = ReferenceModel(toy_model, make_lora(3))
     trainer = SimpleNamespace(
-        accelerator=SimpleNamespace(num_processes=1), state=TrainerState(), model=policy.model,
-        processing_class=policy.tokenizer, num_generations=2, max_completion_length=4, temperature=1.0, top_p=1.0,
-        top_k=None, min_p=None, repetition_penalty=1.0,
-    )  # fmt: skip
+        accelerator=SimpleNamespace(num_processes=1),
+        state=TrainerState(),
+        model=policy.model,
+        processing_class=policy.tokenizer,
+        num_generations=2,
+        max_completion_length=4,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=None,
+        min_p=None,
+        repetition_penalty=1.0,
+    )
     prompts = ["the quick brown fox", "the quick brown fox", "hello world hello", "hello world hello"]
 
     victim = fleet.replicas()[0]
@@ -230,7 +253,9 @@ def test_blue_green_across_nodes(
         assert served(r.url, "bg") == version
         assert greedy(r.url, "bg") == reference(make_lora(4), PROMPT)
     assert ray_store.is_retired("bg-green")
-    wait_for(lambda: all(served(r.url, "bg-green") is None for r in replicas), 60, "the green name retired on both nodes")
+    wait_for(
+        lambda: all(served(r.url, "bg-green") is None for r in replicas), 60, "the green name retired on both nodes"
+    )
 
 
 def _up(url: str) -> bool:

@@ -92,7 +92,8 @@ def test_a_newer_release_that_matches_is_still_a_warning() -> None:
 
 def test_an_older_release_is_refused_without_a_download(tmp_path: Path) -> None:
     assert release_check.check_release("0.31.0", tmp_path / "empty") == (
-        1, f"FAIL vLLM 0.31.0 is older than the supported range {RANGE}"
+        1,
+        f"FAIL vLLM 0.31.0 is older than the supported range {RANGE}",
     )
     assert not (tmp_path / "empty").exists()
 
@@ -103,5 +104,7 @@ def test_an_unreachable_index_is_a_skip_that_says_nothing_was_checked(
     monkeypatch.setattr(release_check.sys, "executable", fake_index(tmp_path, None))
     assert release_check.main(["latest", "--wheels", str(tmp_path)]) == release_check.UNREACHABLE
     err = capsys.readouterr().err
-    assert err.startswith("::warning::make compat VLLM=latest SKIPPED, nothing was checked: cannot list vLLM's releases")
+    assert err.startswith(
+        "::warning::make compat VLLM=latest SKIPPED, nothing was checked: cannot list vLLM's releases"
+    )
     assert "network unreachable" in err

@@ -27,8 +27,9 @@ NOBODY = 65534
 def small_file_system() -> Iterator[Path]:
     """A 2 MiB tmpfs (mounting needs root; elsewhere the test says why it is skipped)."""
     mount_point = Path(tempfile.mkdtemp(prefix="hotswap-full-"))
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)  # fmt: skip
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         mount_point.rmdir()
         pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}): the full-disk case needs root")
@@ -44,7 +45,9 @@ def test_full_file_system_refuses_the_publish_and_loses_nothing(small_file_syste
     small = write_lora(tmp_path / "small")  # a few KB
     big = write_lora(tmp_path / "big", rank=16, hidden=2048, layers=8)  # ~4 MB: does not fit
     first = store.publish("lora1", small)
-    with pytest.raises(StoreError, match=r"publishing lora1 from .* failed: No space left on device; nothing was published"):
+    with pytest.raises(
+        StoreError, match=r"publishing lora1 from .* failed: No space left on device; nothing was published"
+    ):
         store.publish("lora1", big)
     assert store.versions("lora1") == [first] and store.active_version("lora1") == first
     store.validate("lora1", first)
@@ -96,8 +99,16 @@ GARBAGE = st.one_of(
     st.text(max_size=100).map(str.encode),
     st.sampled_from([b"", b"{}", b"[]", b"null", b'{"files": 3}', b"../../etc/passwd", b"\x00" * 10, b"9" * 400]),
 )
-STORE_FILES = ("LATEST", "ACTIVE", "RETIRED", "READY", "metadata.json", "adapter_config.json",
-               "FAILED.x", "instance.json")  # fmt: skip
+STORE_FILES = (
+    "LATEST",
+    "ACTIVE",
+    "RETIRED",
+    "READY",
+    "metadata.json",
+    "adapter_config.json",
+    "FAILED.x",
+    "instance.json",
+)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +116,9 @@ def lora_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_lora(tmp_path_factory.mktemp("src") / "lora")
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(damage=st.dictionaries(st.sampled_from(STORE_FILES), GARBAGE, min_size=1))
 def test_cli_never_crashes_on_a_garbage_store(lora_source: Path, damage: dict[str, bytes]) -> None:
     """Whatever the files hold, every read-only command answers with output or one clear error."""
@@ -115,17 +128,30 @@ def test_cli_never_crashes_on_a_garbage_store(lora_source: Path, damage: dict[st
         adapter_dir, version_dir = store.adapter_dir("lora1"), store.version_dir("lora1", version)
         instances = store.root / ".instances"
         instances.mkdir(exist_ok=True)
-        places = {"LATEST": adapter_dir, "ACTIVE": adapter_dir, "RETIRED": adapter_dir, "FAILED.x": version_dir,
-                  "READY": version_dir, "metadata.json": version_dir, "adapter_config.json": version_dir,
-                  "instance.json": instances}  # fmt: skip
+        places = {
+            "LATEST": adapter_dir,
+            "ACTIVE": adapter_dir,
+            "RETIRED": adapter_dir,
+            "FAILED.x": version_dir,
+            "READY": version_dir,
+            "metadata.json": version_dir,
+            "adapter_config.json": version_dir,
+            "instance.json": instances,
+        }
         for name, data in damage.items():
             target = places[name] / name
             if target.exists():
                 os.chmod(target, 0o644)
             target.write_bytes(data)
         runner = CliRunner()
-        for command in (["list"], ["list", "lora1"], ["status"], ["status", "--json"], ["list", "--json"],
-                        ["gc", "--keep", "1"]):  # fmt: skip
+        for command in (
+            ["list"],
+            ["list", "lora1"],
+            ["status"],
+            ["status", "--json"],
+            ["list", "--json"],
+            ["gc", "--keep", "1"],
+        ):
             result = runner.invoke(app, [*command, "--root", str(store.root)])
             assert result.exit_code in (0, 1), (command, damage, result.output)
             if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -160,7 +186,11 @@ def test_metadata_parser_never_crashes(lora_source: Path, data: bytes) -> None:
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=st.one_of(st.text(max_size=60), st.sampled_from(['{"adapter": 1}', '{"reward": NaN}', "[1]", '{"a": {"b": {}}}'])))
+@given(
+    text=st.one_of(
+        st.text(max_size=60), st.sampled_from(['{"adapter": 1}', '{"reward": NaN}', "[1]", '{"a": {"b": {}}}'])
+    )
+)
 def test_cli_publish_metadata_is_an_object_or_one_clear_error(lora_source: Path, text: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = CliRunner().invoke(app, ["publish", "lora1", str(lora_source), "--metadata", text, "--root", tmp])
@@ -173,7 +203,9 @@ def test_cli_publish_metadata_is_an_object_or_one_clear_error(lora_source: Path,
 
 # -- the store root vanishing under a running engine ---------------------------------------
 @pytest.mark.engine
-def test_store_root_vanishing_and_returning(engine: VllmServer, shared_store: CheckpointStore, make_lora, reference) -> None:
+def test_store_root_vanishing_and_returning(
+    engine: VllmServer, shared_store: CheckpointStore, make_lora, reference
+) -> None:
     """An unmounted or renamed root: the engine keeps serving, says so, and follows again on return."""
     store = shared_store
     lora_v1, lora_v2 = make_lora(131), make_lora(132)

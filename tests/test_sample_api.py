@@ -31,8 +31,10 @@ def test_sample_answers_with_the_served_version_and_pinned_ones(
     engine.wait_served("sampled", v1)
     token_prompt = AutoTokenizer.from_pretrained(engine.model)(PROMPTS[0]).input_ids
 
-    data = sample(engine, {"prompts": [*PROMPTS, token_prompt], "model_id": "sampled",
-                           "sampling_params": {**GREEDY, "logprobs": True}})  # fmt: skip
+    data = sample(
+        engine,
+        {"prompts": [*PROMPTS, token_prompt], "model_id": "sampled", "sampling_params": {**GREEDY, "logprobs": True}},
+    )
     assert data["model_id"] == f"sampled@{v1}" and data["logprobs_mode"] == "raw_logprobs"
     assert len(data["samples"]) == len(PROMPTS) + 1
     for prompt, s in zip([*PROMPTS, PROMPTS[0]], data["samples"], strict=True):
@@ -66,7 +68,11 @@ def test_sample_answers_with_the_served_version_and_pinned_ones(
     ("body", "status", "named"),
     [
         ({"prompts": ["x"], "model_id": "no-such-adapter"}, 404, "no-such-adapter"),
-        ({"prompts": ["x"], "model_id": "no-such-adapter@2020-01-01T00-00-00Z"}, 404, "no-such-adapter@2020-01-01T00-00-00Z"),
+        (
+            {"prompts": ["x"], "model_id": "no-such-adapter@2020-01-01T00-00-00Z"},
+            404,
+            "no-such-adapter@2020-01-01T00-00-00Z",
+        ),
         ({"prompts": ["x"], "sampling_params": {"temperature": 5}}, 400, "sampling_params.temperature"),
         ({"prompts": ["x"], "sampling_params": {"max_tokens": 0}}, 400, "sampling_params.max_tokens"),
         ({"prompts": ["x"], "sampling_params": {"temprature": 0.5}}, 400, "sampling_params.temprature"),
@@ -74,7 +80,7 @@ def test_sample_answers_with_the_served_version_and_pinned_ones(
         ({"prompts": ["x", ""]}, 400, "prompts.1"),
         ({"prompt": ["x"]}, 400, "prompts"),
     ],
-)  # fmt: skip
+)
 def test_sample_errors_name_the_model_or_the_field(engine: VllmServer, body: dict, status: int, named: str) -> None:
     response = engine.client.post("/api/v1/sample", json=body)
     assert response.status_code == status, response.text

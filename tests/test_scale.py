@@ -30,11 +30,15 @@ POLL_S = 0.5
 
 
 @pytest.fixture(scope="module")
-def scale_engine(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VllmServer, CheckpointStore]]:
+def scale_engine(
+    toy_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[VllmServer, CheckpointStore]]:
     root = tmp_path_factory.mktemp("scale-store")
     log = tmp_path_factory.mktemp("logs") / "scale-engine.log"
     # Polling only: the poll is what must stay cheap.
-    server = VllmServer(toy_model, root, log, env={"VLLM_HOTSWAP_EVENTS": "0", "VLLM_HOTSWAP_POLL_INTERVAL": str(POLL_S)})
+    server = VllmServer(
+        toy_model, root, log, env={"VLLM_HOTSWAP_EVENTS": "0", "VLLM_HOTSWAP_POLL_INTERVAL": str(POLL_S)}
+    )
     yield server.start(), CheckpointStore(root)
     server.stop()
 
@@ -88,7 +92,9 @@ def test_200_adapters_and_10000_versions(scale_engine, make_lora, reference, mon
     adapters = engine.adapters()
     states = Counter(a["state"] for a in adapters.values())
     # 8 host slots (--max-cpu-loras): the rest wait for one, and say so.
-    unexpected = {name: (a["state"], a["last_error"]) for name, a in adapters.items() if a["state"] not in ("serving", "no-slot")}
+    unexpected = {
+        name: (a["state"], a["last_error"]) for name, a in adapters.items() if a["state"] not in ("serving", "no-slot")
+    }
     assert states == {"serving": 8, "no-slot": ADAPTERS + 1 - 8}, (states, unexpected)
     assert engine.adapters()["deep"]["served_version"] == first
 

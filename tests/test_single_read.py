@@ -38,7 +38,9 @@ def _flip_last_byte(directory: Path) -> None:
     weights.write_bytes(bytes(data))
 
 
-def test_vllm_loads_the_bytes_that_were_read_and_hashed_once(store: CheckpointStore, tmp_path: Path, monkeypatch) -> None:
+def test_vllm_loads_the_bytes_that_were_read_and_hashed_once(
+    store: CheckpointStore, tmp_path: Path, monkeypatch
+) -> None:
     source = write_lora(tmp_path / "src")
     directory = store.version_dir("lora1", store.publish("lora1", source))
     assert single_read.INSTALLED
@@ -63,7 +65,9 @@ def test_vllm_loads_the_bytes_that_were_read_and_hashed_once(store: CheckpointSt
     assert all(torch.equal(again[k], expected[k]) for k in expected)
 
 
-def test_a_byte_changed_after_ready_fails_the_verification_that_gates_the_install(store: CheckpointStore, tmp_path: Path) -> None:
+def test_a_byte_changed_after_ready_fails_the_verification_that_gates_the_install(
+    store: CheckpointStore, tmp_path: Path
+) -> None:
     directory = store.version_dir("lora1", store.publish("lora1", write_lora(tmp_path / "src")))
     _flip_last_byte(directory)
     store.validate("lora1", directory.name, read_weights=False)  # the light validation cannot tell...
@@ -87,11 +91,16 @@ def test_a_load_that_fails_on_a_torn_file_is_named_a_checksum_mismatch(store: Ch
             pass
 
 
-@pytest.mark.parametrize(("damage", "reason"), [
-    (lambda w: w.write_bytes(w.read_bytes()[:-64]), "truncated"),
-    (lambda w: w.write_bytes(os.urandom(4096)), "corrupt"),
-])  # fmt: skip
-def test_damage_recorded_in_ready_is_refused_by_the_read(store: CheckpointStore, tmp_path: Path, damage, reason: str) -> None:
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda w: w.write_bytes(w.read_bytes()[:-64]), "truncated"),
+        (lambda w: w.write_bytes(os.urandom(4096)), "corrupt"),
+    ],
+)
+def test_damage_recorded_in_ready_is_refused_by_the_read(
+    store: CheckpointStore, tmp_path: Path, damage, reason: str
+) -> None:
     source = write_lora(tmp_path / "bad")
     damage(source / "adapter_model.safetensors")
     version = inject_version(store, "lora1", source)  # READY hashes the damaged file

@@ -59,7 +59,9 @@ PROBE_DIR = os.environ.get("HOTSWAP_SOAK_PROBE")
 
 
 @pytest.fixture(scope="module")
-def soak_engine(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VllmServer, CheckpointStore]]:
+def soak_engine(
+    toy_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[VllmServer, CheckpointStore]]:
     root = tmp_path_factory.mktemp("soak-store")
     log = tmp_path_factory.mktemp("logs") / "soak-engine.log"
     # 4 + 2 adapters, each with a version retiring while the next serves: 12 host
@@ -67,8 +69,10 @@ def soak_engine(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     env = {}
     if PROBE_DIR:
         probe_path = Path(__file__).parent / "support" / "memprobe"
-        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(probe_path), os.environ.get("PYTHONPATH")])),
-               "HOTSWAP_MEMPROBE_DIR": PROBE_DIR}  # fmt: skip
+        env = {
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(probe_path), os.environ.get("PYTHONPATH")])),
+            "HOTSWAP_MEMPROBE_DIR": PROBE_DIR,
+        }
     server = VllmServer(toy_model, root, log, env=env, args=["--max-cpu-loras", "12", "--max-loras", "4"])
     yield server.start(), CheckpointStore(root)
     server.stop()
@@ -105,7 +109,7 @@ def _warm_every_batch_shape(server: VllmServer) -> None:
         threads = [
             threading.Thread(target=server.complete, args=(ADAPTERS[k % len(ADAPTERS)], PROMPTS[k % len(PROMPTS)], 8))
             for k in range(batch)
-        ]  # fmt: skip
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -133,8 +137,12 @@ def test_soak_swaps_under_streaming_load(soak_engine, make_lora, reference) -> N
         source_of[adapter, version] = sources[adapter][0]
         engine.wait_served(adapter, version)
     plans = [(ADAPTERS[k % len(ADAPTERS)], PROMPTS[k % len(PROMPTS)]) for k in range(CLIENTS)]
-    expected = {(src, prompt): reference(src, prompt, MAX_TOKENS) for srcs in sources.values() for src in srcs
-                for prompt in PROMPTS}  # fmt: skip
+    expected = {
+        (src, prompt): reference(src, prompt, MAX_TOKENS)
+        for srcs in sources.values()
+        for src in srcs
+        for prompt in PROMPTS
+    }
 
     done = threading.Event()
     results: list[tuple[str, set[str], list[int]]] = []
@@ -232,7 +240,10 @@ def test_soak_publications_without_clients(soak_engine, make_lora) -> None:
                 try:
                     version = store.publish(adapter, sources[n % 2])
                     deadline = time.monotonic() + 60
-                    while http.get("/v1/lora/adapters").json()["adapters"].get(adapter, {}).get("served_version") != version:
+                    while (
+                        http.get("/v1/lora/adapters").json()["adapters"].get(adapter, {}).get("served_version")
+                        != version
+                    ):
                         if time.monotonic() > deadline:
                             late.append(f"{adapter}@{version}")
                             break
@@ -245,9 +256,11 @@ def test_soak_publications_without_clients(soak_engine, make_lora) -> None:
                     published[0] += 1
 
     threads = [
-        threading.Thread(target=publisher, args=(adapter, PUBLICATIONS // len(PUBLISHED) + (k < PUBLICATIONS % len(PUBLISHED))))
+        threading.Thread(
+            target=publisher, args=(adapter, PUBLICATIONS // len(PUBLISHED) + (k < PUBLICATIONS % len(PUBLISHED)))
+        )
         for k, adapter in enumerate(PUBLISHED)
-    ]  # fmt: skip
+    ]
     started = time.monotonic()
     for thread in threads:
         thread.start()

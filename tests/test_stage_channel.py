@@ -24,8 +24,10 @@ def no_install(lora_id: int, path: str) -> dict:
 
 def workers(server: ServerChannel, count: int) -> tuple[list[WorkerChannel], list[list[tuple[int, str, str]]]]:
     received: list[list[tuple[int, str, str]]] = [[] for _ in range(count)]
-    ends = [WorkerChannel(str(server.directory), f"0-{i}", lambda *item, i=i: received[i].append(item), no_install)
-            for i in range(count)]  # fmt: skip
+    ends = [
+        WorkerChannel(str(server.directory), f"0-{i}", lambda *item, i=i: received[i].append(item), no_install)
+        for i in range(count)
+    ]
     assert server.connect([str(end.path) for end in ends])
     return ends, received
 
@@ -103,7 +105,10 @@ def test_the_rpc_fallback_stages_what_a_late_message_has_not_started_yet(monkeyp
 
 
 def test_installs_reach_every_worker_and_each_answer_comes_back_in_worker_order(channel: ServerChannel) -> None:
-    answers = [{"ok": True, "error": None, "seconds": 0.001}, {"ok": False, "in_step": True, "error": "no slot", "seconds": 0.0}]
+    answers = [
+        {"ok": True, "error": None, "seconds": 0.001},
+        {"ok": False, "in_step": True, "error": "no slot", "seconds": 0.0},
+    ]
     asked: list[list[tuple[int, str]]] = [[], []]
 
     def on_install(i: int):
@@ -121,8 +126,12 @@ def test_installs_reach_every_worker_and_each_answer_comes_back_in_worker_order(
 
 def test_an_install_a_worker_does_not_answer_is_left_to_the_rpc(channel: ServerChannel) -> None:
     silent = threading.Event()
-    ends = [WorkerChannel(str(channel.directory), "0-0", lambda *_: None, lambda *_: {"ok": True, "error": None, "seconds": 0.0}),
-            WorkerChannel(str(channel.directory), "0-1", lambda *_: None, lambda *_: silent.wait(5) and {"ok": True})]  # fmt: skip
+    ends = [
+        WorkerChannel(
+            str(channel.directory), "0-0", lambda *_: None, lambda *_: {"ok": True, "error": None, "seconds": 0.0}
+        ),
+        WorkerChannel(str(channel.directory), "0-1", lambda *_: None, lambda *_: silent.wait(5) and {"ok": True}),
+    ]
     assert channel.connect([str(end.path) for end in ends])
     assert channel.install([(3, "/store/a/v1")], timeout=0.2) == [None]
     silent.set()

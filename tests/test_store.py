@@ -46,12 +46,22 @@ def fixed_clock(*moments: datetime):
 def test_publish_commits_a_complete_version(store: CheckpointStore, lora: Path) -> None:
     version = store.publish("lora1", lora, {"reward": 0.85, "training_step": 100})
     directory = store.version_dir("lora1", version)
-    assert sorted(os.listdir(directory)) == ["READY", "adapter_config.json", "adapter_model.safetensors", "metadata.json"]
+    assert sorted(os.listdir(directory)) == [
+        "READY",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metadata.json",
+    ]
     ready = json.loads((directory / "READY").read_text())
     assert set(ready["files"]) == {"adapter_config.json", "adapter_model.safetensors", "metadata.json"}
     metadata = json.loads((directory / "metadata.json").read_text())
     assert metadata["reward"] == 0.85 and metadata["version"] == version and metadata["adapter"] == "lora1"
-    assert metadata["lora"] == {"r": 8, "lora_alpha": 16.0, "target_modules": ["q_proj", "v_proj"], "base_model": "tiny-llama"}
+    assert metadata["lora"] == {
+        "r": 8,
+        "lora_alpha": 16.0,
+        "target_modules": ["q_proj", "v_proj"],
+        "base_model": "tiny-llama",
+    }
     assert metadata["source"] == str(lora.resolve()) and "created_at" in metadata
     assert store.versions("lora1") == [version] and store.active_version("lora1") == version
     assert (store.adapter_dir("lora1") / "LATEST").read_text() == version
@@ -69,7 +79,9 @@ def test_same_second_publishes_get_ordered_distinct_names(tmp_path: Path, lora: 
 
 def test_clock_jumping_backwards_keeps_publication_order(tmp_path: Path, lora: Path) -> None:
     now = datetime(2025, 8, 18, 10, 0, 0, tzinfo=UTC)
-    store = CheckpointStore(tmp_path / "store", clock=fixed_clock(now, now - timedelta(hours=1), now + timedelta(seconds=5)))
+    store = CheckpointStore(
+        tmp_path / "store", clock=fixed_clock(now, now - timedelta(hours=1), now + timedelta(seconds=5))
+    )
     first, second, third = (store.publish("lora1", lora) for _ in range(3))
     assert first < second < third
     assert store.active_version("lora1") == third
@@ -115,8 +127,12 @@ def test_publish_many_commits_every_adapter_together(store: CheckpointStore, lor
     with pytest.raises(PartialPublishError) as raised:  # bad sources: the others are published all the same
         store.publish_many({"d": lora, "e": tmp_path / "missing", "f": tmp_path / "absent"})
     assert raised.value.published == {"d": store.active_version("d")}
-    assert isinstance(raised.value.errors["e"], InvalidCheckpointError) and isinstance(raised.value.errors["f"], NotFoundError)
-    assert str(raised.value).startswith(f"published 1 of 3 adapters (d@{store.active_version('d')}); not published: e: ")
+    assert isinstance(raised.value.errors["e"], InvalidCheckpointError) and isinstance(
+        raised.value.errors["f"], NotFoundError
+    )
+    assert str(raised.value).startswith(
+        f"published 1 of 3 adapters (d@{store.active_version('d')}); not published: e: "
+    )
     assert "f: NotFoundError: source" in str(raised.value)
     assert not store.adapter_dir("e").joinpath("LATEST").exists()
 
@@ -193,7 +209,12 @@ def test_open_version_commits_on_a_clean_exit_and_publishes_nothing_on_an_except
         (staged.path / "README.md").write_text("a model card: not part of a version")
     assert staged.version is not None and store.versions("lora1") == [staged.version]
     directory = store.version_dir("lora1", staged.version)
-    assert sorted(os.listdir(directory)) == ["READY", "adapter_config.json", "adapter_model.safetensors", "metadata.json"]
+    assert sorted(os.listdir(directory)) == [
+        "READY",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metadata.json",
+    ]
     info = store.validate("lora1", staged.version)
     assert info.metadata["step"] == 1 and info.metadata["source"] is None
     assert all(stat.S_IMODE(os.stat(directory / n).st_mode) == 0o644 for n in os.listdir(directory))
@@ -212,7 +233,9 @@ def test_open_version_commits_on_a_clean_exit_and_publishes_nothing_on_an_except
     assert not list((store.adapter_dir("lora1") / ".staging").iterdir())  # neither left anything behind
 
 
-def test_a_commit_or_abort_by_hand_inside_the_block_is_not_repeated_on_exit(store: CheckpointStore, lora: Path) -> None:
+def test_a_commit_or_abort_by_hand_inside_the_block_is_not_repeated_on_exit(
+    store: CheckpointStore, lora: Path
+) -> None:
     with store.open_version("lora1") as staged:
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             (staged.path / name).write_bytes((lora / name).read_bytes())
@@ -349,7 +372,9 @@ def test_gc_removes_abandoned_partial_versions_after_the_grace(store: Checkpoint
     assert not partial.exists() and len(store.versions("lora1")) == 1
 
 
-def test_gc_removes_the_records_of_instances_gone_for_longer_than_the_grace(store: CheckpointStore, lora: Path) -> None:
+def test_gc_removes_the_records_of_instances_gone_for_longer_than_the_grace(
+    store: CheckpointStore, lora: Path
+) -> None:
     store.publish("lora1", lora)
     now = time.time()
     store.write_instance_record(InstanceRecord(instance_id="alive:8000", heartbeat=now))

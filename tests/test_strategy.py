@@ -18,16 +18,21 @@ from vllm_lora_hotswap.store import CheckpointStore, NotFoundError
 from vllm_lora_hotswap.strategy import LoRARLStrategy, adapter_name
 
 SEED_HYPER_PARAMETERS = {
-    "rank": 8, "alpha": 16.0, "dropout": 0.1, "learning_rate": 1e-4, "target_modules": ["q_proj", "v_proj"],
-}  # fmt: skip
+    "rank": 8,
+    "alpha": 16.0,
+    "dropout": 0.1,
+    "learning_rate": 1e-4,
+    "target_modules": ["q_proj", "v_proj"],
+}
 
 
 @pytest.fixture(scope="module")
 def peft_model(toy_model: Path) -> PeftModel:
     base = AutoModelForCausalLM.from_pretrained(toy_model, dtype=torch.float32)
     torch.manual_seed(1)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                        task_type="CAUSAL_LM")  # fmt: skip
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
+    )
     return get_peft_model(base, config)
 
 
@@ -69,8 +74,9 @@ def test_peft_model_is_saved_off_the_event_loop_and_published(
     assert_same_weights(published_tensors(store, "lora1", version), peft_model)
     # PEFT loads the published version with the same weights.
     base = AutoModelForCausalLM.from_pretrained(toy_model, dtype=torch.float32)
-    assert_same_weights(get_peft_model_state_dict(PeftModel.from_pretrained(base, store.version_dir("lora1", version))),
-                        peft_model)  # fmt: skip
+    assert_same_weights(
+        get_peft_model_state_dict(PeftModel.from_pretrained(base, store.version_dir("lora1", version))), peft_model
+    )
 
 
 @pytest.mark.parametrize("form", ["tuple-LoraConfig", "dict-LoraConfig", "dict-config-dict", "tuple-to_dict"])
@@ -93,7 +99,7 @@ def test_peft_directory_is_published_as_is(store: CheckpointStore, make_lora: An
     source: Path = make_lora(3)
     version = asyncio.run(LoRARLStrategy(str(store.root)).update_lora_weights("policy-a", source, reward=1))
     info = store.validate("policy-a", version)
-    assert (info.weight_file.read_bytes() == (source / "adapter_model.safetensors").read_bytes())
+    assert info.weight_file.read_bytes() == (source / "adapter_model.safetensors").read_bytes()
     assert store.read_metadata("policy-a", version)["reward"] == 1.0
 
 
@@ -107,13 +113,16 @@ def test_seed_hyper_parameter_dict_is_refused_with_what_to_pass(store: Checkpoin
     assert not store.root.exists()  # nothing was written
 
 
-@pytest.mark.parametrize(("new_weights", "error", "message"), [
-    ({"state_dict": {}}, ValueError, "no 'config'"),
-    ({"state_dict": {}, "config": {"r": 8}}, ValueError, "non-empty dict of tensors"),
-    ({"state_dict": {"a.lora_A.weight": [1.0]}, "config": {"r": 8}}, ValueError, "maps to a list"),
-    (42, TypeError, "new_weights cannot be a int"),
-    ("/does/not/exist", NotFoundError, "is not a directory"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("new_weights", "error", "message"),
+    [
+        ({"state_dict": {}}, ValueError, "no 'config'"),
+        ({"state_dict": {}, "config": {"r": 8}}, ValueError, "non-empty dict of tensors"),
+        ({"state_dict": {"a.lora_A.weight": [1.0]}, "config": {"r": 8}}, ValueError, "maps to a list"),
+        (42, TypeError, "new_weights cannot be a int"),
+        ("/does/not/exist", NotFoundError, "is not a directory"),
+    ],
+)
 def test_unusable_weights_are_refused(store: CheckpointStore, new_weights: Any, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         asyncio.run(LoRARLStrategy(store).update_lora_weights(1, new_weights, reward=0.1))
@@ -145,8 +154,10 @@ def test_training_stats(store: CheckpointStore, make_lora: Any) -> None:
 
     async def main() -> tuple[dict[str, Any], dict[str, Any], list[str]]:
         empty = await strategy.get_training_stats()
-        versions = [await strategy.update_lora_weights(lora_id, make_lora(3), reward)
-                    for lora_id, reward in ((1, 0.2), (2, 0.9), (1, 0.4), (1, -0.3))]  # fmt: skip
+        versions = [
+            await strategy.update_lora_weights(lora_id, make_lora(3), reward)
+            for lora_id, reward in ((1, 0.2), (2, 0.9), (1, 0.4), (1, -0.3))
+        ]
         return empty, await strategy.get_training_stats(), versions
 
     empty, stats, versions = asyncio.run(main())

@@ -58,20 +58,40 @@ def grpo(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNam
         "best": HotSwapCallback(root / "best", "lora1", metric="reward", mode="max", min_delta=0.005),
         "lowest": HotSwapCallback(root / "lowest", "lora2", metric="rewards/reward_yes/mean", mode="min"),
         "scheduled": HotSwapCallback(
-            root / "scheduled", "lora3", on_improvement=False, every_n_steps=3, publish_on_train_end=True, keep=2,
+            root / "scheduled",
+            "lora3",
+            on_improvement=False,
+            every_n_steps=3,
+            publish_on_train_end=True,
+            keep=2,
             metadata={"run": "test"},
         ),
-    }  # fmt: skip
+    }
     args = GRPOConfig(
-        output_dir=str(root / "out"), use_vllm=False, per_device_train_batch_size=4, num_generations=2,
-        max_completion_length=8, max_steps=MAX_STEPS, logging_steps=1, learning_rate=1e-2, report_to="none",
-        save_strategy="no", use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(root / "out"),
+        use_vllm=False,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        max_steps=MAX_STEPS,
+        logging_steps=1,
+        learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
+    )
     dataset = Dataset.from_dict({"prompt": ["the quick brown fox", "hello world", "rewards go up", "yes yes"] * 4})
     trainer = GRPOTrainer(
-        model=str(toy_model), reward_funcs=reward_yes, args=args, train_dataset=dataset,
-        peft_config=LoraConfig(**LORA), callbacks=list(callbacks.values()),
-    )  # fmt: skip
+        model=str(toy_model),
+        reward_funcs=reward_yes,
+        args=args,
+        train_dataset=dataset,
+        peft_config=LoraConfig(**LORA),
+        callbacks=list(callbacks.values()),
+    )
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["step"] for entry in logs] == list(range(1, MAX_STEPS + 1))
@@ -87,9 +107,13 @@ def check_loads_with_peft(toy_model: Path, directory: Path) -> dict[str, torch.T
     return saved
 
 
-@pytest.mark.parametrize(("name", "metric", "mode", "min_delta"), [
-    ("best", "reward", "max", 0.005), ("lowest", "rewards/reward_yes/mean", "min", 0.0),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "metric", "mode", "min_delta"),
+    [
+        ("best", "reward", "max", 0.005),
+        ("lowest", "rewards/reward_yes/mean", "min", 0.0),
+    ],
+)
 def test_grpo_publishes_exactly_at_improvements(
     grpo: SimpleNamespace, toy_model: Path, name: str, metric: str, mode: str, min_delta: float
 ) -> None:
@@ -119,8 +143,10 @@ def test_grpo_schedule_train_end_and_gc(grpo: SimpleNamespace, toy_model: Path) 
     callback: HotSwapCallback = grpo.callbacks["scheduled"]
     assert callback.errors == []
     assert [(p.step, p.reasons) for p in callback.publications] == [
-        (3, ("schedule",)), (6, ("schedule",)), (MAX_STEPS, ("train_end",)),
-    ]  # fmt: skip
+        (3, ("schedule",)),
+        (6, ("schedule",)),
+        (MAX_STEPS, ("train_end",)),
+    ]
     store = callback.store
     assert store is not None
     versions = store.versions("lora3")  # keep=2: the first scheduled version was collected
@@ -142,15 +168,27 @@ def test_grpo_with_an_unknown_metric_fails_naming_the_logged_ones(toy_model: Pat
     from trl import GRPOConfig, GRPOTrainer
 
     args = GRPOConfig(
-        output_dir=str(tmp_path / "out"), use_vllm=False, per_device_train_batch_size=2, num_generations=2,
-        max_completion_length=4, max_steps=2, logging_steps=1, report_to="none", save_strategy="no",
-        use_cpu=True, bf16=False, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "out"),
+        use_vllm=False,
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=4,
+        max_steps=2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+    )
     trainer = GRPOTrainer(
-        model=str(toy_model), reward_funcs=reward_yes, args=args,
-        train_dataset=Dataset.from_dict({"prompt": ["hello world", "yes yes"]}), peft_config=LoraConfig(**LORA),
+        model=str(toy_model),
+        reward_funcs=reward_yes,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["hello world", "yes yes"]}),
+        peft_config=LoraConfig(**LORA),
         callbacks=[HotSwapCallback(tmp_path / "store", "lora1", metric="rewards/reward_no/mean")],
-    )  # fmt: skip
+    )
     with pytest.raises(ValueError, match=r"'rewards/reward_no/mean' is not in .*rewards/reward_yes/mean"):
         trainer.train()
     assert not (tmp_path / "store" / "lora1").exists()
@@ -224,9 +262,11 @@ def test_schedule_without_a_log_at_that_step_publishes_at_step_end(tmp_path: Pat
     driver.step(log=False)  # schedule
     driver.end()
     assert published(callback) == [
-        (1, 0.5, ("improvement",)), (2, 0.5, ("schedule",)), (4, 0.9, ("improvement", "schedule")),
+        (1, 0.5, ("improvement",)),
+        (2, 0.5, ("schedule",)),
+        (4, 0.9, ("improvement", "schedule")),
         (6, 0.9, ("schedule",)),
-    ]  # fmt: skip
+    ]
     metadata = callback.store.read_metadata("lora1", callback.publications[1].version)  # type: ignore[union-attr]
     assert metadata["global_step"] == 2 and metadata["metric_step"] == 1 and metadata["value"] == 0.5
 
@@ -276,27 +316,32 @@ def test_unknown_metric_raises_on_the_first_log_of_its_kind(tmp_path: Path, peft
     eval_logs = {"eval_loss": 0.1, "eval_rewards/f/mean": 0.2, "eval_reward_std": 0.0, "epoch": 1.0}
     with pytest.raises(ValueError, match=r"'eval_reward' is not in the trainer's logs; logged: eval_loss, eval_rew"):
         callback.on_log(driver.args, driver.state, driver.control, logs=eval_logs, model=peft_model)
-    callback.on_log(driver.args, driver.state, driver.control, logs={**eval_logs, "eval_reward": 0.3}, model=peft_model)
+    callback.on_log(
+        driver.args, driver.state, driver.control, logs={**eval_logs, "eval_reward": 0.3}, model=peft_model
+    )
     callback.flush()
     assert [p.value for p in callback.publications] == [0.3]
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"mode": "maximum"}, "mode must be 'max' or 'min', got 'maximum'"),
-    ({"min_delta": -0.1}, "min_delta must be a finite number >= 0, got -0.1"),
-    ({"min_delta": float("nan")}, "min_delta must be a finite number >= 0, got nan"),
-    ({"every_n_steps": 0}, "every_n_steps must be a positive integer or None, got 0"),
-    ({"keep": 1.5}, "keep must be a positive integer or None, got 1.5"),
-    ({"metric": ""}, "metric must be a non-empty metric name, got ''"),
-    ({"on_improvement": "yes"}, "on_improvement must be True or False, got 'yes'"),
-    ({"on_improvement": False}, "nothing would be published"),
-    ({"metadata": {"version": 3}}, r"metadata keys \['version'\] are reserved"),
-    ({"metadata": {"reward": 3}}, r"metadata keys \['reward'\] are reserved"),
-    ({"metadata": {"x": float("nan")}}, "metadata must be JSON-serialisable"),
-    ({"adapter": "../escape"}, "invalid adapter name '../escape'"),
-    ({"adapter": None}, "root and adapter go together"),
-    ({"weight_sync": object()}, "weight_sync must have an update_model_weights"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mode": "maximum"}, "mode must be 'max' or 'min', got 'maximum'"),
+        ({"min_delta": -0.1}, "min_delta must be a finite number >= 0, got -0.1"),
+        ({"min_delta": float("nan")}, "min_delta must be a finite number >= 0, got nan"),
+        ({"every_n_steps": 0}, "every_n_steps must be a positive integer or None, got 0"),
+        ({"keep": 1.5}, "keep must be a positive integer or None, got 1.5"),
+        ({"metric": ""}, "metric must be a non-empty metric name, got ''"),
+        ({"on_improvement": "yes"}, "on_improvement must be True or False, got 'yes'"),
+        ({"on_improvement": False}, "nothing would be published"),
+        ({"metadata": {"version": 3}}, r"metadata keys \['version'\] are reserved"),
+        ({"metadata": {"reward": 3}}, r"metadata keys \['reward'\] are reserved"),
+        ({"metadata": {"x": float("nan")}}, "metadata must be JSON-serialisable"),
+        ({"adapter": "../escape"}, "invalid adapter name '../escape'"),
+        ({"adapter": None}, "root and adapter go together"),
+        ({"weight_sync": object()}, "weight_sync must have an update_model_weights"),
+    ],
+)
 def test_bad_options_are_refused_naming_the_argument(tmp_path: Path, kwargs: dict[str, Any], message: str) -> None:
     options: dict[str, Any] = {"root": tmp_path, "adapter": "lora1", **kwargs}
     with pytest.raises(ValueError, match=message):
@@ -350,7 +395,9 @@ def test_sharded_training_detection() -> None:
     assert sharded_training(SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=None)) is None
     assert sharded_training(deepspeed(2)) is None
     assert sharded_training(deepspeed(3)) == ZERO3
-    assert sharded_training(SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=SimpleNamespace(fsdp_version=2))) == FSDP
+    assert (
+        sharded_training(SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=SimpleNamespace(fsdp_version=2))) == FSDP
+    )
 
 
 def test_fsdp_and_sharded_weight_sync_are_refused(tmp_path: Path, peft_model: PeftModel, toy_model: Path) -> None:
@@ -404,15 +451,30 @@ def test_a_running_engine_serves_each_version_while_training_goes_on(
     publisher = HotSwapCallback(shared_store.root, "trl-live", on_improvement=False, every_n_steps=2)
     check = _ServedCheck(publisher, engine, PROMPTS[0])
     args = GRPOConfig(
-        output_dir=str(tmp_path / "out"), use_vllm=False, per_device_train_batch_size=4, num_generations=2,
-        max_completion_length=8, max_steps=6, logging_steps=1, learning_rate=5e-2, report_to="none",
-        save_strategy="no", use_cpu=True, bf16=False, seed=1, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "out"),
+        use_vllm=False,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        max_steps=6,
+        logging_steps=1,
+        learning_rate=5e-2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=1,
+        disable_tqdm=True,
+    )
     dataset = Dataset.from_dict({"prompt": ["the quick brown fox", "hello world", "yes yes"] * 4})
     trainer = GRPOTrainer(
-        model=str(toy_model), reward_funcs=reward_yes, args=args, train_dataset=dataset,
-        peft_config=LoraConfig(**LORA), callbacks=[publisher, check],
-    )  # fmt: skip
+        model=str(toy_model),
+        reward_funcs=reward_yes,
+        args=args,
+        train_dataset=dataset,
+        peft_config=LoraConfig(**LORA),
+        callbacks=[publisher, check],
+    )
     trainer.train()
     assert [step for step, _, _ in check.seen] == [2, 4, 6]
     versions = [version for _, version, _ in check.seen]

@@ -41,6 +41,9 @@ def test_a_vllm_that_differs_serves_without_the_plugin(toy_model: Path, tmp_path
         errors = [line for line in server.log_path.read_text().splitlines() if "The plugin is NOT active" in line]
         assert len(errors) == 1, errors
         assert f"vllm-lora-hotswap supports vLLM {','.join(SUPPORTED_VLLM)}; vLLM " in errors[0]
-        assert "vllm.lora.model_manager.LRUCacheLoRAModelManager._renamed_in_a_future_release: does not exist" in errors[0]
+        assert (
+            "vllm.lora.model_manager.LRUCacheLoRAModelManager._renamed_in_a_future_release: does not exist"
+            in errors[0]
+        )
     finally:
         server.stop()

@@ -29,7 +29,9 @@ def installed_source() -> Path:
 @pytest.fixture
 def source_copy(installed_source: Path, tmp_path: Path) -> Path:
     """The Python files of the installed vLLM, to doctor."""
-    shutil.copytree(installed_source, tmp_path / "vllm", ignore=shutil.ignore_patterns("*.so", "__pycache__", "*.json", "*.cu*"))
+    shutil.copytree(
+        installed_source, tmp_path / "vllm", ignore=shutil.ignore_patterns("*.so", "__pycache__", "*.json", "*.cu*")
+    )
     return tmp_path
 
 
@@ -56,11 +58,22 @@ def test_a_renamed_method_is_named_with_the_supported_range(source_copy: Path) -
     assert error.count(": does not exist") == 1 and error.count("differs") == 1  # that one only
 
 
-def test_a_changed_signature_a_removed_attribute_and_a_method_turned_property_are_each_named(source_copy: Path) -> None:
-    _edit(source_copy, "v1/engine/async_llm.py", 'mode: PauseMode = "abort",\n        clear_cache: bool = True,', 'mode: PauseMode = "abort",')
+def test_a_changed_signature_a_removed_attribute_and_a_method_turned_property_are_each_named(
+    source_copy: Path,
+) -> None:
+    _edit(
+        source_copy,
+        "v1/engine/async_llm.py",
+        'mode: PauseMode = "abort",\n        clear_cache: bool = True,',
+        'mode: PauseMode = "abort",',
+    )
     _edit(source_copy, "entrypoints/openai/models/serving.py", "self.lora_id_counter = ", "self.lora_counter = ")
-    _edit(source_copy, "distributed/weight_transfer/base.py", "    def metadata(self) -> list[ParamMeta]:\n        return [",
-          "    @property\n    def metadata(self) -> list[ParamMeta]:\n        return [")  # fmt: skip
+    _edit(
+        source_copy,
+        "distributed/weight_transfer/base.py",
+        "    def metadata(self) -> list[ParamMeta]:\n        return [",
+        "    @property\n    def metadata(self) -> list[ParamMeta]:\n        return [",
+    )
     _, error = check_source(source_copy)
     assert error is not None
     assert "vllm.v1.engine.async_llm.AsyncLLM.pause_generation: takes (mode), not clear_cache" in error
@@ -79,7 +92,12 @@ def test_a_release_outside_the_range_is_refused_by_version(source_copy: Path) ->
 def test_the_endpoint_plugin_wrapper_is_bypassed_by_a_module_level_import(source_copy: Path) -> None:
     """vLLM's loader is wrapped (no VLLM_PLUGINS needed): a caller that bound it at import
     time would call the original, and the plugin's routes would silently be missing."""
-    _edit(source_copy, "plugins/endpoint_plugins/interface.py", "    from vllm.plugins import load_endpoint_plugins\n", "")
+    _edit(
+        source_copy,
+        "plugins/endpoint_plugins/interface.py",
+        "    from vllm.plugins import load_endpoint_plugins\n",
+        "",
+    )
     module_level = "from fastapi import FastAPI\nfrom vllm.plugins import load_endpoint_plugins\n"
     _edit(source_copy, "plugins/endpoint_plugins/interface.py", "from fastapi import FastAPI\n", module_level)
     _, error = check_source(source_copy)
@@ -107,7 +125,9 @@ def vllm_034(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("no vLLM 0.34.0 wheel in VLLM_WHEELS: run `make compat VLLM=0.34.0` first")
     root = tmp_path_factory.mktemp("vllm-0.34.0")
     with zipfile.ZipFile(wheels[0]) as archive:
-        archive.extractall(root, [name for name in archive.namelist() if name.startswith("vllm/") and name.endswith(".py")])
+        archive.extractall(
+            root, [name for name in archive.namelist() if name.startswith("vllm/") and name.endswith(".py")]
+        )
     return root
 
 
@@ -137,7 +157,9 @@ def test_a_tree_without_vllm_is_an_error_naming_it(tmp_path: Path, capsys: pytes
     assert f"no vllm package in {tmp_path}" in capsys.readouterr().err
 
 
-def test_the_command_line_says_ok_or_fail(installed_source: Path, source_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_command_line_says_ok_or_fail(
+    installed_source: Path, source_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert vllm_symbols.main(["--source", str(installed_source)]) == 0
     assert "symbols the plugin relies on match" in capsys.readouterr().out
     _edit(source_copy, "lora/worker_manager.py", "def _load_adapter(", "def _load_lora(")
@@ -179,7 +201,9 @@ def test_on_a_mismatch_the_plugin_logs_one_error_and_installs_nothing(
 
     monkeypatch.setenv("VLLM_HOTSWAP_ROOT", str(tmp_path))
     monkeypatch.setenv(plugin._CHECKED, "")
-    monkeypatch.setattr(vllm_symbols, "check_installed", lambda: "vllm-lora-hotswap supports vLLM X; vLLM Y differs: Z")
+    monkeypatch.setattr(
+        vllm_symbols, "check_installed", lambda: "vllm-lora-hotswap supports vLLM X; vLLM Y differs: Z"
+    )
     monkeypatch.setattr(engine, "install_hooks", lambda: pytest.fail("hooks installed despite a mismatch"))
     for _process in ("api server", "engine core, spawned by it"):  # the second inherits the verdict
         monkeypatch.setattr(plugin, "_registered", False)
@@ -193,9 +217,18 @@ def test_on_a_mismatch_the_plugin_logs_one_error_and_installs_nothing(
 
 
 def test_every_symbol_names_a_vllm_module_and_a_known_kind() -> None:
-    assert all(s.module.startswith("vllm") and s.kind in {"class", "function", "method", "property", "attribute"} for s in SYMBOLS)
+    assert all(
+        s.module.startswith("vllm") and s.kind in {"class", "function", "method", "property", "attribute"}
+        for s in SYMBOLS
+    )
     # Each entry that differs between releases exists in some supported release.
-    assert {s.versions for s in SYMBOLS} == {"", "<0.33", "<0.34", vllm_symbols.WEIGHT_SOURCE_V2, vllm_symbols.RELOAD_LIFECYCLE}
+    assert {s.versions for s in SYMBOLS} == {
+        "",
+        "<0.33",
+        "<0.34",
+        vllm_symbols.WEIGHT_SOURCE_V2,
+        vllm_symbols.RELOAD_LIFECYCLE,
+    }
 
 
 @pytest.mark.parametrize(

@@ -55,8 +55,10 @@ def test_poll_cost_does_not_grow_with_retained_versions(
     assert named == 2 + 3 * len(adapters), few
     assert lstats % len(adapters) == 0, few  # so many per adapter, none per version
     with capsys.disabled():
-        print(f"\npoll of 20 adapters: {few.total()} fs calls ({named} stat/open/scandir, {lstats} lstat), "
-              f"{1e3 * few_seconds:.2f} ms; with 10,000 retained versions: {many.total()} fs calls, {1e3 * many_seconds:.2f} ms")  # fmt: skip
+        print(
+            f"\npoll of 20 adapters: {few.total()} fs calls ({named} stat/open/scandir, {lstats} lstat), "
+            f"{1e3 * few_seconds:.2f} ms; with 10,000 retained versions: {many.total()} fs calls, {1e3 * many_seconds:.2f} ms"
+        )
 
 
 def test_poll_sees_new_changed_pinned_and_vanished_adapters(tmp_path: Path, lora: Path) -> None:

@@ -27,17 +27,26 @@ API_KEY = "test-secret"
 @pytest.fixture(scope="module")
 def weights_engine(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
     server = VllmServer(
-        toy_model, tmp_path_factory.mktemp("weights-store"), tmp_path_factory.mktemp("logs") / "weights.log",
-        args=["--weight-transfer-config", '{"backend": "gloo"}'], api_key=API_KEY,
-    ).start()  # fmt: skip
+        toy_model,
+        tmp_path_factory.mktemp("weights-store"),
+        tmp_path_factory.mktemp("logs") / "weights.log",
+        args=["--weight-transfer-config", '{"backend": "gloo"}'],
+        api_key=API_KEY,
+    ).start()
     yield server
     server.stop()
 
 
 @pytest.fixture
 def client(weights_engine: VllmServer) -> VLLMClient:
-    return VLLMClient(VLLMClientConfig(base_urls=[weights_engine.url], api_key=API_KEY,
-                                       store_root=str(weights_engine.root), group_port=free_port()))  # fmt: skip
+    return VLLMClient(
+        VLLMClientConfig(
+            base_urls=[weights_engine.url],
+            api_key=API_KEY,
+            store_root=str(weights_engine.root),
+            group_port=free_port(),
+        )
+    )
 
 
 def perturbed_model(base: Path, out: Path, seed: int):
@@ -80,8 +89,15 @@ def test_base_weights_over_gloo_keep_adapters_served_without_disk_reads(
 
 
 def _stream_until(engine: VllmServer, stop: threading.Event, results: list, errors: list) -> None:
-    body = {"model": str(engine.model), "prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "return_token_ids": True}  # fmt: skip
+    body = {
+        "model": str(engine.model),
+        "prompt": PROMPTS[1],
+        "max_tokens": 24,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
+    }
     while not stop.is_set():
         try:
             tokens, finish = 0, None
@@ -101,8 +117,9 @@ def _stream_until(engine: VllmServer, stop: threading.Event, results: list, erro
 def test_a_push_while_clients_stream_loses_no_request(
     weights_engine: VllmServer, toy_model: Path, tmp_path: Path, mode: str
 ) -> None:
-    client = VLLMClient(VLLMClientConfig(base_urls=[weights_engine.url], api_key=API_KEY, update_mode=mode,
-                                         group_port=free_port()))  # fmt: skip
+    client = VLLMClient(
+        VLLMClientConfig(base_urls=[weights_engine.url], api_key=API_KEY, update_mode=mode, group_port=free_port())
+    )
     model = perturbed_model(toy_model, tmp_path / "base", seed=2)
     client.init_communicator("cpu")
     stop, results, errors = threading.Event(), [], []
@@ -149,8 +166,12 @@ def test_control_routes_refuse_requests_without_the_api_key(weights_engine: Vllm
 
 
 def test_control_routes_on_every_address_without_a_key_refuse_to_start(toy_model: Path, tmp_path: Path) -> None:
-    server = VllmServer(toy_model, tmp_path / "store", tmp_path / "open.log",
-                        args=["--host", "0.0.0.0", "--weight-transfer-config", '{"backend": "gloo"}'])  # fmt: skip
+    server = VllmServer(
+        toy_model,
+        tmp_path / "store",
+        tmp_path / "open.log",
+        args=["--host", "0.0.0.0", "--weight-transfer-config", '{"backend": "gloo"}'],
+    )
     (tmp_path / "store").mkdir()
     with pytest.raises(RuntimeError, match="exited"):
         server.start()
@@ -158,14 +179,21 @@ def test_control_routes_on_every_address_without_a_key_refuse_to_start(toy_model
     assert "listens on 0.0.0.0 without an API key" in log and "Pass --api-key" in log, server.log_tail()
 
 
-def test_client_api_against_a_real_server(weights_engine: VllmServer, client: VLLMClient, make_lora, reference) -> None:
+def test_client_api_against_a_real_server(
+    weights_engine: VllmServer, client: VLLMClient, make_lora, reference
+) -> None:
     lora = make_lora(92)
     with pytest.raises(ValueError, match="LoRA path does not exist: /no/such/lora"):
         client.register_lora_adapter("clientlora", "/no/such/lora")
     version = client.register_lora_adapter("clientlora", lora)
-    assert {"adapter_id": "clientlora", "lora_path": str(CheckpointStore(weights_engine.root).version_dir("clientlora", version)),
-            "version": version} in client.list_lora_adapters()  # fmt: skip
-    (completion,) = client.generate(["hello world hello"], {"max_tokens": 4, "temperature": 0, "ignore_eos": True}, adapter="clientlora")
+    assert {
+        "adapter_id": "clientlora",
+        "lora_path": str(CheckpointStore(weights_engine.root).version_dir("clientlora", version)),
+        "version": version,
+    } in client.list_lora_adapters()
+    (completion,) = client.generate(
+        ["hello world hello"], {"max_tokens": 4, "temperature": 0, "ignore_eos": True}, adapter="clientlora"
+    )
     assert completion["model"] == f"clientlora@{version}" and len(completion["token_ids"]) == 4
     client.reset_prefix_cache()
     info = client.get_client_info()
@@ -178,7 +206,9 @@ def test_client_errors_name_the_thing(weights_engine: VllmServer) -> None:
     with pytest.raises(ConnectionError, match=r"can't be reached at http://127.0.0.1:9"):
         VLLMClient(VLLMClientConfig(base_urls=["http://127.0.0.1:9"]))
     with pytest.raises(RuntimeError, match="call init_communicator"):
-        VLLMClient(VLLMClientConfig(base_urls=[weights_engine.url], api_key=API_KEY)).update_model_weights(torch.nn.Linear(2, 2))
+        VLLMClient(VLLMClientConfig(base_urls=[weights_engine.url], api_key=API_KEY)).update_model_weights(
+            torch.nn.Linear(2, 2)
+        )
     script = (
         "import sys; sys.modules['vllm'] = None\n"  # as if vLLM were not installed
         "from vllm_lora_hotswap.weights.trainer import WeightSync\n"
@@ -192,9 +222,12 @@ def test_client_errors_name_the_thing(weights_engine: VllmServer) -> None:
 @pytest.mark.gpu
 def test_nccl_push_into_a_gpu_engine(toy_model: Path, tmp_path: Path) -> None:
     server = VllmServer(
-        toy_model, tmp_path / "store", tmp_path / "nccl.log",
-        args=["--weight-transfer-config", '{"backend": "nccl"}'], env={"VLLM_CPU_KVCACHE_SPACE": ""},
-    ).start()  # fmt: skip
+        toy_model,
+        tmp_path / "store",
+        tmp_path / "nccl.log",
+        args=["--weight-transfer-config", '{"backend": "nccl"}'],
+        env={"VLLM_CPU_KVCACHE_SPACE": ""},
+    ).start()
     try:
         client = VLLMClient(VLLMClientConfig(base_urls=[server.url], group_port=free_port()))
         model = perturbed_model(toy_model, tmp_path / "base", seed=3).cuda()

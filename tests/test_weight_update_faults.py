@@ -46,11 +46,17 @@ def free_bytes_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(toy_model: Path, tmp_path_factory: pytest.TempPathFactory, free_bytes_file: Path) -> Iterator[VllmServer]:
     python_path = os.pathsep.join(filter(None, [str(LOW_MEMORY_SITE), os.environ.get("PYTHONPATH")]))
     server = VllmServer(
-        toy_model, tmp_path_factory.mktemp("faults-store"), tmp_path_factory.mktemp("logs") / "faults.log",
-        args=["--weight-transfer-config", '{"backend": "gloo"}'], api_key=API_KEY,
-        env={"VLLM_HOTSWAP_PROBE_HOLD": str(PROBE_HOLD), "PYTHONPATH": python_path,
-             "HOTSWAP_TEST_FREE_BYTES_FILE": str(free_bytes_file)},
-    ).start()  # fmt: skip
+        toy_model,
+        tmp_path_factory.mktemp("faults-store"),
+        tmp_path_factory.mktemp("logs") / "faults.log",
+        args=["--weight-transfer-config", '{"backend": "gloo"}'],
+        api_key=API_KEY,
+        env={
+            "VLLM_HOTSWAP_PROBE_HOLD": str(PROBE_HOLD),
+            "PYTHONPATH": python_path,
+            "HOTSWAP_TEST_FREE_BYTES_FILE": str(free_bytes_file),
+        },
+    ).start()
     yield server
     server.stop()
 
@@ -72,8 +78,14 @@ def hf_model(path: Path) -> torch.nn.Module:
 def assert_serves_the_previous_weights(server: VllmServer, previous: Path) -> None:
     """Completions are answered within ANSWER_WITHIN seconds, with ``previous``'s greedy tokens."""
     started = time.monotonic()
-    body = {"model": str(server.model), "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0.0,
-            "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+    body = {
+        "model": str(server.model),
+        "prompt": PROMPTS[0],
+        "max_tokens": 8,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
     response = server.client.post("/v1/completions", json=body, timeout=ANSWER_WITHIN)
     assert response.status_code == 200, response.text
     assert time.monotonic() - started < ANSWER_WITHIN
@@ -105,9 +117,15 @@ def with_wrong_shape(path: Path) -> torch.nn.Module:
 
 
 CASES = {
-    "unknown-name": (with_unknown_parameter, r"parameter 'value_head' \[4\] float32: the engine's model has no such parameter"),
-    "wrong-shape": (with_wrong_shape, r"parameter 'model.layers.1.self_attn.k_proj.weight' has shape \[64, 128\], "
-                                      r"the engine's model expects \[128, 128\]"),  # fmt: skip
+    "unknown-name": (
+        with_unknown_parameter,
+        r"parameter 'value_head' \[4\] float32: the engine's model has no such parameter",
+    ),
+    "wrong-shape": (
+        with_wrong_shape,
+        r"parameter 'model.layers.1.self_attn.k_proj.weight' has shape \[64, 128\], "
+        r"the engine's model expects \[128, 128\]",
+    ),
 }
 
 
@@ -164,8 +182,11 @@ def test_a_trainer_killed_half_way_leaves_the_previous_weights_serving(
     perturbed_model(toy_model, tmp_path / "new", seed=7)
     trainer = subprocess.Popen(
         [sys.executable, "-c", KILLED_TRAINER, server.url, API_KEY, str(free_port()), str(tmp_path / "new")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
     try:
         assert trainer.stdout is not None
         lines = []
@@ -228,9 +249,14 @@ def test_a_rollout_pinning_a_version_under_probe_runs_beside_the_probe_and_waits
 
     assert http.post("/start_weight_update", json={"mode": "wait"}).status_code == 200
     try:
-        versions = {"good": store.publish("gated-good", good), "overflow": store.publish("gated-overflow", overflowing)}
+        versions = {
+            "good": store.publish("gated-good", good),
+            "overflow": store.publish("gated-overflow", overflowing),
+        }
         for name in versions:
-            server.wait_until(lambda n=name: server.adapters().get(f"gated-{n}", {}).get("state") == "swapping", 30, name)
+            server.wait_until(
+                lambda n=name: server.adapters().get(f"gated-{n}", {}).get("state") == "swapping", 30, name
+            )
         time.sleep(HOLD)  # both probes wait on the paused engine: both versions are open to pinned samples
         senders = [threading.Thread(target=sample, args=(n, f"gated-{n}@{v}")) for n, v in versions.items()]
         for sender in senders:
@@ -261,7 +287,6 @@ def test_a_good_push_after_the_failures_serves_the_new_weights(
     for prompt in PROMPTS:
         assert server.tokens(str(toy_model), prompt)[1] == reference.greedy(prompt, 8)
     assert server.client.get("/weight_info").json()["weight_version"] == "good-after-faults"
-
 
 
 def test_a_probe_inside_a_base_weight_update_leaves_no_failure_record(server: VllmServer, make_lora) -> None:
@@ -312,9 +337,13 @@ def test_a_load_failing_after_layers_were_replaced_marks_the_engine_dead(toy_mod
     (site / "sitecustomize.py").write_text(FAILING_LOAD)
     python_path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     server = VllmServer(
-        toy_model, tmp_path / "store", tmp_path / "failing-load.log", env={"PYTHONPATH": python_path},
-        args=["--weight-transfer-config", '{"backend": "gloo"}'], api_key=API_KEY,
-    ).start()  # fmt: skip
+        toy_model,
+        tmp_path / "store",
+        tmp_path / "failing-load.log",
+        env={"PYTHONPATH": python_path},
+        args=["--weight-transfer-config", '{"backend": "gloo"}'],
+        api_key=API_KEY,
+    ).start()
     try:
         client = VLLMClient(VLLMClientConfig(base_urls=[server.url], api_key=API_KEY, group_port=free_port()))
         client.init_communicator("cpu")

@@ -17,12 +17,20 @@ SPEC = {"model.embed.weight": ((16, 8), "float32"), "model.step": ((1,), "int64"
 
 
 def test_an_update_is_checked_by_name_shape_and_dtype() -> None:
-    check_update([("model.embed.weight", [16, 8], "bfloat16"), ("model.step", (1,), "torch.int64")], SPEC)  # casts load
-    with pytest.raises(ValueError, match=r"parameter 'model.extra' \[2\] float32: the engine's model has no such parameter"):
+    check_update(
+        [("model.embed.weight", [16, 8], "bfloat16"), ("model.step", (1,), "torch.int64")], SPEC
+    )  # casts load
+    with pytest.raises(
+        ValueError, match=r"parameter 'model.extra' \[2\] float32: the engine's model has no such parameter"
+    ):
         check_update([("model.embed.weight", [16, 8], "float32"), ("model.extra", [2], "float32")], SPEC)
-    with pytest.raises(ValueError, match=r"parameter 'model.embed.weight' has shape \[16, 4\], the engine's model expects \[16, 8\]"):
+    with pytest.raises(
+        ValueError, match=r"parameter 'model.embed.weight' has shape \[16, 4\], the engine's model expects \[16, 8\]"
+    ):
         check_update([("model.embed.weight", [16, 4], "float32")], SPEC)
-    with pytest.raises(ValueError, match=r"parameter 'model.step' has dtype float32, the engine's model expects int64"):
+    with pytest.raises(
+        ValueError, match=r"parameter 'model.step' has dtype float32, the engine's model expects int64"
+    ):
         check_update([("model.step", [1], "float32")], SPEC)
 
 
@@ -83,7 +91,9 @@ def test_the_gloo_push_resumes_the_servers_when_its_source_fails_half_way(monkey
 
     monkeypatch.setattr(gloo, "source_tensors", wrong_tensors)
     servers = FakeServers()
-    with pytest.raises(ValueError, match=r"WeightSource yielded weight torch.float32 \(3,\) where its metadata declared weight"):
+    with pytest.raises(
+        ValueError, match=r"WeightSource yielded weight torch.float32 \(3,\) where its metadata declared weight"
+    ):
         _trainer(servers, torch.nn.Linear(4, 2)).send_weights("v1")
     assert servers.calls == ["start", "update", "resume"]
 
@@ -102,7 +112,9 @@ def test_a_server_failing_before_its_workers_join_does_not_hang_the_trainer() ->
     peer = threading.Thread(target=lambda: silent.append(join_group(info.master_address, info.master_port, 1, 2, 30)))
     peer.start()
     servers = FakeServers(fail="update")
-    engine = GlooTrainerWeightTransferEngine(client=servers, source=ModuleSource(torch.nn.Linear(4, 2)), init_info=info)
+    engine = GlooTrainerWeightTransferEngine(
+        client=servers, source=ModuleSource(torch.nn.Linear(4, 2)), init_info=info
+    )
     engine.group = join_group(info.master_address, info.master_port, 0, 2, 30)
     peer.join()
     started = time.monotonic()
@@ -113,10 +125,18 @@ def test_a_server_failing_before_its_workers_join_does_not_hang_the_trainer() ->
         engine.send_weights("v2")
 
 
-PAUSED = {"error": {"message": "Generation is paused. Please retry after it resumes.", "type": "ServiceUnavailableError", "code": 503}}
+PAUSED = {
+    "error": {
+        "message": "Generation is paused. Please retry after it resumes.",
+        "type": "ServiceUnavailableError",
+        "code": 503,
+    }
+}
 
 
-def _client(monkeypatch: pytest.MonkeyPatch, completions: list[httpx.Response], **config: Any) -> tuple[Any, list[str]]:
+def _client(
+    monkeypatch: pytest.MonkeyPatch, completions: list[httpx.Response], **config: Any
+) -> tuple[Any, list[str]]:
     from vllm_lora_hotswap.client import VLLMClient, VLLMClientConfig
 
     seen: list[str] = []
@@ -297,7 +317,9 @@ def test_a_parameter_that_starts_misaligned_in_its_bucket_is_unpacked_by_a_copy(
 
     odd, wide = torch.arange(5, dtype=torch.bfloat16), torch.arange(6, dtype=torch.float32).reshape(2, 3)
     flat = torch.cat([odd.view(torch.uint8), wide.view(-1).view(torch.uint8)])
-    params = [SimpleNamespace(name="odd", dtype=torch.bfloat16, shape=(5,)),
-              SimpleNamespace(name="wide", dtype=torch.float32, shape=(2, 3))]  # fmt: skip
+    params = [
+        SimpleNamespace(name="odd", dtype=torch.bfloat16, shape=(5,)),
+        SimpleNamespace(name="wide", dtype=torch.float32, shape=(2, 3)),
+    ]
     unpacked = dict(packing.unpack(flat, params))
     assert torch.equal(unpacked["odd"], odd) and torch.equal(unpacked["wide"], wide)

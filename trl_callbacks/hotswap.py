@@ -37,9 +37,19 @@ logger = logging.getLogger(__name__)
 
 # Keys this callback writes into every version's metadata.json.
 CALLBACK_METADATA = frozenset(
-    {"metric", "value", "reward", "metric_step", "reasons", "global_step", "epoch", "base_model",
-     "peft_config", "published_at"}
-)  # fmt: skip
+    {
+        "metric",
+        "value",
+        "reward",
+        "metric_step",
+        "reasons",
+        "global_step",
+        "epoch",
+        "base_model",
+        "peft_config",
+        "published_at",
+    }
+)
 _REWARD_METRIC = re.compile(r"(eval_)?(reward|rewards/.+/mean)")
 
 
@@ -418,9 +428,13 @@ class HotSwapCallback(TrainerCallback):
             self.notifier.notify(self.adapter, publication.version)  # returns at once; never raises
             logger.info(
                 "HotSwapCallback: published %s@%s (step %d, %s=%s, step blocked %.3fs)",
-                self.adapter, publication.version, publication.step, self.metric, publication.value,
+                self.adapter,
+                publication.version,
+                publication.step,
+                self.metric,
+                publication.value,
                 publication.blocked_seconds,
-            )  # fmt: skip
+            )
         except Exception as exc:
             self._record_error(publication, exc, f"publishing {self.adapter} into {self.store.root}")
         else:
@@ -443,8 +457,9 @@ class HotSwapCallback(TrainerCallback):
     def wait_for_commit(self, publication: Publication, timeout: float | None = None) -> bool:
         """Wait until ``publication`` has a version or an error; False if ``timeout`` passed first."""
         with self._committed:
-            return self._committed.wait_for(lambda: publication.version is not None or publication.error is not None,
-                                            timeout)  # fmt: skip
+            return self._committed.wait_for(
+                lambda: publication.version is not None or publication.error is not None, timeout
+            )
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for pending publications; True when none is left. Never raises their errors."""

@@ -193,11 +193,17 @@ class FleetRollout:
             raise RuntimeError(f"FleetRollout: asked for {self.adapter}@{version}, samples came from {wrong}")
 
         completion_ids = [s["token_ids"] for s in samples]
-        self.records.append(RolloutRecord(
-            step=trainer.state.global_step, version=version, latest=latest, staleness=staleness,
-            waited_seconds=waited, generate_seconds=generate_seconds,
-            completion_tokens=sum(len(ids) for ids in completion_ids),
-        ))  # fmt: skip
+        self.records.append(
+            RolloutRecord(
+                step=trainer.state.global_step,
+                version=version,
+                latest=latest,
+                staleness=staleness,
+                waited_seconds=waited,
+                generate_seconds=generate_seconds,
+                completion_tokens=sum(len(ids) for ids in completion_ids),
+            )
+        )
         return {
             "prompt_ids": prompt_ids,
             "completion_ids": completion_ids,
@@ -227,7 +233,12 @@ class FleetRollout:
             return self._served(url)
         # sampling=1: the engine also answers once the version is open to pinned samples while
         # it is probed; the batch then runs beside the probe, its answer held for the verdict.
-        params = {"adapter": self.adapter, "version": version, "timeout": wait, "sampling": version not in self.refused}
+        params = {
+            "adapter": self.adapter,
+            "version": version,
+            "timeout": wait,
+            "sampling": version not in self.refused,
+        }
         try:
             response = self._http.get(f"{url}{WAIT_PATH}", params=params, timeout=wait + 30)
             if response.status_code == 404:  # an older plugin: poll it
@@ -280,7 +291,7 @@ class FleetRollout:
                     f"{url} serves {self.adapter}@{version}" + (f" (last error: {error})" if error else "")
                     for (url, (version, error)), position in zip(served.items(), positions, strict=True)
                     if position < lowest
-                )  # fmt: skip
+                )
                 raise TimeoutError(
                     f"FleetRollout: after {self.timeout:.0f}s these engines do not serve {self.adapter} within "
                     f"max_staleness={self.max_staleness} of the trainer's latest publication "
@@ -326,7 +337,9 @@ class FleetRollout:
             try:
                 response = self._http.post(f"{url}/api/v1/sample", json=body)
             except httpx.HTTPError as exc:
-                raise ConnectionError(f"FleetRollout: {url}/api/v1/sample failed: {type(exc).__name__}: {exc}") from None
+                raise ConnectionError(
+                    f"FleetRollout: {url}/api/v1/sample failed: {type(exc).__name__}: {exc}"
+                ) from None
             if response.status_code == 409:  # the version failed its probe under this batch
                 raise VersionRefused(f"FleetRollout: {url}: {response.text}")
             if response.status_code != 200:
@@ -371,8 +384,11 @@ class FleetRollout:
         for url in self.urls:
             response = self._http.get(f"{url}/v1/lora/events", timeout=30)
             response.raise_for_status()
-            times = [e["at"] for e in response.json()["events"]
-                     if e["kind"] == "updated" and e["adapter"] == self.adapter and e["version"] == version]  # fmt: skip
+            times = [
+                e["at"]
+                for e in response.json()["events"]
+                if e["kind"] == "updated" and e["adapter"] == self.adapter and e["version"] == version
+            ]
             if not times:
                 return None
             served_at.append(min(times))
@@ -386,8 +402,12 @@ def _tokenize(trainer: Any, prompts: list[Any]) -> list[list[int]]:
     tokenizer = trainer.processing_class
     if is_conversational({"prompt": prompts[0]}):
         tokenized = tokenizer.apply_chat_template(
-            conversation=prompts, chat_template=trainer.chat_template, add_generation_prompt=True, tokenize=True,
-            return_dict=True, **trainer.chat_template_kwargs,
-        )  # fmt: skip
+            conversation=prompts,
+            chat_template=trainer.chat_template,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            **trainer.chat_template_kwargs,
+        )
         return [list(ids) for ids in tokenized["input_ids"]]
     return [list(ids) for ids in tokenizer(text=prompts)["input_ids"]]

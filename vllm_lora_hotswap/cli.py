@@ -91,7 +91,9 @@ def publish(
 
 @app.command("list")
 @_friendly
-def list_(adapter: Annotated[str | None, typer.Argument()] = None, root: RootOption = None, as_json: JsonOption = False) -> None:
+def list_(
+    adapter: Annotated[str | None, typer.Argument()] = None, root: RootOption = None, as_json: JsonOption = False
+) -> None:
     """Adapters in the store, or the versions of ADAPTER."""
     store = _store(root)
     if adapter is None:
@@ -109,17 +111,31 @@ def list_(adapter: Annotated[str | None, typer.Argument()] = None, root: RootOpt
             return _print_json(rows)
         table = Table("adapter", "active version", "pinned", "versions", "retired")
         for row in rows:
-            table.add_row(row["adapter"], row["active"] or "-", "yes" if row["pinned"] else "", str(row["versions"]), "yes" if row["retired"] else "")
+            table.add_row(
+                row["adapter"],
+                row["active"] or "-",
+                "yes" if row["pinned"] else "",
+                str(row["versions"]),
+                "yes" if row["retired"] else "",
+            )
         return console.print(table)
     if not store.adapter_dir(adapter).is_dir():
         raise ValueError(f"adapter {adapter!r} not found in {store.root}")
     active = store.active_version(adapter)
     entries = store.entries(adapter)
     if as_json:
-        return _print_json([
-            {"version": e.version, "active": e.version == active, "kept": e.kept, "failed_on": list(e.failed_on), "metadata": dict(e.metadata)}
-            for e in entries
-        ])
+        return _print_json(
+            [
+                {
+                    "version": e.version,
+                    "active": e.version == active,
+                    "kept": e.kept,
+                    "failed_on": list(e.failed_on),
+                    "metadata": dict(e.metadata),
+                }
+                for e in entries
+            ]
+        )
     table = Table("version", "", "reward", "step", "failed on")
     for e in entries:
         marks = " ".join(m for m, on in (("active", e.version == active), ("kept", e.kept)) if on)
@@ -134,16 +150,26 @@ def status(root: RootOption = None, as_json: JsonOption = False) -> None:
     """Which version each instance serves, stale instances, and whether adapters converged."""
     fleet = fleet_status(_store(root))
     if as_json:
-        return _print_json({
-            "instances": [
-                {**r.model_dump(mode="json"), "stale": fleet.stale(r), "age": r.age(fleet.now)} for r in fleet.instances
-            ],
-            "adapters": [
-                {"adapter": a.adapter, "active_version": a.active_version, "pinned": a.pinned, "retired": a.retired,
-                 "converged": a.converged, "served": a.served, "errors": a.errors}
-                for a in fleet.adapters
-            ],
-        })
+        return _print_json(
+            {
+                "instances": [
+                    {**r.model_dump(mode="json"), "stale": fleet.stale(r), "age": r.age(fleet.now)}
+                    for r in fleet.instances
+                ],
+                "adapters": [
+                    {
+                        "adapter": a.adapter,
+                        "active_version": a.active_version,
+                        "pinned": a.pinned,
+                        "retired": a.retired,
+                        "converged": a.converged,
+                        "served": a.served,
+                        "errors": a.errors,
+                    }
+                    for a in fleet.adapters
+                ],
+            }
+        )
     instances = Table("instance", "url", "heartbeat", "vLLM", "weights", "last error", title="instances")
     for r in fleet.instances:
         age = _age(r.age(fleet.now)) + (" [red]STALE[/red]" if fleet.stale(r) else "")
@@ -211,7 +237,12 @@ def retire(adapter: str, root: RootOption = None) -> None:
 @_friendly
 def gc(
     keep: Annotated[int | None, typer.Option(help="READY versions to keep per adapter (default: all).")] = None,
-    grace: Annotated[float, typer.Option(help="Seconds before a partial write counts as abandoned, and an instance without a heartbeat as gone.")] = 3600.0,
+    grace: Annotated[
+        float,
+        typer.Option(
+            help="Seconds before a partial write counts as abandoned, and an instance without a heartbeat as gone."
+        ),
+    ] = 3600.0,
     root: RootOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -220,8 +251,10 @@ def gc(
     report = _store(root).gc(keep=keep, grace=grace)
     if as_json:
         return _print_json({"deleted": report.deleted, "abandoned": report.abandoned, "instances": report.instances})
-    typer.echo(f"deleted {len(report.deleted)} versions, {len(report.abandoned)} abandoned partial writes, "
-               f"{len(report.instances)} records of instances gone")  # fmt: skip
+    typer.echo(
+        f"deleted {len(report.deleted)} versions, {len(report.abandoned)} abandoned partial writes, "
+        f"{len(report.instances)} records of instances gone"
+    )
     for name in report.deleted:
         typer.echo(f"  deleted {name}")
 
@@ -231,14 +264,26 @@ def launch(
     ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Model to serve on every instance.")],
     instances: Annotated[int, typer.Option(help="Number of vLLM servers.")] = 1,
-    base_port: Annotated[int, typer.Option(help="Port of instance 1; instance i listens on base_port + i - 1.")] = 8001,
-    gpus_per_instance: Annotated[int, typer.Option(help="GPUs per instance (0: CPU). Default: 1 if nvidia-smi exists.")] = -1,
-    adapters_per_instance: Annotated[str, typer.Option(help="VLLM_HOTSWAP_ADAPTERS of instance i; {i} is replaced by i (e.g. 'lora{i}').")] = "*",
+    base_port: Annotated[
+        int, typer.Option(help="Port of instance 1; instance i listens on base_port + i - 1.")
+    ] = 8001,
+    gpus_per_instance: Annotated[
+        int, typer.Option(help="GPUs per instance (0: CPU). Default: 1 if nvidia-smi exists.")
+    ] = -1,
+    adapters_per_instance: Annotated[
+        str, typer.Option(help="VLLM_HOTSWAP_ADAPTERS of instance i; {i} is replaced by i (e.g. 'lora{i}').")
+    ] = "*",
     host: Annotated[str, typer.Option(help="Address the servers listen on.")] = "0.0.0.0",
     log_dir: Annotated[Path, typer.Option(help="One log file per instance.")] = Path("lora-hotswap-logs"),
     startup_timeout: Annotated[float, typer.Option(help="Seconds to wait for every instance to be healthy.")] = 600.0,
     restart: Annotated[bool, typer.Option(help="Restart an instance that dies.")] = True,
-    ray: Annotated[str | None, typer.Option("--ray", help="Place the instances on this Ray cluster ('auto': the local one) as Ray actors that Ray restarts, spread across nodes; needs the [ray] extra.")] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Place the instances on this Ray cluster ('auto': the local one) as Ray actors that Ray restarts, spread across nodes; needs the [ray] extra.",
+        ),
+    ] = None,
     root: RootOption = None,
 ) -> None:
     """Start N vLLM servers with the plugin (args after `--` go to every `vllm serve`); Ctrl-C stops them all."""
@@ -250,16 +295,24 @@ def launch(
 
     if ray is not None:
         gpus = (1 if shutil.which("nvidia-smi") else 0) if gpus_per_instance < 0 else gpus_per_instance
-        _launch_on_ray(model, ray, instances, gpus, adapters_per_instance, host, log_dir, startup_timeout, ctx.args, root)
+        _launch_on_ray(
+            model, ray, instances, gpus, adapters_per_instance, host, log_dir, startup_timeout, ctx.args, root
+        )
         return
 
     try:
         launcher = Launcher(
-            model, instances=instances, base_port=base_port,
+            model,
+            instances=instances,
+            base_port=base_port,
             gpus_per_instance=(1 if shutil.which("nvidia-smi") else 0) if gpus_per_instance < 0 else gpus_per_instance,
-            adapters=adapters_per_instance, host=host, root=str(root) if root else None, log_dir=log_dir,
-            extra_args=ctx.args, restart=restart,
-        )  # fmt: skip
+            adapters=adapters_per_instance,
+            host=host,
+            root=str(root) if root else None,
+            log_dir=log_dir,
+            extra_args=ctx.args,
+            restart=restart,
+        )
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -270,7 +323,9 @@ def launch(
             healthy = launcher.wait_healthy(startup_timeout, lambda items: live.update(_instances_table(items)))
         console.print(_instances_table(launcher.instances))
         if not healthy and not launcher.stopping:
-            typer.echo(f"error: not every instance became healthy within {startup_timeout:.0f}s; see {log_dir}", err=True)
+            typer.echo(
+                f"error: not every instance became healthy within {startup_timeout:.0f}s; see {log_dir}", err=True
+            )
             raise typer.Exit(1)
         console.print("[green]fleet up[/green]: Ctrl-C stops every instance")
         launcher.supervise()
@@ -281,9 +336,17 @@ def launch(
 
 
 def _launch_on_ray(
-    model: str, address: str, replicas: int, gpus: int, adapters: str, host: str, log_dir: Path,
-    startup_timeout: float, vllm_args: list[str], root: Path | None,
-) -> None:  # fmt: skip
+    model: str,
+    address: str,
+    replicas: int,
+    gpus: int,
+    adapters: str,
+    host: str,
+    log_dir: Path,
+    startup_timeout: float,
+    vllm_args: list[str],
+    root: Path | None,
+) -> None:
     """``launch --ray``: the replicas are Ray actors (:mod:`.fleet.ray_fleet`); Ray restarts them."""
     import signal
     import threading
@@ -291,8 +354,17 @@ def _launch_on_ray(
     from .fleet.ray_fleet import RayFleet
 
     try:
-        fleet = RayFleet(model, replicas=replicas, root=str(root) if root else None, gpus_per_replica=gpus,
-                         vllm_args=vllm_args, adapters=adapters, host=host, address=address, log_dir=str(log_dir))  # fmt: skip
+        fleet = RayFleet(
+            model,
+            replicas=replicas,
+            root=str(root) if root else None,
+            gpus_per_replica=gpus,
+            vllm_args=vllm_args,
+            adapters=adapters,
+            host=host,
+            address=address,
+            log_dir=str(log_dir),
+        )
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -304,7 +376,10 @@ def _launch_on_ray(
         healthy = fleet.wait_healthy(startup_timeout)
         console.print(_replicas_table(fleet.replicas()))
         if not healthy:
-            typer.echo(f"error: not every replica became healthy within {startup_timeout:.0f}s; see {log_dir} on each node", err=True)
+            typer.echo(
+                f"error: not every replica became healthy within {startup_timeout:.0f}s; see {log_dir} on each node",
+                err=True,
+            )
             raise typer.Exit(1)
         console.print("[green]fleet up on Ray[/green]: Ray restarts a replica that dies; Ctrl-C stops every replica")
         while not stopping.wait(1.0):
@@ -319,8 +394,13 @@ def _replicas_table(replicas: list[Any]) -> Table:
     table = Table("replica", "url", "node", "state", "starts")
     for r in replicas:
         state = "[green]healthy[/green]" if r.healthy else f"[yellow]{r.error or 'starting'}[/yellow]"
-        table.add_row(str(r.index), r.url or "-", (r.node_ip or "-") + (f" ({r.node_id[:8]})" if r.node_id else ""),
-                      state, str(r.starts))  # fmt: skip
+        table.add_row(
+            str(r.index),
+            r.url or "-",
+            (r.node_ip or "-") + (f" ({r.node_id[:8]})" if r.node_id else ""),
+            state,
+            str(r.starts),
+        )
     return table
 
 
@@ -328,8 +408,16 @@ def _instances_table(instances: list[Any]) -> Table:
     table = Table("instance", "id", "url", "adapters", "GPUs", "state", "restarts", "log")
     for i in instances:
         color = {"healthy": "green", "exited": "red"}.get(i.state, "yellow")
-        table.add_row(str(i.index), i.instance_id, i.url, i.adapters, ",".join(map(str, i.gpus)) or "cpu",
-                      f"[{color}]{i.state}[/{color}]", str(i.restarts), str(i.log_path))  # fmt: skip
+        table.add_row(
+            str(i.index),
+            i.instance_id,
+            i.url,
+            i.adapters,
+            ",".join(map(str, i.gpus)) or "cpu",
+            f"[{color}]{i.state}[/{color}]",
+            str(i.restarts),
+            str(i.log_path),
+        )
     return table
 
 

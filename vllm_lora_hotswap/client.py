@@ -38,7 +38,9 @@ PAUSED_FIRST_DELAY, PAUSED_MAX_DELAY = 0.05, 2.0
 def _paused(response: httpx.Response) -> bool:
     """vLLM 0.33's refusal of a request while paused: its engine_paused error reaches
     HTTP as a 503 ServiceUnavailableError with this message (the code stays inside)."""
-    return response.status_code == 503 and ("Generation is paused" in response.text or "engine_paused" in response.text)
+    return response.status_code == 503 and (
+        "Generation is paused" in response.text or "engine_paused" in response.text
+    )
 
 
 class VLLMClientConfig(BaseModel):
@@ -60,9 +62,16 @@ class VLLMClientConfig(BaseModel):
         env = os.environ
         urls = env.get("VLLM_BASE_URL") or f"http://{env.get('VLLM_HOST', 'localhost')}:{env.get('VLLM_PORT', '8000')}"
         values: dict[str, Any] = {"base_urls": [u.strip() for u in urls.split(",") if u.strip()]}
-        for key, name in (("group_port", "VLLM_GROUP_PORT"), ("timeout", "VLLM_TIMEOUT"), ("enable_lora", "VLLM_ENABLE_LORA"),
-                          ("max_loras", "VLLM_MAX_LORAS"), ("max_lora_rank", "VLLM_MAX_LORA_RANK"), ("api_key", "VLLM_API_KEY"),
-                          ("store_root", "VLLM_HOTSWAP_ROOT"), ("group_host", "VLLM_GROUP_HOST")):  # fmt: skip
+        for key, name in (
+            ("group_port", "VLLM_GROUP_PORT"),
+            ("timeout", "VLLM_TIMEOUT"),
+            ("enable_lora", "VLLM_ENABLE_LORA"),
+            ("max_loras", "VLLM_MAX_LORAS"),
+            ("max_lora_rank", "VLLM_MAX_LORA_RANK"),
+            ("api_key", "VLLM_API_KEY"),
+            ("store_root", "VLLM_HOTSWAP_ROOT"),
+            ("group_host", "VLLM_GROUP_HOST"),
+        ):
             if env.get(name):
                 values[key] = env[name]
         return cls(**values)
@@ -84,7 +93,9 @@ class VLLMClient:
     def base_url(self) -> str:
         return self.config.base_urls[0]
 
-    def _send(self, method: str, url: str, path: str, body: dict[str, Any] | None = None, *, retry_paused: bool = False) -> httpx.Response:
+    def _send(
+        self, method: str, url: str, path: str, body: dict[str, Any] | None = None, *, retry_paused: bool = False
+    ) -> httpx.Response:
         delay, deadline = PAUSED_FIRST_DELAY, time.monotonic() + self.config.paused_timeout
         while True:
             try:
@@ -114,7 +125,9 @@ class VLLMClient:
         return CheckpointStore(self.config.store_root)
 
     # -- generation --------------------------------------------------------------------
-    def generate(self, prompts: list[str], sampling_params: dict[str, Any] | None = None, adapter: str | None = None) -> list[dict[str, Any]]:
+    def generate(
+        self, prompts: list[str], sampling_params: dict[str, Any] | None = None, adapter: str | None = None
+    ) -> list[dict[str, Any]]:
         """One sample per prompt from the first server's ``POST /api/v1/sample``: ``{"text", "token_ids",
         "prompt_token_ids", "finish_reason", "model", "version"}`` (plus ``"logprobs"`` with
         ``{"logprobs": True}``). ``adapter`` is ``"lora1"`` (its served version), ``"lora1@<version>"``
@@ -162,7 +175,9 @@ class VLLMClient:
         while pending:
             pending = [url for url in pending if not done(self._served(url))]
             if pending and time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {self.config.register_timeout:.0f}s waiting for {what} on {', '.join(pending)}")
+                raise TimeoutError(
+                    f"timed out after {self.config.register_timeout:.0f}s waiting for {what} on {', '.join(pending)}"
+                )
             if pending:
                 time.sleep(0.2)
 
@@ -172,9 +187,15 @@ class VLLMClient:
         if self._sync is not None:
             raise RuntimeError("the communicator is already initialised; call close_communicator() first")
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
-        self._sync_client = FleetWeightSyncClient(self.config.base_urls, api_key=self.config.api_key, mode=self.config.update_mode)
-        self._sync = WeightSync(self._sync_client, backend=backend, master_port=self.config.group_port,
-                                master_address=self.config.group_host)  # fmt: skip
+        self._sync_client = FleetWeightSyncClient(
+            self.config.base_urls, api_key=self.config.api_key, mode=self.config.update_mode
+        )
+        self._sync = WeightSync(
+            self._sync_client,
+            backend=backend,
+            master_port=self.config.group_port,
+            master_address=self.config.group_host,
+        )
 
     def update_model_weights(self, model: Any, weight_version: str | None = None) -> None:
         """Send every parameter of ``model`` (HF names) to every engine; adapters stay served."""
@@ -218,7 +239,9 @@ def _get_client() -> VLLMClient:
     return _client if _client is not None else initialize_vllm_client()
 
 
-def generate_with_vllm(prompts: list[str], sampling_params: dict[str, Any] | None = None, adapter: str | None = None) -> list[dict[str, Any]]:
+def generate_with_vllm(
+    prompts: list[str], sampling_params: dict[str, Any] | None = None, adapter: str | None = None
+) -> list[dict[str, Any]]:
     return _get_client().generate(prompts, sampling_params, adapter)
 
 

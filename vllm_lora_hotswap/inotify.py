@@ -42,8 +42,9 @@ IN_CLOEXEC = os.O_CLOEXEC
 # What changes a store's visible state: names appearing (a commit's rename, LATEST/ACTIVE
 # replaced), disappearing (gc, follow, a retired mark removed) or written in place by a writer
 # that does not rename. Modifications of an open file are left out: the close says it.
-STORE_EVENTS = (IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
-                | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)  # fmt: skip
+STORE_EVENTS = (
+    IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+)
 _HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (name follows)
 _READ_SIZE = 64 * 1024
 

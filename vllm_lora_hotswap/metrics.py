@@ -16,28 +16,39 @@ _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 class HotSwapMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY):
         self.swaps = Counter(
-            "vllm_hotswap_swaps", "Adapter version swaps by result (served, failed, waiting).",
-            ["adapter", "result"], registry=registry,
+            "vllm_hotswap_swaps",
+            "Adapter version swaps by result (served, failed, waiting).",
+            ["adapter", "result"],
+            registry=registry,
         )
         self.phase_seconds = Histogram(
-            "vllm_hotswap_phase_seconds", "Seconds spent in each swap phase.",
-            ["adapter", "phase"], buckets=_BUCKETS, registry=registry,
+            "vllm_hotswap_phase_seconds",
+            "Seconds spent in each swap phase.",
+            ["adapter", "phase"],
+            buckets=_BUCKETS,
+            registry=registry,
         )
         self.served_version = Gauge(
-            "vllm_hotswap_served_version", "1 for the version each adapter serves.",
-            ["adapter", "version"], registry=registry,
+            "vllm_hotswap_served_version",
+            "1 for the version each adapter serves.",
+            ["adapter", "version"],
+            registry=registry,
         )
         self.installed_versions = Gauge(
-            "vllm_hotswap_installed_versions", "Adapter versions holding a LoRA slot (current, retiring, pinned).",
+            "vllm_hotswap_installed_versions",
+            "Adapter versions holding a LoRA slot (current, retiring, pinned).",
             registry=registry,
         )
         self.staged_bytes = Gauge(
-            "vllm_hotswap_staged_bytes", "Host bytes of staged adapter weights, summed over workers.",
+            "vllm_hotswap_staged_bytes",
+            "Host bytes of staged adapter weights, summed over workers.",
             registry=registry,
         )
         self.weight_version = Gauge(
-            "vllm_hotswap_weight_version", "1 for the base-weight version the engine holds.",
-            ["version"], registry=registry,
+            "vllm_hotswap_weight_version",
+            "1 for the base-weight version the engine holds.",
+            ["version"],
+            registry=registry,
         )
         self._served: dict[str, str] = {}
         self._weights: str | None = None

@@ -77,7 +77,9 @@ class CommitNotifier:
                 return []
             if self._pool is None:
                 self._http = httpx.Client(timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 1.0)))
-                self._pool = ThreadPoolExecutor(min(MAX_SENDERS, max(1, len(targets))), thread_name_prefix="hotswap-notice")
+                self._pool = ThreadPoolExecutor(
+                    min(MAX_SENDERS, max(1, len(targets))), thread_name_prefix="hotswap-notice"
+                )
             pool = self._pool
         body = _body(adapter, version)
         return [pool.submit(self._send, url, headers, body) for url, headers in targets]
@@ -101,8 +103,14 @@ class CommitNotifier:
         if problem is not None:
             # Once per failing engine, then quietly until it answers again: it still gets
             # the version at its next poll.
-            logger.log(logging.WARNING if first else logging.DEBUG, "hot-swap: notice of %s@%s to %s failed (%s); "
-                       "it will see the version at its next poll", body["adapter"], body["version"], url, problem)  # fmt: skip
+            logger.log(
+                logging.WARNING if first else logging.DEBUG,
+                "hot-swap: notice of %s@%s to %s failed (%s); it will see the version at its next poll",
+                body["adapter"],
+                body["version"],
+                url,
+                problem,
+            )
         return problem is None
 
     def close(self) -> None:
@@ -115,7 +123,12 @@ class CommitNotifier:
 
 
 async def notify_async(
-    http: httpx.AsyncClient, urls: Iterable[str], adapter: str, version: str | None, *, timeout: float = NOTICE_TIMEOUT_S
+    http: httpx.AsyncClient,
+    urls: Iterable[str],
+    adapter: str,
+    version: str | None,
+    *,
+    timeout: float = NOTICE_TIMEOUT_S,
 ) -> list[bool]:
     """The same notice from an asyncio publisher (the fleet scheduler), sent to all ``urls`` at
     once with ``http``'s headers; a failure is logged and reported as False, never raised."""

@@ -33,9 +33,7 @@ class HotSwapSettings(BaseSettings):
         default=("*",),
         description="Comma-separated adapter names or globs this instance serves.",
     )
-    poll_interval: float = Field(
-        default=5.0, gt=0, le=3600, description="Seconds between polls of the store."
-    )
+    poll_interval: float = Field(default=5.0, gt=0, le=3600, description="Seconds between polls of the store.")
     events: bool = Field(
         default=True,
         description="Also react to file-system events (inotify) between polls.",
@@ -46,18 +44,19 @@ class HotSwapSettings(BaseSettings):
         "a hint to read the store at once, as across nodes no file-system event arrives. The store decides; "
         "a notice is never trusted.",
     )
-    probe: bool = Field(
-        default=True, description="Run a short greedy generation on a new version before serving it."
-    )
+    probe: bool = Field(default=True, description="Run a short greedy generation on a new version before serving it.")
     probe_prompt: str | None = Field(
-        default=None, min_length=1,
+        default=None,
+        min_length=1,
         description="Prompt text of the probe generation (unset: one token, the tokenizer's BOS).",
     )
     probe_max_tokens: int = Field(
         default=1, ge=1, le=64, description="Tokens the probe generates (one is a full prefill and a sampled token)."
     )
     probe_hold: float = Field(
-        default=1.0, ge=0, le=60,
+        default=1.0,
+        ge=0,
+        le=60,
         description="Seconds a request for an adapter may wait while the adapter's new version is probed, "
         "to be served by it if it passes (0: such requests go to the version serving now).",
     )
@@ -81,7 +80,9 @@ class HotSwapSettings(BaseSettings):
         "(trusted networks only; by default such a server refuses to start).",
     )
     max_parallel: int = Field(
-        default=8, ge=1, le=64,
+        default=8,
+        ge=1,
+        le=64,
         description="Adapters whose swaps progress at the same time (one swap per adapter at a time).",
     )
     stage_timeout: float = Field(

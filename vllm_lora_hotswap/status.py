@@ -49,7 +49,9 @@ def fleet_status(store: CheckpointStore, now: float | None = None) -> FleetStatu
                 retired=store.is_retired(name),
             )
         except StoreError as exc:
-            status = AdapterStatus(adapter=name, active_version=None, pinned=False, retired=False, errors={"store": str(exc)})
+            status = AdapterStatus(
+                adapter=name, active_version=None, pinned=False, retired=False, errors={"store": str(exc)}
+            )
         for record in alive:
             serving = record.adapters.get(name)
             if serving is None:

@@ -11,9 +11,15 @@ if __name__ == "__main__":
     from vllm_lora_hotswap.store import CheckpointStore
 
     llm = LLM(
-        model=model, enable_lora=True, max_lora_rank=16, max_loras=2, max_cpu_loras=4,
-        dtype="float32", max_model_len=256, enforce_eager=True,
-    )  # fmt: skip
+        model=model,
+        enable_lora=True,
+        max_lora_rank=16,
+        max_loras=2,
+        max_cpu_loras=4,
+        dtype="float32",
+        max_model_len=256,
+        enforce_eager=True,
+    )
     hotswap = LocalHotSwap(llm)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 

@@ -110,7 +110,9 @@ def kill_at_every_step(store: CheckpointStore, src: Path) -> Iterator[tuple[int,
 
     def run(kill_at: int) -> tuple[int, int]:
         ready, go, steps = context.Event(), context.Event(), context.Value("i", 0)
-        process = context.Process(target=_publish_in_place, args=(str(store.root), str(src), kill_at, ready, go, steps))
+        process = context.Process(
+            target=_publish_in_place, args=(str(store.root), str(src), kill_at, ready, go, steps)
+        )
         process.start()
         ready.wait(60)
         go.set()

@@ -108,7 +108,11 @@ class FakeEngine:
                     results.append(CheckpointRejected("install", "not staged"))
                 elif handle.path in self.reject["install"]:
                     results.append(CheckpointRejected("install", "shape mismatch"))
-                elif request.replace is None and handle.lora_id not in self.slots and len(self.slots) >= self.max_cpu_loras:
+                elif (
+                    request.replace is None
+                    and handle.lora_id not in self.slots
+                    and len(self.slots) >= self.max_cpu_loras
+                ):
                     results.append(NoCapacity(f"all {self.max_cpu_loras} slots in use"))
                 else:
                     if request.replace is not None:

@@ -14,7 +14,14 @@ class FsOps:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.counts: Counter[str] = Counter()
-        for module, name in ((os, "stat"), (os, "lstat"), (os, "scandir"), (os, "listdir"), (os, "open"), (builtins, "open")):
+        for module, name in (
+            (os, "stat"),
+            (os, "lstat"),
+            (os, "scandir"),
+            (os, "listdir"),
+            (os, "open"),
+            (builtins, "open"),
+        ):
             original = getattr(module, name)
 
             def counted(*args, __original=original, __name=name, **kwargs):

@@ -37,9 +37,7 @@ def inject_version(
     staging.parent.mkdir(exist_ok=True)
     shutil.copytree(src, staging, symlinks=True)
     if ready:
-        digests = {
-            p.name: FileDigest(*hash_file(p)) for p in sorted(staging.iterdir()) if manifest and p.is_file()
-        }
+        digests = {p.name: FileDigest(*hash_file(p)) for p in sorted(staging.iterdir()) if manifest and p.is_file()}
         atomic_write(staging / "READY", ReadyManifest(files=digests).to_json() if manifest else b"")
     if after_ready is not None:
         after_ready(staging)

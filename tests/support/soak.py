@@ -28,11 +28,7 @@ def process_rss(pid: int) -> dict[str, int]:
     for process in [root, *root.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess):
             title = process.name()
-            role = (
-                "api_server"
-                if process.pid == pid
-                else next((r for r, mark in _MARKS if mark in title), None)
-            )
+            role = "api_server" if process.pid == pid else next((r for r, mark in _MARKS if mark in title), None)
             if role is not None:
                 rss[role] = rss.get(role, 0) + process.memory_info().rss
     return rss
@@ -75,11 +71,7 @@ class SoakPart:
 
     def metrics_bytes_growth_pct(self) -> float | None:
         window = self.window()
-        return (
-            None
-            if window is None
-            else 100 * (window[1].metrics_bytes / window[0].metrics_bytes - 1)
-        )
+        return None if window is None else 100 * (window[1].metrics_bytes / window[0].metrics_bytes - 1)
 
     def describe(self) -> str:
         window = self.window()
@@ -87,12 +79,12 @@ class SoakPart:
             return f"{self.name}: too few samples"
         first, last = window
         rss = ", ".join(
-            f"{r} {first.rss[r] >> 20}->{last.rss[r] >> 20} MiB"
-            for r in ROLES
-            if r in first.rss and r in last.rss
+            f"{r} {first.rss[r] >> 20}->{last.rss[r] >> 20} MiB" for r in ROLES if r in first.rss and r in last.rss
         )
-        return (f"{self.name}: swaps {first.swaps}->{last.swaps}: {rss}; "
-                f"/metrics {first.metrics_bytes}->{last.metrics_bytes} bytes")  # fmt: skip
+        return (
+            f"{self.name}: swaps {first.swaps}->{last.swaps}: {rss}; "
+            f"/metrics {first.metrics_bytes}->{last.metrics_bytes} bytes"
+        )
 
 
 @dataclass

@@ -42,7 +42,10 @@ class Unreachable(Exception):
 def newest_release(python: str | None = None) -> str:
     """The newest vLLM release on the package index (``pip index versions vllm``)."""
     result = subprocess.run(
-        [python or sys.executable, "-m", "pip", "index", "versions", "vllm"], capture_output=True, text=True, check=False
+        [python or sys.executable, "-m", "pip", "index", "versions", "vllm"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     match = re.search(r"^vllm \(([^)]+)\)", result.stdout, re.MULTILINE)
     if result.returncode != 0 or match is None:

@@ -68,7 +68,6 @@ class Symbol:
     versions: str = ""
     imports_at_call: str = ""
 
-
     def __str__(self) -> str:
         return f"{self.module}.{self.name}"
 
@@ -126,7 +125,14 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA.lora_a_stacked", "attribute"),
     _s("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA.lora_b_stacked", "attribute"),
     _s("vllm.lora.layers", "ClassificationHeadWithLoRA", "class"),
-    _s("vllm.lora.layers.classifier", "ClassificationHeadWithLoRA.set_module_to_save", "method", "index", "weight", "bias"),
+    _s(
+        "vllm.lora.layers.classifier",
+        "ClassificationHeadWithLoRA.set_module_to_save",
+        "method",
+        "index",
+        "weight",
+        "bias",
+    ),
     _s("vllm.lora.layers.classifier", "ClassificationHeadWithLoRA.reset_module_to_save", "method", "index"),
     # rpc.py: the hotswap_* RPCs on every worker, and vLLM's two base-weight paths they wrap
     _s("vllm.v1.worker.worker_base", "WorkerWrapperBase", "class"),
@@ -145,9 +151,23 @@ SYMBOLS: tuple[Symbol, ...] = (
     # the engine-core utility that times an RPC where it holds the engine
     _s("vllm.v1.engine.core", "EngineCore.collective_rpc", "method", "method", "timeout", "args"),
     # weights/gloo.py and weights/trainer.py: the weight-transfer API
-    _s(f"{_WT}.factory", "WeightTransferEngineFactory.register_engine", "method", "name", "module_path_or_cls", "class_name"),
+    _s(
+        f"{_WT}.factory",
+        "WeightTransferEngineFactory.register_engine",
+        "method",
+        "name",
+        "module_path_or_cls",
+        "class_name",
+    ),
     _s(f"{_WT}.factory", "WeightTransferEngineFactory._registry", "attribute"),
-    _s(f"{_WT}.factory", "WeightTransferTrainerFactory.register_engine", "method", "name", "module_path_or_cls", "class_name"),
+    _s(
+        f"{_WT}.factory",
+        "WeightTransferTrainerFactory.register_engine",
+        "method",
+        "name",
+        "module_path_or_cls",
+        "class_name",
+    ),
     _s(f"{_WT}.factory", "WeightTransferTrainerFactory._registry", "attribute"),
     _s(f"{_WT}.base", "ParamMeta", "class", "name", "dtype", "shape"),
     _s(f"{_WT}.base", "WeightTransferInitInfo", "class"),
@@ -173,41 +193,99 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s(f"{_WT}.base", "ModuleSource.metadata", "property", versions=WEIGHT_SOURCE_V2),
     _s(f"{_WT}.base", "ModuleSource.iter_full", "method", versions=WEIGHT_SOURCE_V2),
     _s(f"{_WT}.nccl_engine", "NCCLTrainerInitInfo", "class", "master_address", "master_port", "world_size", "rank"),
-    _s(f"{_WT}.nccl_engine", "NCCLTrainerWeightTransferEngine.trainer_init", "method", "init_info", "client", "source"),
-    _s("vllm.distributed.utils", "stateless_init_torch_distributed_process_group", "function",
-       "host", "port", "rank", "world_size", "backend", "timeout"),  # fmt: skip
+    _s(
+        f"{_WT}.nccl_engine", "NCCLTrainerWeightTransferEngine.trainer_init", "method", "init_info", "client", "source"
+    ),
+    _s(
+        "vllm.distributed.utils",
+        "stateless_init_torch_distributed_process_group",
+        "function",
+        "host",
+        "port",
+        "rank",
+        "world_size",
+        "backend",
+        "timeout",
+    ),
     # reload.py: replacing the weights, and the memory that takes
-    _s("vllm.model_executor.model_loader.reload", "initialize_layerwise_reload", "function", "model", versions="<0.34"),
+    _s(
+        "vllm.model_executor.model_loader.reload", "initialize_layerwise_reload", "function", "model", versions="<0.34"
+    ),
     _s("vllm.model_executor.model_loader.reload", "finalize_layerwise_reload", "function", versions="<0.34"),
     _s("vllm.model_executor.model_loader.reload", "start_reload", "function", "model", versions=RELOAD_LIFECYCLE),
-    _s("vllm.model_executor.model_loader.reload", "finish_reload", "function", "model", "model_config", "device",
-       versions=RELOAD_LIFECYCLE),
-    _s("vllm.model_executor.model_loader.reload.layerwise", "max_layer_reload_bytes", "function", "model",
-       versions=RELOAD_LIFECYCLE),
-    _s("vllm.v1.worker.extensible_kv_cache", "WEIGHT_UPDATE_PEAK_LAYER_FACTOR", "attribute", versions=RELOAD_LIFECYCLE),
+    _s(
+        "vllm.model_executor.model_loader.reload",
+        "finish_reload",
+        "function",
+        "model",
+        "model_config",
+        "device",
+        versions=RELOAD_LIFECYCLE,
+    ),
+    _s(
+        "vllm.model_executor.model_loader.reload.layerwise",
+        "max_layer_reload_bytes",
+        "function",
+        "model",
+        versions=RELOAD_LIFECYCLE,
+    ),
+    _s(
+        "vllm.v1.worker.extensible_kv_cache", "WEIGHT_UPDATE_PEAK_LAYER_FACTOR", "attribute", versions=RELOAD_LIFECYCLE
+    ),
     _s(f"{_WT}.base", "WeightTransferEngine.device", "attribute"),
     # rpc.py: a refused update leaves the weights complete, so the worker's flag is cleared
     _s("vllm.v1.worker.gpu_worker", "Worker.update_weights", "method", "update_info"),
     _s("vllm.v1.worker.gpu_worker", "Worker._incomplete_weight_updates", "attribute", versions=RELOAD_LIFECYCLE),
     _s("vllm.v1.worker.gpu_worker", "Worker._weight_update_is_draft", "attribute", versions=RELOAD_LIFECYCLE),
-    _s("vllm.model_executor.model_loader.default_loader", "DefaultModelLoader.get_all_weights", "method",
-       "model_config", "model"),  # fmt: skip
+    _s(
+        "vllm.model_executor.model_loader.default_loader",
+        "DefaultModelLoader.get_all_weights",
+        "method",
+        "model_config",
+        "model",
+    ),
     # endpoints.py and server.py: the API server's routing table and engine client
     # endpoints.enable_endpoint_plugin: vLLM's endpoint-plugin loader, wrapped so the plugin is
     # included without VLLM_PLUGINS; it works only while the caller looks the loader up when called
     _s("vllm.plugins", "load_endpoint_plugins", "function", "supported_tasks"),
-    _s("vllm.plugins.endpoint_plugins.interface", "attach_endpoint_plugins", "function", "app", "supported_tasks",
-       imports_at_call="vllm.plugins.load_endpoint_plugins"),
-    _s("vllm.plugins.endpoint_plugins.interface", "init_endpoint_plugins_state", "function",
-       "engine_client", "state", "args"),
+    _s(
+        "vllm.plugins.endpoint_plugins.interface",
+        "attach_endpoint_plugins",
+        "function",
+        "app",
+        "supported_tasks",
+        imports_at_call="vllm.plugins.load_endpoint_plugins",
+    ),
+    _s(
+        "vllm.plugins.endpoint_plugins.interface",
+        "init_endpoint_plugins_state",
+        "function",
+        "engine_client",
+        "state",
+        "args",
+    ),
     _s("vllm.plugins.endpoint_plugins.interface", "EndpointPlugin.name", "attribute"),
     _s("vllm.plugins.endpoint_plugins.interface", "EndpointPlugin.required_tasks", "attribute"),
     _s("vllm.plugins.endpoint_plugins.interface", "EndpointPlugin.attach_router", "method", "app"),
-    _s("vllm.plugins.endpoint_plugins.interface", "EndpointPlugin.init_state", "method", "engine_client", "state", "args"),
+    _s(
+        "vllm.plugins.endpoint_plugins.interface",
+        "EndpointPlugin.init_state",
+        "method",
+        "engine_client",
+        "state",
+        "args",
+    ),
     _s("vllm.entrypoints.serve.engine.protocol", "ModelCard", "class", "id", "root", "parent", "permission"),
     _s("vllm.entrypoints.serve.engine.protocol", "ModelPermission", "class"),
     _s("vllm.entrypoints.serve.engine.serving", "BaseServing._check_model", "method", "request"),
-    _s("vllm.entrypoints.serve.engine.serving", "BaseServing.create_error_response", "method", "message", "err_type", "status_code"),
+    _s(
+        "vllm.entrypoints.serve.engine.serving",
+        "BaseServing.create_error_response",
+        "method",
+        "message",
+        "err_type",
+        "status_code",
+    ),
     _s("vllm.entrypoints.serve.engine.serving", "BaseServing.models", "attribute"),
     _s(_MODELS, "OpenAIServingModels.lora_requests", "attribute"),
     _s(_MODELS, "OpenAIServingModels.lora_id_counter", "attribute"),
@@ -286,7 +364,14 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s("vllm.entrypoints.serve.engine.protocol", "ModelList.data", "attribute"),
     _s("vllm.entrypoints.openai.models.protocol", "BaseModelPath.name", "attribute"),
     _s("vllm.lora.request", "LoRARequest.base_model_name", "attribute"),
-    _s("vllm.entrypoints.launchers.api_server.app_state", "init_app_state", "function", "engine_client", "state", "args"),
+    _s(
+        "vllm.entrypoints.launchers.api_server.app_state",
+        "init_app_state",
+        "function",
+        "engine_client",
+        "state",
+        "args",
+    ),
     _s("vllm.entrypoints.launchers.cli_args", "FrontendArgs.host", "attribute", versions="<0.33"),
     _s("vllm.entrypoints.launchers.cli_args", "FrontendArgs.port", "attribute", versions="<0.33"),
     _s("vllm.entrypoints.launchers.cli_args", "FrontendArgs.api_key", "attribute", versions="<0.33"),
@@ -311,8 +396,14 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s(f"{_WT}.base", "VLLMWeightSyncClient.start_weight_update", "method"),
     _s(f"{_WT}.base", "VLLMWeightSyncClient.update_weights", "method", "update_info"),
     _s(f"{_WT}.base", "VLLMWeightSyncClient.finish_weight_update", "method", "weight_version"),
-    _s("vllm.model_executor.model_loader.reload.layerwise", "finalize_layerwise_processing", "function",
-       "model", "model_config", versions="<0.34"),
+    _s(
+        "vllm.model_executor.model_loader.reload.layerwise",
+        "finalize_layerwise_processing",
+        "function",
+        "model",
+        "model_config",
+        versions="<0.34",
+    ),
     # weights/trainer.py: vLLM's own NCCL trainer engine
     _s(f"{_WT}.nccl_engine", "NCCLTrainerWeightTransferEngine.send_weights", "method"),
     _s(f"{_WT}.nccl_engine", "NCCLTrainerWeightTransferEngine.shutdown", "method"),
@@ -325,9 +416,22 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s("vllm.v1.engine.llm_engine", "LLMEngine.vllm_config", "attribute"),
     _s("vllm.v1.engine.llm_engine", "LLMEngine.output_processor", "attribute"),
     _s("vllm.v1.engine.llm_engine", "LLMEngine.tokenizer", "property"),
-    _s("vllm.sampling_params", "SamplingParams", "class",
-       "max_tokens", "temperature", "ignore_eos", "logprobs", "detokenize",
-       "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop"),  # fmt: skip
+    _s(
+        "vllm.sampling_params",
+        "SamplingParams",
+        "class",
+        "max_tokens",
+        "temperature",
+        "ignore_eos",
+        "logprobs",
+        "detokenize",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "seed",
+        "stop",
+    ),
 )
 
 
@@ -351,7 +455,7 @@ def _in(version: str, spec: str) -> bool:
         return False
     for clause in filter(None, (c.strip() for c in spec.split(","))):
         op = clause[: len(clause) - len(clause.lstrip("<>=!"))]
-        bound = _release(clause[len(op):])
+        bound = _release(clause[len(op) :])
         if bound is None or op not in _OPS:
             raise ValueError(f"unsupported version specifier {clause!r}")
         width = max(len(release), len(bound))
@@ -493,7 +597,9 @@ def _assigns(cls: type, name: str) -> bool:
 def _self_assignments(node: ast.AST) -> set[str]:
     names = set()
     for sub in ast.walk(node):
-        targets = sub.targets if isinstance(sub, ast.Assign) else [sub.target] if isinstance(sub, ast.AnnAssign) else []
+        targets = (
+            sub.targets if isinstance(sub, ast.Assign) else [sub.target] if isinstance(sub, ast.AnnAssign) else []
+        )
         for target in targets:
             if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self":
                 names.add(target.attr)
@@ -551,7 +657,9 @@ class SourceTree:
             self._trees[dotted] = tree
         return self._trees[dotted]
 
-    def lookup(self, dotted: str, name: str, seen: frozenset[tuple[str, str]] = frozenset()) -> tuple[str, ast.AST] | None:
+    def lookup(
+        self, dotted: str, name: str, seen: frozenset[tuple[str, str]] = frozenset()
+    ) -> tuple[str, ast.AST] | None:
         """The definition of ``name`` in module ``dotted``, following ``from x import name``."""
         if (dotted, name) in seen:
             return None
@@ -673,7 +781,9 @@ class SourceTree:
             hit = self.lookup(module, base.id) if isinstance(base, ast.Name) else None
             if hit is not None and isinstance(hit[1], ast.ClassDef) and depth < 10:
                 cls = hit[1]
-                names += [n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
+                names += [
+                    n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+                ]
                 names += self._inherited_fields(hit[0], cls, depth + 1)
         return names
 
@@ -685,7 +795,11 @@ def _top_level(tree: ast.Module) -> list[ast.stmt]:
     while stack:
         node = stack.pop(0)
         if isinstance(node, (ast.If, ast.Try)):
-            stack[:0] = [*node.body, *getattr(node, "orelse", []), *(h for t in getattr(node, "handlers", []) for h in t.body)]
+            stack[:0] = [
+                *node.body,
+                *getattr(node, "orelse", []),
+                *(h for t in getattr(node, "handlers", []) for h in t.body),
+            ]
         else:
             out.append(node)
     return out

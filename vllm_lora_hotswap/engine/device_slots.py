@@ -151,7 +151,9 @@ class SlotWriter:
         made under it, can take a reserved slot)."""
         return reservation is not None and reservation.written and not reservation.lost
 
-    def claim(self, reservation: DeviceSlotReservation, lora_id: int, *, replace: bool, off_step: bool = False) -> bool:
+    def claim(
+        self, reservation: DeviceSlotReservation, lora_id: int, *, replace: bool, off_step: bool = False
+    ) -> bool:
         """The reserved slot starts serving ``lora_id``; False if the slot was lost or never
         written (the caller copies the usual way instead). With ``replace`` the slot that
         served ``lora_id`` keeps its weights, reserved, until :meth:`commit` or :meth:`restore`.
@@ -218,7 +220,9 @@ class SlotWriter:
         mapping = manager._last_mapping
         busy = set(mapping.index_mapping) | set(mapping.prompt_mapping) if mapping is not None else set()
         active = manager._active_adapters
-        return next((key for key in active.order if key > 0 and key not in busy and key not in active.pinned_items), None)
+        return next(
+            (key for key in active.order if key > 0 and key not in busy and key not in active.pinned_items), None
+        )
 
     def _drop(self, reservation: DeviceSlotReservation) -> None:
         manager = self.manager
@@ -290,4 +294,3 @@ def _write_module(manager: Any, lora: Any, module_name: str, module: Any, index:
         module.reset_lora(index)
     else:
         module.set_lora(index, weights.lora_a, weights.lora_b)
-

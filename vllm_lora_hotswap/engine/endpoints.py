@@ -58,11 +58,13 @@ async def list_events(request: Request, since: int = 0) -> JSONResponse:
     changes when the instance restarts (its sequence numbers start again at 1)."""
     controller = _controller(request)
     events = controller.bus.since(since)
-    return JSONResponse({
-        "instance_id": controller.instance_id,
-        "started_at": controller.started_at,
-        "events": [e.model_dump(mode="json") for e in events],
-    })
+    return JSONResponse(
+        {
+            "instance_id": controller.instance_id,
+            "started_at": controller.started_at,
+            "events": [e.model_dump(mode="json") for e in events],
+        }
+    )
 
 
 class HotSwapEndpoints:
@@ -87,9 +89,7 @@ class HotSwapEndpoints:
             return
         settings = load_settings()
         if getattr(args, "api_server_count", 1) not in (None, 1):
-            raise RuntimeError(
-                "vllm-lora-hotswap runs its swap pipeline in the API server: use --api-server-count 1"
-            )
+            raise RuntimeError("vllm-lora-hotswap runs its swap pipeline in the API server: use --api-server-count 1")
         from vllm import __version__ as vllm_version
 
         from ..metrics import HotSwapMetrics
@@ -135,7 +135,12 @@ def install_serving_hooks(models: Any, controller: SwapController, settings: Hot
         for name, lora in sorted(models.lora_requests.items()):
             if "@" not in name:
                 model_list.data.append(
-                    ModelCard(id=name, root=lora.lora_path, parent=lora.base_model_name or base, permission=[ModelPermission()])
+                    ModelCard(
+                        id=name,
+                        root=lora.lora_path,
+                        parent=lora.base_model_name or base,
+                        permission=[ModelPermission()],
+                    )
                 )
         return model_list
 
@@ -156,7 +161,9 @@ def install_serving_hooks(models: Any, controller: SwapController, settings: Hot
             else:
                 error = await ensure_version(hotswap, model)
                 if error is not None:
-                    return self.create_error_response(error[1], err_type=error[0].phrase.replace(" ", ""), status_code=error[0])
+                    return self.create_error_response(
+                        error[1], err_type=error[0].phrase.replace(" ", ""), status_code=error[0]
+                    )
         return await original_check_model(self, request)
 
     _check_model._lora_hotswap = True  # type: ignore[attr-defined]
@@ -173,8 +180,10 @@ def enable_endpoint_plugin() -> None:
 
     def load_endpoint_plugins(supported_tasks: Any = None) -> list[Any]:
         loaded = original(supported_tasks)
-        if supported_tasks is not None and "generate" in supported_tasks and not any(
-            getattr(p, "name", None) == PLUGIN_NAME for p in loaded
+        if (
+            supported_tasks is not None
+            and "generate" in supported_tasks
+            and not any(getattr(p, "name", None) == PLUGIN_NAME for p in loaded)
         ):
             loaded.append(HotSwapEndpoints())
         return loaded

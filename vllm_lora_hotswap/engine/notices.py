@@ -67,8 +67,10 @@ def accept_notice(controller: SwapController, adapter: str, version: str | None)
 
 
 def _error(status: HTTPStatus, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": status.phrase.replace(" ", ""), "code": status.value}},
-                        status_code=status.value)  # fmt: skip
+    return JSONResponse(
+        {"error": {"message": message, "type": status.phrase.replace(" ", ""), "code": status.value}},
+        status_code=status.value,
+    )
 
 
 def _controller(request: Request) -> SwapController | None:

@@ -72,9 +72,11 @@ class OfflineEngine(WorkerRpcEngine):
         params = SamplingParams(max_tokens=self._probe_max_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
         try:  # one generate call: the probes run as one batch
             outputs = self.llm.generate(
-                [{"prompt_token_ids": list(self._probe_ids)} for _ in handles], params,
-                lora_request=[self.lora_request(h) for h in handles], use_tqdm=False,
-            )  # fmt: skip
+                [{"prompt_token_ids": list(self._probe_ids)} for _ in handles],
+                params,
+                lora_request=[self.lora_request(h) for h in handles],
+                use_tqdm=False,
+            )
         except Exception as exc:  # the engine's trouble, not a verdict on the versions
             return [EngineUnavailable(f"probe generation raised {type(exc).__name__}: {exc}")] * len(handles)
         return [self.probe_verdict(output.outputs[0] if output.outputs else None) for output in outputs]

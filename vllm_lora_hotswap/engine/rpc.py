@@ -64,7 +64,6 @@ def hotswap_state(self: Any) -> dict[str, Any]:
     return _hotswap(self).state()
 
 
-
 def hotswap_weight_spec(self: Any) -> dict[str, list[Any]] | None:
     """``{name: [shape, dtype]}`` a base-weight update may contain (None if not recorded)."""
     from ..weights.spec import spec_of

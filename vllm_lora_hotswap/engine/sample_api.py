@@ -133,7 +133,9 @@ async def _verdict(gate: Any, model_id: str) -> JSONResponse | None:
     try:
         passed = await asyncio.wait_for(asyncio.shield(gate.verdict), VERDICT_WAIT_S)
     except TimeoutError:
-        return _error(HTTPStatus.SERVICE_UNAVAILABLE, f"the probe of {model_id} gave no verdict in {VERDICT_WAIT_S:.0f} s")
+        return _error(
+            HTTPStatus.SERVICE_UNAVAILABLE, f"the probe of {model_id} gave no verdict in {VERDICT_WAIT_S:.0f} s"
+        )
     return None if passed else _refused(model_id)
 
 

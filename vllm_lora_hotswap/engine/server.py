@@ -83,7 +83,9 @@ class ServerEngine(WorkerRpcEngine):
         # Served names whose probe failed while open to samples, newest last (loop only): a
         # sample request that saw the gate open and arrives after the verdict gets the same 409.
         self._refused: OrderedDict[str, None] = OrderedDict()
-        self.gate_listeners: list[Callable[[str], bool | None]] = []  # called with the adapter when a gate opens (loop)
+        self.gate_listeners: list[
+            Callable[[str], bool | None]
+        ] = []  # called with the adapter when a gate opens (loop)
         tokenizer = getattr(engine_client.renderer, "tokenizer", None)
         self._probe_ids = probe_token_ids(tokenizer, settings.probe_prompt)
 

@@ -48,10 +48,19 @@ from ..store.errors import InvalidCheckpointError
 logger = logging.getLogger("vllm.lora_hotswap")
 _local = threading.local()  # .served: (real path of a weight file, its tensors) for this thread's load
 _TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 class _FromMemory:
@@ -200,6 +209,10 @@ def _tensors(data: bytearray, specs: dict[str, TensorSpec]) -> dict[str, torch.T
         count = 1
         for dim in spec.shape:
             count *= dim
-        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=spec.offset) if count else torch.empty(0, dtype=dtype)
+        flat = (
+            torch.frombuffer(data, dtype=dtype, count=count, offset=spec.offset)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
         tensors[name] = flat.reshape(spec.shape)
     return tensors

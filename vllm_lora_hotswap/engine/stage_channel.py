@@ -88,7 +88,9 @@ class WorkerChannel:
             self.report(lora_id, path, self._on_install(lora_id, path), kind="install")
 
     def report(self, lora_id: int, path: str, status: dict[str, Any], *, kind: str = "stage") -> None:
-        message = json.dumps({"worker": str(self.path), "kind": kind, "lora_id": lora_id, "path": path, **status}).encode()
+        message = json.dumps(
+            {"worker": str(self.path), "kind": kind, "lora_id": lora_id, "path": path, **status}
+        ).encode()
         try:
             self._sock.sendto(message, self.server)
         except OSError:
@@ -176,7 +178,9 @@ class ServerChannel:
         with self._condition:
             self._condition.wait_for(answered, REPORT_PATIENCE_S if timeout is None else timeout)
             answers = {key: self._installs.pop(key) for key in keys}
-        return [[answers[key][w] for w in self.workers] if len(answers[key]) >= len(self.workers) else None for key in keys]
+        return [
+            [answers[key][w] for w in self.workers] if len(answers[key]) >= len(self.workers) else None for key in keys
+        ]
 
     def forget(self, key: Key) -> None:
         with self._condition:

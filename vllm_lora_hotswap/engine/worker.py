@@ -54,10 +54,10 @@ def _load_adapter(manager: WorkerLoRAManager, lora_request: LoRARequest):
         hotswap.disk_loads += 1  # a read of the store inside a step: counted, it should stay 0
         logger.warning(
             "hot-swap: vLLM loads %s from the store inside a step (not staged here): read without the "
-            "staging hash check", lora_request.lora_name,
-        )  # fmt: skip
+            "staging hash check",
+            lora_request.lora_name,
+        )
     return _original_load_adapter(manager, lora_request)
-
 
 
 def _under_slot_lock(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -178,8 +178,15 @@ class WorkerHotSwap:
             return
         self._finish(entry, lora=lora, nbytes=nbytes, slot=slot)
 
-    def _finish(self, entry: _Staged, *, lora: Any = None, nbytes: int = 0, slot: DeviceSlotReservation | None = None,
-                error: str | None = None) -> None:  # fmt: skip
+    def _finish(
+        self,
+        entry: _Staged,
+        *,
+        lora: Any = None,
+        nbytes: int = 0,
+        slot: DeviceSlotReservation | None = None,
+        error: str | None = None,
+    ) -> None:
         with self._lock:
             cancelled = entry.cancelled
             if not cancelled:
@@ -224,7 +231,9 @@ class WorkerHotSwap:
                     f"{module_name}: lora_A takes {weights.lora_a.shape[-1]} inputs, the model's layer {in_size} "
                     "(adapter made for a different base model?)"
                 )
-            sizes = getattr(layer, "output_sizes", None) if index is not None else [getattr(layer, "output_size", None)]
+            sizes = (
+                getattr(layer, "output_sizes", None) if index is not None else [getattr(layer, "output_size", None)]
+            )
             if getattr(layer, "num_kv_head_replicas", 1) == 1 and sizes and isinstance(sizes[index or 0], int):
                 if weights.lora_b.shape[0] != sizes[index or 0]:
                     raise ValueError(
@@ -262,9 +271,17 @@ class WorkerHotSwap:
             if entry is None or entry.state != "ready":
                 return {"ok": False, "error": f"adapter {lora_id} at {path} is not staged"}
             if off_step and not self.slots.claimable(entry.slot):
-                return {"ok": False, "in_step": True, "error": f"adapter {lora_id} is in no slot: it is copied in the step"}
+                return {
+                    "ok": False,
+                    "in_step": True,
+                    "error": f"adapter {lora_id} is in no slot: it is copied in the step",
+                }
             if not replace and lora_id not in manager.list_adapters() and len(manager) >= manager.capacity:
-                return {"ok": False, "capacity": True, "error": f"all {manager.capacity} LoRA slots (--max-cpu-loras) are in use"}
+                return {
+                    "ok": False,
+                    "capacity": True,
+                    "error": f"all {manager.capacity} LoRA slots (--max-cpu-loras) are in use",
+                }
             if replace:
                 self.previous[lora_id] = self.installed.get(lora_id)
             slot, entry.slot = entry.slot, None

@@ -118,7 +118,9 @@ class WorkerRpcEngine:
                     results[i] = _install_outcome(per_rank, max(answer["seconds"] for answer in per_rank))
         rest = [i for i in range(len(requests)) if i not in results]
         if rest:
-            items = [[requests[i].handle.lora_id, requests[i].handle.path, requests[i].replace is not None] for i in rest]
+            items = [
+                [requests[i].handle.lora_id, requests[i].handle.path, requests[i].replace is not None] for i in rest
+            ]
             ranks, held = self._timed_rpc("hotswap_install", items)
             # The engine loop is held once for the batch: measured in the engine core where it
             # can be (the round trip to the workers included), else on the workers.

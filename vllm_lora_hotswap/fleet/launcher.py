@@ -88,9 +88,23 @@ class Launcher:
 
     # -- processes ---------------------------------------------------------------------
     def _command(self, instance: Instance) -> list[str]:
-        args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-                "--host", self.host, "--port", str(instance.port), *self.extra_args]  # fmt: skip
-        if self.gpus_per_instance > 1 and "--tensor-parallel-size" not in self.extra_args and "-tp" not in self.extra_args:
+        args = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model,
+            "--host",
+            self.host,
+            "--port",
+            str(instance.port),
+            *self.extra_args,
+        ]
+        if (
+            self.gpus_per_instance > 1
+            and "--tensor-parallel-size" not in self.extra_args
+            and "-tp" not in self.extra_args
+        ):
             args += ["--tensor-parallel-size", str(self.gpus_per_instance)]
         return args
 
@@ -110,9 +124,12 @@ class Launcher:
         log = open(instance.log_path, "ab")  # noqa: SIM115 - owned by the child
         instance.process = subprocess.Popen(
             [sys.executable, "-m", "vllm_lora_hotswap.fleet.child", str(os.getpid()), *self._command(instance)],
-            env=self._env(instance), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            env=self._env(instance),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         instance.state = "starting"
         instance.started_at = time.monotonic()

@@ -40,9 +40,7 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the Ray fleet needs Ray: pip install 'vllm-lora-hotswap[ray]'"
-        ) from exc
+        raise ImportError("the Ray fleet needs Ray: pip install 'vllm-lora-hotswap[ray]'") from exc
     return ray
 
 
@@ -80,17 +78,33 @@ class _ReplicaActor:
         with socket.socket() as sock:
             sock.bind((host if host != "0.0.0.0" else "", 0))
             self.port = sock.getsockname()[1]
-        advertised = "127.0.0.1" if host.startswith("127.") else (self.node_ip if host in ("0.0.0.0", "::", "") else host)
+        advertised = (
+            "127.0.0.1" if host.startswith("127.") else (self.node_ip if host in ("0.0.0.0", "::", "") else host)
+        )
         self.url = f"http://{advertised}:{self.port}"
         instance_id = f"ray-{index}@{self.node_ip}:{self.port}"
-        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                   "--host", host, "--port", str(self.port), *args]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model,
+            "--host",
+            host,
+            "--port",
+            str(self.port),
+            *args,
+        ]
         child_env = {**os.environ, **env, "VLLM_HOTSWAP_INSTANCE_ID": env.get("VLLM_HOTSWAP_INSTANCE_ID", instance_id)}
         log = open(os.path.join(log_dir, f"replica-{index}.log"), "ab") if log_dir else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vllm_lora_hotswap.fleet.child", str(os.getpid()), *command],
-            env=child_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            env=child_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         threading.Thread(target=self._watch, daemon=True, name="replica-child-watch").start()
 
     def _watch(self) -> None:
@@ -107,8 +121,14 @@ class _ReplicaActor:
         os._exit(1)
 
     def info(self) -> dict[str, Any]:
-        return {"index": self.index, "url": self.url, "node_id": self.node_id, "node_ip": self.node_ip,
-                "pid": self.process.pid, "starts": self.starts}  # fmt: skip
+        return {
+            "index": self.index,
+            "url": self.url,
+            "node_id": self.node_id,
+            "node_ip": self.node_ip,
+            "pid": self.process.pid,
+            "starts": self.starts,
+        }
 
     def stop(self) -> None:
         import signal
@@ -209,13 +229,21 @@ class RayFleet:
             os.makedirs(self.log_dir, exist_ok=True)
         actor_class = ray.remote(_ReplicaActor)
         for index in range(1, self.count + 1):
-            env = {**self.env, "VLLM_HOTSWAP_ROOT": self.root, "VLLM_HOTSWAP_ADAPTERS": self.adapters.replace("{i}", str(index))}
+            env = {
+                **self.env,
+                "VLLM_HOTSWAP_ROOT": self.root,
+                "VLLM_HOTSWAP_ADAPTERS": self.adapters.replace("{i}", str(index)),
+            }
             options: dict[str, Any] = {
-                "num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica,
-                "max_restarts": self.max_restarts, "max_task_retries": 0,
+                "num_cpus": self.cpus_per_replica,
+                "num_gpus": self.gpus_per_replica,
+                "max_restarts": self.max_restarts,
+                "max_task_retries": 0,
                 "scheduling_strategy": self.strategy,
-            }  # fmt: skip
-            self.actors.append(actor_class.options(**options).remote(index, self.model, self.host, self.vllm_args, env, self.log_dir))
+            }
+            self.actors.append(
+                actor_class.options(**options).remote(index, self.model, self.host, self.vllm_args, env, self.log_dir)
+            )
         return self
 
     # -- what the scheduler and FleetRollout ask ------------------------------------------

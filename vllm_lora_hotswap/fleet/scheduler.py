@@ -187,10 +187,15 @@ class DistributedLoRAScheduler:
         if raw["kind"] not in ("updated", "failed"):
             return
         event = LoRAUpdateEvent(
-            lora_id=self._lora_id_of(raw["adapter"]), adapter=raw["adapter"], timestamp=raw["version"],
-            instance_id=raw["instance_id"], metadata=raw.get("metadata") or {}, error_message=raw.get("error_message"),
-            phase=raw.get("phase"), timings=raw.get("timings") or {},
-        )  # fmt: skip
+            lora_id=self._lora_id_of(raw["adapter"]),
+            adapter=raw["adapter"],
+            timestamp=raw["version"],
+            instance_id=raw["instance_id"],
+            metadata=raw.get("metadata") or {},
+            error_message=raw.get("error_message"),
+            phase=raw.get("phase"),
+            timings=raw.get("timings") or {},
+        )
         if event.error_message is None and self.enable_probe and (problem := await self._smoke_test(url, event)):
             event.error_message, event.phase = problem, "smoke-test"
         callback = self.on_lora_failed if event.error_message else self.on_lora_updated
@@ -217,7 +222,9 @@ class DistributedLoRAScheduler:
         return None
 
     # -- the scheduler API ----------------------------------------------------------------
-    async def publish_lora_update(self, lora_id: int | str, src_ckpt_dir: str | Path, metadata: dict[str, Any] | None = None) -> str:
+    async def publish_lora_update(
+        self, lora_id: int | str, src_ckpt_dir: str | Path, metadata: dict[str, Any] | None = None
+    ) -> str:
         """Publish a PEFT checkpoint as the adapter's newest version; returns its timestamp."""
         store, adapter = self._store_for(lora_id), self.adapter_name(lora_id)
         version = await asyncio.to_thread(store.publish, adapter, src_ckpt_dir, metadata)
@@ -249,14 +256,21 @@ class DistributedLoRAScheduler:
         instances = {}
         for status in await asyncio.gather(*(self._instance(url) for url in self.instance_urls)):
             serving = (status.get("adapters") or {}).get(adapter)
-            if serving is None and status["instance_id"] and InstanceRecord.model_validate(status).follows_adapter(adapter):
+            if (
+                serving is None
+                and status["instance_id"]
+                and InstanceRecord.model_validate(status).follows_adapter(adapter)
+            ):
                 # Follows the adapter but has not picked it up yet: not converged, rather than not counted.
                 serving = {"served_version": None, "state": "waiting", "last_error": None}
             if serving is not None:
                 instances[status["instance_id"] or status["url"]] = {
-                    "url": status["url"], "version": serving["served_version"], "state": serving["state"],
-                    "last_error": serving["last_error"], "healthy": status["healthy"],
-                }  # fmt: skip
+                    "url": status["url"],
+                    "version": serving["served_version"],
+                    "state": serving["state"],
+                    "last_error": serving["last_error"],
+                    "healthy": status["healthy"],
+                }
         return {
             "adapter": adapter,
             "current_version": current,
@@ -275,17 +289,20 @@ class DistributedLoRAScheduler:
         for status in statuses:
             record = records.get(status["instance_id"] or "")
             adapters = status.get("adapters") or {}
-            instances.append({
-                "url": status["url"],
-                "instance_id": status["instance_id"],
-                "healthy": status["healthy"],
-                "served_versions": {name: a["served_version"] for name, a in adapters.items()},
-                "heartbeat_age": None if record is None else now - record.heartbeat,
-                "stale": None if record is None else record.is_stale(now),
-                "last_swap": {name: a["last_swap"] for name, a in adapters.items() if a["last_swap"]},
-                "last_error": status.get("error") or next((a["last_error"] for a in adapters.values() if a["last_error"]), None),
-                "weight_version": status.get("weight_version"),
-            })  # fmt: skip
+            instances.append(
+                {
+                    "url": status["url"],
+                    "instance_id": status["instance_id"],
+                    "healthy": status["healthy"],
+                    "served_versions": {name: a["served_version"] for name, a in adapters.items()},
+                    "heartbeat_age": None if record is None else now - record.heartbeat,
+                    "stale": None if record is None else record.is_stale(now),
+                    "last_swap": {name: a["last_swap"] for name, a in adapters.items() if a["last_swap"]},
+                    "last_error": status.get("error")
+                    or next((a["last_error"] for a in adapters.values() if a["last_error"]), None),
+                    "weight_version": status.get("weight_version"),
+                }
+            )
         return {"store": str(self.store.root), "instances": instances, "healthy": sum(i["healthy"] for i in instances)}
 
     async def _instance(self, url: str) -> dict[str, Any]:
@@ -344,7 +361,9 @@ class DistributedLoRAScheduler:
         green = f"{adapter}-green"
         store = self._store_for(lora_id)
         await self._check_followed(adapter, green)
-        green_version = await asyncio.to_thread(store.publish, green, src_ckpt_dir, {**(metadata or {}), "blue_green_of": adapter})
+        green_version = await asyncio.to_thread(
+            store.publish, green, src_ckpt_dir, {**(metadata or {}), "blue_green_of": adapter}
+        )
         self._notify(green, green_version)
         try:
             if not await self._wait_converged(green, store, green_version, timeout):
@@ -355,7 +374,12 @@ class DistributedLoRAScheduler:
                     verdict = await verdict
                 if not verdict:
                     raise RuntimeError(f"verification of {green}@{green_version} failed; {adapter} unchanged")
-            version = await asyncio.to_thread(store.publish, adapter, src_ckpt_dir, {**(metadata or {}), "blue_green_from": f"{green}@{green_version}"})
+            version = await asyncio.to_thread(
+                store.publish,
+                adapter,
+                src_ckpt_dir,
+                {**(metadata or {}), "blue_green_from": f"{green}@{green_version}"},
+            )
             self._notify(adapter, version)
             if not await self._wait_converged(adapter, store, version, timeout):
                 raise TimeoutError(f"{adapter}@{version} was not served by every instance within {timeout:.0f}s")
@@ -377,9 +401,13 @@ def create_distributed_lora_scheduler(
     store is ``cpfs_base``, else ``VLLM_HOTSWAP_ROOT`` (the scheduler API's original default was a path
     on its authors' cluster)."""
     return DistributedLoRAScheduler(
-        base_port=base_port, num_gpus=num_gpus, cpfs_base=cpfs_base, poll_interval=poll_interval,
-        enable_probe=enable_probe, **kwargs,
-    )  # fmt: skip
+        base_port=base_port,
+        num_gpus=num_gpus,
+        cpfs_base=cpfs_base,
+        poll_interval=poll_interval,
+        enable_probe=enable_probe,
+        **kwargs,
+    )
 
 
 def _store_root(cpfs_base: str | None) -> str:

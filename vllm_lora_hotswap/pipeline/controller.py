@@ -103,7 +103,9 @@ class SwapController:
         self.lock = threading.Lock()
         self.slots = SlotTable(self.limits, settings)
         self.outcomes = SwapOutcomes(store, self.slots, self.lock, self.bus, metrics, self.watcher, instance_id)
-        self.jobs: AdapterJobs[SwapRecord] = AdapterJobs(self._sync_adapter, settings.max_parallel, on_idle=self._job_ended)
+        self.jobs: AdapterJobs[SwapRecord] = AdapterJobs(
+            self._sync_adapter, settings.max_parallel, on_idle=self._job_ended
+        )
         self.stage_starts = GroupCall(self._stage_batch)
         self.stage_statuses = GroupCall(engine.stage_status)
         self.installs = GroupCall(engine.install)
@@ -217,7 +219,12 @@ class SwapController:
         if retired:
             self.outcomes.update_slot_metrics()
         heartbeat_due, self._heartbeat_due = self._heartbeat_due, False
-        if force_heartbeat or heartbeat_due or retired or time.time() - self._last_heartbeat >= self.settings.poll_interval:
+        if (
+            force_heartbeat
+            or heartbeat_due
+            or retired
+            or time.time() - self._last_heartbeat >= self.settings.poll_interval
+        ):
             self._heartbeat()
 
     def _sync_adapter(self, adapter: str) -> SwapRecord | None:
@@ -241,8 +248,15 @@ class SwapController:
             return None
         for version, failures in known_bad.items():
             if version not in state.failed:  # refused elsewhere already: not retried here, but reported here too
-                self.outcomes.failed(adapter, version, failures[0].phase, f"refused by {failures[0].instance_id}: {failures[0].reason}",
-                             {}, remember=True, record_in_store=False)  # fmt: skip
+                self.outcomes.failed(
+                    adapter,
+                    version,
+                    failures[0].phase,
+                    f"refused by {failures[0].instance_id}: {failures[0].reason}",
+                    {},
+                    remember=True,
+                    record_in_store=False,
+                )
         if target is None or target in state.failed or (state.current is not None and state.current.version == target):
             state.state = "serving" if state.current else "waiting"
             return None
@@ -268,14 +282,25 @@ class SwapController:
                 reason = exc.reason if isinstance(exc, CheckpointRejected) else str(exc)
                 phase = exc.phase if isinstance(exc, CheckpointRejected) else tx.phase
                 if make_current:
-                    self.jobs.mark_dirty(adapter)  # the job looks again: the store's target is now the last good version
-                return self.outcomes.failed(adapter, version, phase, reason, tx.timings, remember=True, record_in_store=True)
+                    self.jobs.mark_dirty(
+                        adapter
+                    )  # the job looks again: the store's target is now the last good version
+                return self.outcomes.failed(
+                    adapter, version, phase, reason, tx.timings, remember=True, record_in_store=True
+                )
             except _WAITS as exc:
                 return self.outcomes.waits(adapter, version, tx, exc)
             except Exception as exc:  # EngineUnavailable, store or RPC trouble: retried, never recorded
                 self.watcher.invalidate(adapter)
-                return self.outcomes.failed(adapter, version, tx.phase, f"{type(exc).__name__}: {exc}", tx.timings,
-                                    remember=False, record_in_store=False)  # fmt: skip
+                return self.outcomes.failed(
+                    adapter,
+                    version,
+                    tx.phase,
+                    f"{type(exc).__name__}: {exc}",
+                    tx.timings,
+                    remember=False,
+                    record_in_store=False,
+                )
             finally:
                 state.phase = None
             return self.outcomes.served(tx)
@@ -411,4 +436,3 @@ class SwapController:
             self.store.write_instance_record(record)
         except (StoreError, OSError) as exc:
             logger.debug("hot-swap: heartbeat not written: %s", exc)
-

@@ -49,13 +49,26 @@ class SwapOutcomes:
         with self.lock:
             state.state = "serving" if state.current else "waiting"
             state.last_error = None
-        record = SwapRecord(version=tx.version, result="served", mode="inplace" if tx.in_place else "versioned",
-                            timings=tx.timings, finished_at=time.time())  # fmt: skip
+        record = SwapRecord(
+            version=tx.version,
+            result="served",
+            mode="inplace" if tx.in_place else "versioned",
+            timings=tx.timings,
+            finished_at=time.time(),
+        )
         self._log(tx.adapter, record)
         if tx.make_current:
             metadata = dict(tx.info.metadata) if tx.info else {}
-            self.bus.emit(SwapEvent(kind="updated", adapter=tx.adapter, version=tx.version, instance_id=self.instance_id,
-                                    metadata=metadata, timings=tx.timings))  # fmt: skip
+            self.bus.emit(
+                SwapEvent(
+                    kind="updated",
+                    adapter=tx.adapter,
+                    version=tx.version,
+                    instance_id=self.instance_id,
+                    metadata=metadata,
+                    timings=tx.timings,
+                )
+            )
             if self.metrics is not None:
                 self.metrics.served(tx.adapter, tx.version)
         return self.record(tx.adapter, record)
@@ -72,13 +85,27 @@ class SwapOutcomes:
             logger.warning("hot-swap: %s", message)
         if not isinstance(exc, NoCapacity):
             self.watcher.invalidate(adapter)
-        record = SwapRecord(version=version, result="waiting", phase=tx.phase, error=str(exc), timings=tx.timings, finished_at=time.time())
+        record = SwapRecord(
+            version=version,
+            result="waiting",
+            phase=tx.phase,
+            error=str(exc),
+            timings=tx.timings,
+            finished_at=time.time(),
+        )
         return self.record(adapter, record)
 
     def failed(
-        self, adapter: str, version: str, phase: str, reason: str,
-        timings: dict[str, float], *, remember: bool, record_in_store: bool,
-    ) -> SwapRecord:  # fmt: skip
+        self,
+        adapter: str,
+        version: str,
+        phase: str,
+        reason: str,
+        timings: dict[str, float],
+        *,
+        remember: bool,
+        record_in_store: bool,
+    ) -> SwapRecord:
         """A swap failed. ``remember``: never try this version again here; ``record_in_store``:
         mark it failed for every engine (a fault of the version, not of this engine)."""
         state = self.slots.state(adapter)
@@ -94,10 +121,21 @@ class SwapOutcomes:
                 self.store.record_failure(adapter, version, self.instance_id, phase, reason)
             except (StoreError, OSError) as exc:
                 logger.warning("hot-swap: could not record the failure of %s@%s: %s", adapter, version, exc)
-        record = SwapRecord(version=version, result="failed", phase=phase, error=reason, timings=timings, finished_at=time.time())
+        record = SwapRecord(
+            version=version, result="failed", phase=phase, error=reason, timings=timings, finished_at=time.time()
+        )
         self._log(adapter, record)
-        self.bus.emit(SwapEvent(kind="failed", adapter=adapter, version=version, instance_id=self.instance_id,
-                                error_message=reason, phase=phase, timings=timings))  # fmt: skip
+        self.bus.emit(
+            SwapEvent(
+                kind="failed",
+                adapter=adapter,
+                version=version,
+                instance_id=self.instance_id,
+                error_message=reason,
+                phase=phase,
+                timings=timings,
+            )
+        )
         return self.record(adapter, record)
 
     def record(self, adapter: str, record: SwapRecord) -> SwapRecord:
@@ -118,5 +156,13 @@ class SwapOutcomes:
         fields = " ".join(f"{p}_ms={1000 * s:.1f}" for p, s in record.timings.items())
         extra = f" phase={record.phase} error={record.error!r}" if record.error else ""
         level = logging.INFO if record.result == "served" else logging.WARNING
-        logger.log(level, "hotswap swap adapter=%s version=%s result=%s mode=%s %s%s",
-                   adapter, record.version, record.result, record.mode, fields, extra)  # fmt: skip
+        logger.log(
+            level,
+            "hotswap swap adapter=%s version=%s result=%s mode=%s %s%s",
+            adapter,
+            record.version,
+            record.result,
+            record.mode,
+            fields,
+            extra,
+        )

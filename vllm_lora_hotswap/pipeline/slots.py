@@ -93,7 +93,9 @@ class SlotTable:
         return any(s.idle_since for s in self.adapters.values())
 
     # -- taking a slot -----------------------------------------------------------------
-    def reserve(self, adapter: str, version: str, path: str, new_lora_id, *, make_current: bool, evict: bool) -> VersionReservation:
+    def reserve(
+        self, adapter: str, version: str, path: str, new_lora_id, *, make_current: bool, evict: bool
+    ) -> VersionReservation:
         """A slot for ``adapter@version``: a free one, or the current version's (in place).
 
         Raises :class:`EvictionNeeded` (when ``evict``) if only retiring an idle version
@@ -111,8 +113,10 @@ class SlotTable:
                 raise NoCapacity(f"all {self.limits.max_cpu_loras} LoRA slots (--max-cpu-loras) are in use")
             logger.warning(
                 "hot-swap: %s: no spare LoRA slot for a versioned swap; swapping %s in place "
-                "(raise --max-cpu-loras to keep versioned semantics)", adapter, version,
-            )  # fmt: skip
+                "(raise --max-cpu-loras to keep versioned semantics)",
+                adapter,
+                version,
+            )
         replace = state.current
         assert replace is not None
         # In-place mode serves the current weights under the adapter's own name (one
@@ -143,7 +147,9 @@ class SlotTable:
     def idle_versions(self) -> list[LoraHandle]:
         """Installed versions that serve no name of their own any more, oldest idle first."""
         idle = sorted(
-            (since, adapter, version) for adapter, s in self.adapters.items() for version, since in s.idle_since.items()
+            (since, adapter, version)
+            for adapter, s in self.adapters.items()
+            for version, since in s.idle_since.items()
         )
         return [self.adapters[adapter].installed[version] for _, adapter, version in idle]
 
@@ -164,7 +170,9 @@ class SlotTable:
         state.nbytes[handle.version] = nbytes
         return self.switched(handle, make_current=make_current, replaced=replace)
 
-    def switched(self, handle: LoraHandle, *, make_current: bool, replaced: LoraHandle | None = None) -> LoraHandle | None:
+    def switched(
+        self, handle: LoraHandle, *, make_current: bool, replaced: LoraHandle | None = None
+    ) -> LoraHandle | None:
         state = self.state(handle.adapter)
         if not make_current:
             state.idle_since[handle.version] = time.monotonic()

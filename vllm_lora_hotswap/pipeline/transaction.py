@@ -107,7 +107,11 @@ class SwapTransaction:
             for phase, do, undo in self.steps(installed):
                 self.phase = phase
                 self.pipeline.entered(self, phase)
-                if phase in ("install", "switch") and self.make_current and self.pipeline.superseded(self.adapter, self.version):
+                if (
+                    phase in ("install", "switch")
+                    and self.make_current
+                    and self.pipeline.superseded(self.adapter, self.version)
+                ):
                     raise Superseded(f"{self.adapter}@{self.version} was superseded before {phase}")
                 started = time.perf_counter()
                 do()
@@ -131,9 +135,13 @@ class SwapTransaction:
             try:
                 with pipeline.lock:
                     self.reservation = pipeline.slots.reserve(
-                        self.adapter, self.version, path, pipeline.engine.new_lora_id,
-                        make_current=self.make_current, evict=evict,
-                    )  # fmt: skip
+                        self.adapter,
+                        self.version,
+                        path,
+                        pipeline.engine.new_lora_id,
+                        make_current=self.make_current,
+                        evict=evict,
+                    )
                 break
             except EvictionNeeded as need:
                 evict = any(pipeline.retire(handle, min_idle=0.0) for handle in need.candidates)
@@ -176,7 +184,9 @@ class SwapTransaction:
                 raise CheckpointRejected("stage", status.error or "staging failed")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise CheckpointRejected("stage", f"not staged within {settings.stage_timeout:.0f}s (VLLM_HOTSWAP_STAGE_TIMEOUT)")
+                raise CheckpointRejected(
+                    "stage", f"not staged within {settings.stage_timeout:.0f}s (VLLM_HOTSWAP_STAGE_TIMEOUT)"
+                )
             pipeline.engine.wait_staged(self.handle, min(remaining, STAGE_WAIT_S))
 
     def _unstage(self) -> None:

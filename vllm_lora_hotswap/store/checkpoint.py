@@ -32,14 +32,22 @@ MANIFEST_FORMAT = 1
 MAX_HEADER_BYTES = 64 << 20
 
 _DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-}  # fmt: skip
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 # PEFT names: "<module>.lora_A.weight", "<module>.lora_embedding_B" (an adapter name may sit
 # before ".weight" in older saves). lora_A is [r, in] and lora_B [out, r], embeddings included.
-_LORA_TENSOR = re.compile(
-    r"(?P<module>.+)\.lora_(?:embedding_)?(?P<kind>[AB])(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?"
-)
+_LORA_TENSOR = re.compile(r"(?P<module>.+)\.lora_(?:embedding_)?(?P<kind>[AB])(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?")
 
 
 @dataclass(frozen=True)
@@ -99,8 +107,7 @@ def parse_adapter_config(data: bytes, where: str = CONFIG_FILE) -> AdapterConfig
         raise InvalidCheckpointError(f"{where}: 'bias' must be a string")
     pattern = raw.get("rank_pattern") or {}
     if not isinstance(pattern, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
-        for k, v in pattern.items()
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1 for k, v in pattern.items()
     ):
         raise InvalidCheckpointError(f"{where}: 'rank_pattern' must map module patterns to ranks")
     for key in pattern:
@@ -136,9 +143,7 @@ def find_weight_file(directory: Path) -> Path:
         path = directory / name
         if path.is_file():
             return path
-    raise InvalidCheckpointError(
-        f"{directory}: no weight file (expected {' or '.join(WEIGHT_FILES)})"
-    )
+    raise InvalidCheckpointError(f"{directory}: no weight file (expected {' or '.join(WEIGHT_FILES)})")
 
 
 @dataclass(frozen=True)
@@ -253,9 +258,7 @@ def load_bin_tensors(path: Path) -> dict[str, Any]:
 def weight_specs(path: Path) -> dict[str, TensorSpec]:
     if path.name == SAFETENSORS_FILE:
         return read_safetensors_header(path)
-    return {
-        name: TensorSpec(str(t.dtype), tuple(t.shape)) for name, t in load_bin_tensors(path).items()
-    }
+    return {name: TensorSpec(str(t.dtype), tuple(t.shape)) for name, t in load_bin_tensors(path).items()}
 
 
 def check_finite(path: Path) -> None:
@@ -274,9 +277,13 @@ def check_finite(path: Path) -> None:
 # its NaN also sets the mantissa). Reading the bits needs numpy only, for every float dtype,
 # bf16 included: publishing never imports torch for this check.
 _NON_FINITE_BITS = {
-    "F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00),
-    "BF16": ("<u2", 0x7F80), "F8_E5M2": ("u1", 0x7C), "F8_E4M3": ("u1", 0x7F),
-}  # fmt: skip
+    "F64": ("<u8", 0x7FF0000000000000),
+    "F32": ("<u4", 0x7F800000),
+    "F16": ("<u2", 0x7C00),
+    "BF16": ("<u2", 0x7F80),
+    "F8_E5M2": ("u1", 0x7C),
+    "F8_E4M3": ("u1", 0x7F),
+}
 
 
 def _check_safetensors_finite(path: Path) -> None:
@@ -378,4 +385,6 @@ def verify_manifest(directory: Path, manifest: ReadyManifest, unread: tuple[str,
         except OSError as exc:
             raise UnreadableError(f"{path}: cannot read ({exc.strerror})") from None
         if sha != digest.sha256:
-            raise InvalidCheckpointError(f"{path}: checksum mismatch (sha256 {sha[:12]}…, READY says {digest.sha256[:12]}…)")
+            raise InvalidCheckpointError(
+                f"{path}: checksum mismatch (sha256 {sha[:12]}…, READY says {digest.sha256[:12]}…)"
+            )

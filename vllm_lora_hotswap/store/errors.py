@@ -34,4 +34,6 @@ class PartialPublishError(StoreError):
         self.published, self.errors = published, errors
         done = ", ".join(f"{adapter}@{version}" for adapter, version in published.items()) or "none"
         failed = "; ".join(f"{adapter}: {type(error).__name__}: {error}" for adapter, error in errors.items())
-        super().__init__(f"published {len(published)} of {len(published) + len(errors)} adapters ({done}); not published: {failed}")
+        super().__init__(
+            f"published {len(published)} of {len(published) + len(errors)} adapters ({done}); not published: {failed}"
+        )

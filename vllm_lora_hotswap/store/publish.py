@@ -67,8 +67,9 @@ class CopiedVersion:
     digests: dict[str, FileDigest]
 
 
-def copy_in(root: Path, adapter_dir: Path, adapter: str, src_dir: str | os.PathLike[str],
-            metadata: Mapping[str, Any] | None) -> CopiedVersion:  # fmt: skip
+def copy_in(
+    root: Path, adapter_dir: Path, adapter: str, src_dir: str | os.PathLike[str], metadata: Mapping[str, Any] | None
+) -> CopiedVersion:
     """The files of a new version of ``adapter``, copied and synced into a staging directory."""
     src = Path(src_dir)
     if not src.is_dir():
@@ -82,8 +83,7 @@ def copy_in(root: Path, adapter_dir: Path, adapter: str, src_dir: str | os.PathL
     os.mkdir(staging, 0o755)
     try:
         digests = {
-            name: FileDigest(*copy_and_hash(src / name, staging / name))
-            for name in (CONFIG_FILE, weights.name)
+            name: FileDigest(*copy_and_hash(src / name, staging / name)) for name in (CONFIG_FILE, weights.name)
         }
     except OSError as exc:  # e.g. the file system is full: nothing was committed
         shutil.rmtree(staging, ignore_errors=True)
@@ -108,16 +108,16 @@ def commit(
             return _rename_into_place(copied, clock, max(versions(), default=None))
     except OSError as exc:
         shutil.rmtree(copied.staging, ignore_errors=True)
-        raise StoreError(f"publishing {copied.adapter}{_from(copied.source)} into {root} failed: "
-                         f"{exc.strerror or exc}; nothing was published") from exc  # fmt: skip
+        raise StoreError(
+            f"publishing {copied.adapter}{_from(copied.source)} into {root} failed: "
+            f"{exc.strerror or exc}; nothing was published"
+        ) from exc
     except BaseException:
         shutil.rmtree(copied.staging, ignore_errors=True)
         raise
 
 
-def _rename_into_place(
-    copied: CopiedVersion, clock: Callable[[], datetime], newest: str | None
-) -> str:
+def _rename_into_place(copied: CopiedVersion, clock: Callable[[], datetime], newest: str | None) -> str:
     staging, adapter_dir, digests = copied.staging, copied.adapter_dir, dict(copied.digests)
     for _ in range(100):  # a non-cooperating writer may take a name between listing and rename
         version = next_version(clock(), newest)
@@ -158,9 +158,7 @@ def check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
-        raise InvalidCheckpointError(
-            f"metadata must be a JSON object, got {type(metadata).__name__}"
-        )
+        raise InvalidCheckpointError(f"metadata must be a JSON object, got {type(metadata).__name__}")
     reserved = RESERVED_METADATA & set(metadata)
     if reserved:
         raise InvalidCheckpointError(f"metadata keys {sorted(reserved)} are reserved for the store")

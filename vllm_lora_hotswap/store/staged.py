@@ -76,8 +76,15 @@ class StagedVersion:
     exception. :attr:`timings` says where the commit's time went (seconds).
     """
 
-    def __init__(self, root: Path, adapter_dir: Path, adapter: str, metadata: Mapping[str, Any] | None,
-                 clock: Callable[[], datetime], versions: Callable[[], list[str]]):  # fmt: skip
+    def __init__(
+        self,
+        root: Path,
+        adapter_dir: Path,
+        adapter: str,
+        metadata: Mapping[str, Any] | None,
+        clock: Callable[[], datetime],
+        versions: Callable[[], list[str]],
+    ):
         self.adapter = adapter
         self.version: str | None = None
         self.timings: dict[str, float] = {}
@@ -91,7 +98,9 @@ class StagedVersion:
             self.path = adapter_dir / STAGING_DIR / uuid.uuid4().hex
             os.mkdir(self.path, 0o755)
         except OSError as exc:
-            raise StoreError(f"publishing {adapter} into {root} failed: {exc.strerror or exc}; nothing was published") from exc
+            raise StoreError(
+                f"publishing {adapter} into {root} failed: {exc.strerror or exc}; nothing was published"
+            ) from exc
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -121,8 +130,9 @@ class StagedVersion:
             sealed = time.perf_counter()
         except OSError as exc:
             self.abort()
-            raise StoreError(f"publishing {self.adapter} into {self._root} failed: {exc.strerror or exc}; "
-                             "nothing was published") from exc  # fmt: skip
+            raise StoreError(
+                f"publishing {self.adapter} into {self._root} failed: {exc.strerror or exc}; nothing was published"
+            ) from exc
         except BaseException:
             self.abort()
             raise

@@ -283,12 +283,12 @@ class CheckpointStore:
             check_lora_shapes(weight_specs(weights), config, str(weights))
         except PermissionError:
             raise UnreadableError(f"{weights}: cannot read (Permission denied)") from None
-        return VersionInfo(adapter, version, directory, config, weights, self.read_metadata(adapter, version), ready_at)
+        return VersionInfo(
+            adapter, version, directory, config, weights, self.read_metadata(adapter, version), ready_at
+        )
 
     # -- writing -----------------------------------------------------------------------
-    def publish(
-        self, adapter: str, src_dir: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None
-    ) -> str:
+    def publish(self, adapter: str, src_dir: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None) -> str:
         """Copy the PEFT LoRA in ``src_dir`` into the store as a new READY version.
 
         Returns the new version's name. Nothing is visible to readers unless
@@ -309,7 +309,9 @@ class CheckpointStore:
 
         with ThreadPoolExecutor(max(1, len(sources)), thread_name_prefix="publish") as pool:
             copies = {adapter: pool.submit(self._copy_in, adapter, src, metadata) for adapter, src in sources.items()}
-            errors: dict[str, BaseException] = {a: e for a, copy in copies.items() if (e := copy.exception()) is not None}
+            errors: dict[str, BaseException] = {
+                a: e for a, copy in copies.items() if (e := copy.exception()) is not None
+            }
             commits = {a: pool.submit(self._commit, copy.result()) for a, copy in copies.items() if a not in errors}
             errors.update({a: e for a, done in commits.items() if (e := done.exception()) is not None})
         published = {adapter: done.result() for adapter, done in commits.items() if adapter not in errors}
@@ -324,15 +326,17 @@ class CheckpointStore:
             with store.open_version("lora1", {"step": 100}) as staged:
                 model.save_pretrained(staged.path)
         """
-        return StagedVersion(self.root, self.adapter_dir(adapter), adapter, metadata, self._clock,
-                             lambda: self._version_names(adapter))  # fmt: skip
+        return StagedVersion(
+            self.root, self.adapter_dir(adapter), adapter, metadata, self._clock, lambda: self._version_names(adapter)
+        )
 
-    def _copy_in(self, adapter: str, src_dir: str | os.PathLike[str], metadata: Mapping[str, Any] | None) -> CopiedVersion:
+    def _copy_in(
+        self, adapter: str, src_dir: str | os.PathLike[str], metadata: Mapping[str, Any] | None
+    ) -> CopiedVersion:
         return copy_in(self.root, self.adapter_dir(adapter), adapter, src_dir, metadata)
 
     def _commit(self, copied: CopiedVersion) -> str:
         return commit(self.root, copied, self._clock, lambda: self._version_names(copied.adapter))
-
 
     def pin(self, adapter: str, version: str) -> None:
         """Roll back (or forward): every engine serves ``version`` until :meth:`follow`."""
@@ -384,7 +388,9 @@ class CheckpointStore:
             os.mkdir(directory, 0o755)
         except FileExistsError:
             pass
-        atomic_write(directory / f"{check_instance_id(record.instance_id)}.json", record.model_dump_json(indent=2).encode())
+        atomic_write(
+            directory / f"{check_instance_id(record.instance_id)}.json", record.model_dump_json(indent=2).encode()
+        )
 
     def instance_records(self) -> list[InstanceRecord]:
         """Every readable instance record; damaged ones are skipped."""

@@ -186,9 +186,12 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         self._load(plan, params, received)
         logger.info(
             "hotswap gloo weights received bytes=%d buckets=%d seconds=%.3f receiving=%.3f loading=%.3f",
-            sum(flat.numel() for flat in received), len(plan), time.perf_counter() - started,
-            loading - started, time.perf_counter() - loading,
-        )  # fmt: skip
+            sum(flat.numel() for flat in received),
+            len(plan),
+            time.perf_counter() - started,
+            loading - started,
+            time.perf_counter() - loading,
+        )
 
     def _check(self, update_info: GlooWeightTransferUpdateInfo) -> None:
         """Refuse (ValueError) what this engine cannot load: a parameter its model lacks
@@ -315,8 +318,10 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
     def send_weights(self, weight_version: str | None = None) -> None:
         assert self.source is not None
         if self.group is None:
-            raise RuntimeError("the gloo transfer group is closed (a server failed an update before joining it): "
-                               "close the communicator and initialise it again")
+            raise RuntimeError(
+                "the gloo transfer group is closed (a server failed an update before joining it): "
+                "close the communicator and initialise it again"
+            )
         meta = source_metadata(self.source)
         if not self.is_sender:
             for _ in source_tensors(self.source):  # keep in step with the sender's collectives (FSDP gathers)
@@ -422,14 +427,18 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                         flat = self._pack(meta, bucket, stream)
                     except Exception as exc:  # noqa: BLE001 - re-raised once the workers were told
                         failure = exc
-                yield flat if flat is not None else torch.zeros(sum(_nbytes(meta[i]) for i in bucket), dtype=torch.uint8)
+                yield (
+                    flat if flat is not None else torch.zeros(sum(_nbytes(meta[i]) for i in bucket), dtype=torch.uint8)
+                )
 
         packing.send(packed(), lambda flat: group.broadcast(flat, 0))
         _status(group, failure is None)
         if failure is not None:
             raise failure
 
-    def _pack(self, meta: list[ParamMeta], bucket: list[int], stream: Iterator[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    def _pack(
+        self, meta: list[ParamMeta], bucket: list[int], stream: Iterator[tuple[str, torch.Tensor]]
+    ) -> torch.Tensor:
         """One bucket's bytes, each tensor checked against the metadata the workers were sent."""
         tensors = []
         for index in bucket:
@@ -446,4 +455,3 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
     def shutdown(self) -> None:
         self.group = None
         self._packer.release()
-

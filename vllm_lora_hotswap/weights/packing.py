@@ -141,8 +141,9 @@ def send(packed: Iterable[torch.Tensor], broadcast: Broadcast) -> None:
         pending.popleft()[1].wait()
 
 
-def receive(sizes: Sequence[int], broadcast: Broadcast, device: torch.device | str = "cpu", *,
-            into: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def receive(
+    sizes: Sequence[int], broadcast: Broadcast, device: torch.device | str = "cpu", *, into: torch.Tensor | None = None
+) -> torch.Tensor:
     """Buckets of ``sizes`` bytes, back to back into one allocation (``into``'s start if
     given: memory already faulted in), every receive posted at once; returns the bytes
     once all have arrived."""

@@ -155,4 +155,3 @@ def _remedy(device: torch.device) -> str:
         "lends that memory), leave headroom with --gpu-memory-utilization below 1.0, or send smaller "
         "updates (each /update_weights call is loaded whole)."
     )
-

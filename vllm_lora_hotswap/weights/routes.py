@@ -44,7 +44,9 @@ def require_api_key(request: Request) -> None:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     digest = hashlib.sha256(token.encode()).digest()
     if scheme.lower() != "bearer" or not any(secrets.compare_digest(digest, h) for h in hashes):
-        raise HTTPException(status_code=HTTPStatus.UNAUTHORIZED, detail="Unauthorized: this route needs the server's API key")
+        raise HTTPException(
+            status_code=HTTPStatus.UNAUTHORIZED, detail="Unauthorized: this route needs the server's API key"
+        )
 
 
 # A healthy engine resumes between two steps; one that died on the way never answers.
@@ -77,15 +79,22 @@ async def _guarded(action: str, coro: Any) -> JSONResponse:
         raise
     except Exception as exc:  # one clear error, no traceback over HTTP
         logger.exception("hot-swap: %s failed", action)
-        return JSONResponse({"error": f"{action} failed: {type(exc).__name__}: {exc}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+        return JSONResponse(
+            {"error": f"{action} failed: {type(exc).__name__}: {exc}"}, HTTPStatus.INTERNAL_SERVER_ERROR
+        )
     return JSONResponse(result or {"status": "ok"})
 
 
 @router.post("/init_weight_transfer_engine")
-async def init_weight_transfer_engine(request: Request, init_info: Annotated[dict[str, Any], Body(embed=True)]) -> JSONResponse:
+async def init_weight_transfer_engine(
+    request: Request, init_info: Annotated[dict[str, Any], Body(embed=True)]
+) -> JSONResponse:
     from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
-    return await _guarded("init_weight_transfer_engine", _engine(request).init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info)))
+    return await _guarded(
+        "init_weight_transfer_engine",
+        _engine(request).init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info)),
+    )
 
 
 @router.post("/start_weight_update")
@@ -110,7 +119,9 @@ async def start_weight_update(request: Request, mode: Annotated[PauseMode, Body(
 
 
 @router.post("/update_weights")
-async def update_weights(request: Request, update_info: Annotated[dict[str, Any] | list[dict[str, Any]], Body(embed=True)]) -> JSONResponse:
+async def update_weights(
+    request: Request, update_info: Annotated[dict[str, Any] | list[dict[str, Any]], Body(embed=True)]
+) -> JSONResponse:
     """Receive one update. On failure (a refused parameter, a cut-off transfer) the
     workers loaded nothing and the update is over (vLLM closes it): generation resumes."""
     from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
@@ -128,7 +139,9 @@ async def update_weights(request: Request, update_info: Annotated[dict[str, Any]
 
 
 @router.post("/finish_weight_update")
-async def finish_weight_update(request: Request, weight_version: Annotated[str | None, Body(embed=True)] = None) -> JSONResponse:
+async def finish_weight_update(
+    request: Request, weight_version: Annotated[str | None, Body(embed=True)] = None
+) -> JSONResponse:
     engine = _engine(request)
     controller = getattr(request.app.state, "lora_hotswap", None)
 
@@ -208,7 +221,11 @@ def attach(app: FastAPI) -> None:
     if getattr(args, "weight_transfer_config", None) is None:
         return
     host = getattr(args, "host", None)
-    if not app.state.lora_hotswap_key_hashes and not _is_loopback(host) and not load_settings().control_routes_without_key:
+    if (
+        not app.state.lora_hotswap_key_hashes
+        and not _is_loopback(host)
+        and not load_settings().control_routes_without_key
+    ):
         raise OpenControlRoutes(
             f"vllm-lora-hotswap: --weight-transfer-config mounts routes that replace the model's weights, and this "
             f"server listens on {host or 'every address'} without an API key, so anyone who reaches it could. "

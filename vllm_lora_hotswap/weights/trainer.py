@@ -25,7 +25,9 @@ INSTALL_HINT = "pip install 'vllm-lora-hotswap[gpu]' (CUDA) or 'vllm-lora-hotswa
 class FleetWeightSyncClient:
     """``VLLMWeightSyncClient`` for N servers (fan-out; waits for all, raises the first error)."""
 
-    def __init__(self, base_urls: Sequence[str], *, api_key: str | None = None, timeout: float = 600.0, mode: str = "wait"):
+    def __init__(
+        self, base_urls: Sequence[str], *, api_key: str | None = None, timeout: float = 600.0, mode: str = "wait"
+    ):
         if not base_urls:
             raise ValueError("FleetWeightSyncClient needs at least one server URL")
         self.base_urls = [url.rstrip("/") for url in base_urls]
@@ -45,7 +47,9 @@ class FleetWeightSyncClient:
         except httpx.TransportError as exc:
             raise ConnectionError(f"The vLLM server can't be reached at {url} ({exc})") from None
         if response.status_code == 404:
-            raise RuntimeError(f"{url}{path} not found: start the server with --weight-transfer-config and the plugin active")
+            raise RuntimeError(
+                f"{url}{path} not found: start the server with --weight-transfer-config and the plugin active"
+            )
         if response.status_code >= 400:
             raise RuntimeError(f"{url}{path} answered {response.status_code}: {response.text[:500]}")
         return response.json() if response.content else {}
@@ -57,8 +61,11 @@ class FleetWeightSyncClient:
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         first = int(init_info.get("rank_offset", 1))
         offsets = [first + sum(self.world_sizes[:i]) for i in range(len(self.base_urls))]
-        self._all(lambda i, url: self._request("POST", url, "/init_weight_transfer_engine",
-                                               {"init_info": {**init_info, "rank_offset": offsets[i]}}))
+        self._all(
+            lambda i, url: self._request(
+                "POST", url, "/init_weight_transfer_engine", {"init_info": {**init_info, "rank_offset": offsets[i]}}
+            )
+        )
 
     def start_weight_update(self) -> None:
         self._all(lambda i, url: self._request("POST", url, "/start_weight_update", {"mode": self.mode}))
@@ -75,7 +82,9 @@ class FleetWeightSyncClient:
 
     def parameters(self) -> list[tuple[str, dict[str, Any] | None]]:
         """Per server, what an update may contain (``{name: [shape, dtype]}``; None if unknown)."""
-        return self._all(lambda i, url: (url, self._request("GET", url, "/weight_info?parameters=1").get("parameters")))
+        return self._all(
+            lambda i, url: (url, self._request("GET", url, "/weight_info?parameters=1").get("parameters"))
+        )
 
     def resume(self) -> None:
         self._all(lambda i, url: self._request("POST", url, "/resume"))
@@ -103,7 +112,9 @@ class WeightSync:
         try:
             import vllm.distributed.weight_transfer.base  # noqa: F401
         except ImportError:
-            raise ImportError(f"vLLM is not available: the weight transfer needs it. Install it: {INSTALL_HINT}") from None
+            raise ImportError(
+                f"vLLM is not available: the weight transfer needs it. Install it: {INSTALL_HINT}"
+            ) from None
         from vllm.distributed.weight_transfer.base import ModuleSource
 
         self.client = client
@@ -160,8 +171,11 @@ class WeightSync:
         finally:
             self.engine.source = self._no_model
         # Seconds per phase of this push: the spec check here, then the engine's own where it keeps them.
-        self.timings = {"spec": checked - started, **getattr(self.engine, "timings", {}),
-                        "total": time.perf_counter() - started}  # fmt: skip
+        self.timings = {
+            "spec": checked - started,
+            **getattr(self.engine, "timings", {}),
+            "total": time.perf_counter() - started,
+        }
 
     def close(self) -> None:
         self.engine.shutdown()

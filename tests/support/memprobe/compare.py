@@ -25,20 +25,11 @@ def main(directory: str, top: int = 12) -> None:
         first, last = min(seq, key=lambda p: p["seq"]), max(seq, key=lambda p: p["seq"])
         if first is last:
             continue
-        heap = {
-            k: (first["mallinfo"][k] >> 20, last["mallinfo"][k] >> 20)
-            for k in ("uordblks", "fordblks")
-        }
-        print(
-            f"pid {pid}: rss {first['rss'] >> 20} -> {last['rss'] >> 20} MiB, heap MiB in use/free {heap}"
-        )
+        heap = {k: (first["mallinfo"][k] >> 20, last["mallinfo"][k] >> 20) for k in ("uordblks", "fordblks")}
+        print(f"pid {pid}: rss {first['rss'] >> 20} -> {last['rss'] >> 20} MiB, heap MiB in use/free {heap}")
         types = set(first["types"]) | set(last["types"])
-        grown = sorted(
-            ((last["types"].get(t, 0) - first["types"].get(t, 0), t) for t in types), reverse=True
-        )
-        print(
-            "  objects:", ", ".join(f"{t} {d:+d}" for d, t in grown[:top] if d > 0) or "none grew"
-        )
+        grown = sorted(((last["types"].get(t, 0) - first["types"].get(t, 0), t) for t in types), reverse=True)
+        print("  objects:", ", ".join(f"{t} {d:+d}" for d, t in grown[:top] if d > 0) or "none grew")
         snaps = [Path(directory) / f"snap-{pid}-{p['seq']}.tm" for p in (first, last)]
         if all(s.exists() for s in snaps):
             before, after = (tracemalloc.Snapshot.load(str(s)) for s in snaps)
