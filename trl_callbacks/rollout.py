@@ -66,7 +66,7 @@ class FleetRollout:
     engines, which read the store at once instead of at their next poll: what engines on other nodes of an NFS
     store need), waits for the commit itself, then asks every engine at once `GET /v1/lora/wait`, which answers
     as soon as that engine serves the version, or has it open to pinned samples while its probe runs: the batch
-    then starts beside the probe, in the same engine step, and each engine answers it once the verdict is in. A
+    then starts at once (its first token is the probe's evidence), and each engine answers it once the verdict is in. A
     version that fails its probe is answered with a 409: the rollout discards that batch and samples again from a
     version that passed (`refused` lists such versions). Engines without that route (an older plugin) are polled.
 
@@ -232,7 +232,7 @@ class FleetRollout:
         if version is None or wait <= 0 or url in self._without_wait_route:
             return self._served(url)
         # sampling=1: the engine also answers once the version is open to pinned samples while
-        # it is probed; the batch then runs beside the probe, its answer held for the verdict.
+        # it is probed; the batch then starts at once, its answer held for the probe's verdict.
         params = {
             "adapter": self.adapter,
             "version": version,

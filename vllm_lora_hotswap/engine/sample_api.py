@@ -16,8 +16,8 @@ Response: one sample per prompt, in order, each naming the version that generate
 ``model_id="lora1"`` is resolved once, when the request arrives (or, if a new version
 of ``lora1`` is being probed then, once the verdict is in): every prompt of the
 request runs on that one version, even if a swap happens meanwhile. A request that
-pins a version being probed (``lora1@V``, as ``FleetRollout`` sends) starts at once,
-beside the probe, and is answered once the verdict is in: a 409 naming the version
+pins a version being probed (``lora1@V``, as ``FleetRollout`` sends) starts at once
+(its first token may be the probe's evidence), and is answered once the verdict is in: a 409 naming the version
 if it failed (the samples are discarded, never returned). ``version`` is
 None for the base model and for ``inplace`` mode (where the weights under a name can
 change between two steps). ``logprobs`` are the sampled tokens' log-probabilities, as

@@ -205,8 +205,8 @@ class SwapTransaction:
     def _probe(self) -> None:
         # A request for the adapter that arrives during the probe would otherwise go to the
         # old version and then wait behind the probe's step: it waits for the verdict instead.
-        # A sample request that pins this version (a rollout) need not wait: it starts beside
-        # the probe, in the same engine step, and only its answer waits for the verdict.
+        # A sample request that pins this version (a rollout) need not wait: it starts at once,
+        # its first token may serve as the probe's evidence, and only its answer waits.
         engine = self.pipeline.engine
         try:
             if self.make_current:
