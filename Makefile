@@ -30,7 +30,8 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not ray" $(PYTEST_ARGS)
 
-# The Ray fleet on a simulated two-node cluster on 127.0.0.1 (two CPU engines; ~8 minutes).
+# The Ray fleet on a simulated two-node cluster on 127.0.0.1 (two CPU engines; ~3 minutes).
+# .ci/run runs it after make test.
 test-ray: $(STAMP)
 	$(PY) -m pytest -m ray $(PYTEST_ARGS)
 

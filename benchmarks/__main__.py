@@ -189,7 +189,9 @@ def main() -> None:
         "9 Ray fleet on a simulated two-node cluster: replica restart, publish → served across nodes with and without notices"
     )
     load["ray_fleet"] = _loadavg()
-    ray_fleet.main(["--swaps", "3" if options.quick else "5", "--out", str(options.out / "ray_fleet.json")])
+    results["ray_fleet"] = ray_fleet.main(
+        ["--swaps", "3" if options.quick else "10", "--out", str(options.out / "ray_fleet.json")]
+    )
     stage("GPU: pinned vs pageable host-to-device copies")
     results["gpu_copy"] = gpu_copy.measure({label: assets.adapter_bytes(label) for label in assets.adapters})
 

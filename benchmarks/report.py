@@ -203,6 +203,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             _interval(check, pushes, "{:.0%}").replace("block pairs", "push/broadcast pairs"),
         )
     )
+    rows += results.get("ray_fleet", {}).get("targets", [])  # written with the note by benchmarks.ray_fleet
     return rows
 
 
@@ -269,7 +270,10 @@ def markdown(results: dict[str, Any]) -> str:
     lines += _memory_section(results) + _weights_section(results)
     if "slot_stall" in results:
         lines += _slot_stall_section(results["slot_stall"])
-    return "\n".join(lines)
+    lines += ["## More", "", "- [Policy sync per RL step](policy_sync.md)"]
+    if "ray_fleet" in results:
+        lines += ["- [Ray fleet on a simulated two-node cluster](ray_fleet.md)"]
+    return "\n".join(lines) + "\n"
 
 
 def _slot_stall_section(result: dict[str, Any]) -> list[str]:

@@ -37,8 +37,28 @@ TEST_ARGS = (
     "--max-num-seqs",
     "16",
 )
+
+
+def own_core_env(index: int) -> dict[str, str]:
+    """The environment that puts engine ``index``'s (1-based) vLLM CPU worker on a core of its
+    own, as on a device of its own. vLLM binds every CPU worker to the same core by default, and
+    a worker busy-looping there after each step starves another's steps, or its start-up."""
+    cores = sorted(os.sched_getaffinity(0))
+    return {"VLLM_CPU_OMP_THREADS_BIND": str(cores[(index - 1) % len(cores)])}
+
+
 # The tests' plugin settings, under what a server is given (the benchmarks set their own).
 TEST_ENV = {"VLLM_HOTSWAP_POLL_INTERVAL": "0.5", "VLLM_HOTSWAP_RETIRE_GRACE": "1"}
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+    """``predicate()``'s first true value, polled every 50 ms; TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := predicate():
+            return result
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} within {timeout}s")
 
 
 def sse_lines(response: httpx.Response) -> Iterator[str]:

@@ -5,7 +5,8 @@ each replica has a node of its own) and one fleet of two real CPU engines, share
 tests in order: publish → both nodes serve it; a replica's process killed, then its node
 removed → Ray restarts it and it serves the current version while the other replica
 answers every request; FleetRollout across the fleet with a replica killed mid-batch;
-blue-green across the nodes. "Serves version X" is checked against HF + PEFT greedy.
+blue-green across the nodes; ``lora-hotswap launch --ray`` on a node added for it.
+"Serves version X" is checked against HF + PEFT greedy.
 
 Loopback: see :func:`vllm_lora_hotswap.fleet.ray_fleet.loopback_cluster` (the variable is
 also set here before Ray is imported).
@@ -16,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,8 +31,8 @@ import pytest
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 ray = pytest.importorskip("ray", reason="the Ray fleet needs the [ray] extra")
 
-from benchmarks.ray_fleet import wait_for  # noqa: E402
 from hotswap_devkit.server import TEST_ARGS as BASE_ARGS  # noqa: E402
+from hotswap_devkit.server import own_core_env, wait_for  # noqa: E402
 from trl_callbacks import FleetRollout, HotSwapCallback  # noqa: E402
 from vllm_lora_hotswap.fleet.ray_fleet import RayFleet, ReplicaInfo, loopback_cluster  # noqa: E402
 from vllm_lora_hotswap.fleet.scheduler import DistributedLoRAScheduler  # noqa: E402
@@ -57,6 +60,7 @@ def cluster_and_fleet(
         host="127.0.0.1",
         vllm_args=BASE_ARGS,
         env=ENV,
+        replica_env=own_core_env,  # the simulated nodes share this machine's cores
         log_dir=str(tmp_path_factory.mktemp("ray-logs")),
     ).start()
     try:
@@ -256,6 +260,52 @@ def test_blue_green_across_nodes(
     wait_for(
         lambda: all(served(r.url, "bg-green") is None for r in replicas), 60, "the green name retired on both nodes"
     )
+
+
+def test_launch_on_ray_serves_the_store_and_stops_on_ctrl_c(
+    cluster_and_fleet: tuple[Any, RayFleet],
+    ray_store: CheckpointStore,
+    toy_model: Path,
+    reference: Callable[..., list[int]],
+    tmp_path: Path,
+) -> None:
+    """``lora-hotswap launch --ray ADDRESS``: its replica joins the cluster (on a node added for
+    it), serves the store's current version, and Ctrl-C stops it and exits 0."""
+    cluster, _ = cluster_and_fleet
+    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    command = [
+        *(sys.executable, "-m", "vllm_lora_hotswap.cli", "launch", "--ray", cluster.address),
+        *("--model", str(toy_model), "--instances", "1", "--host", "127.0.0.1", "--startup-timeout", "300"),
+        *("--root", str(ray_store.root), "--log-dir", str(tmp_path / "logs"), "--", *BASE_ARGS),
+    ]
+    env = {**os.environ, **ENV, "COLUMNS": "200"}  # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set above
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    up = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            if "fleet up on Ray" in line:
+                up.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert up.wait(360), "launch --ray did not come up:\n" + "".join(output[-40:])
+        (url,) = {word for line in output for word in line.split() if word.startswith("http://127.0.0.1:")}
+        version = ray_store.active_version("policy")
+        wait_for(lambda: served(url, "policy") == version, 60, "the launched replica to serve the current version")
+        assert greedy(url, "policy") == reference(ray_store.version_dir("policy", version), PROMPT)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(120) == 0, "".join(output[-40:])
+    finally:
+        if process.poll() is None:
+            process.kill()
+    reader.join(10)
+    assert "stopped" in "".join(output)
+    assert not _up(url)
 
 
 def _up(url: str) -> bool:

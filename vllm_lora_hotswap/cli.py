@@ -347,7 +347,11 @@ def _launch_on_ray(
     vllm_args: list[str],
     root: Path | None,
 ) -> None:
-    """``launch --ray``: the replicas are Ray actors (:mod:`.fleet.ray_fleet`); Ray restarts them."""
+    """``launch --ray``: the replicas are Ray actors (:mod:`.fleet.ray_fleet`); Ray restarts them.
+
+    Ray starts actors in its workers' environment, not the launching shell's, so the shell's
+    ``VLLM_*`` and ``HF_*`` variables (the plugin's settings, vLLM's, the Hugging Face cache and
+    token) are passed to every replica, as a local launch's children inherit them."""
     import signal
     import threading
 
@@ -360,6 +364,7 @@ def _launch_on_ray(
             root=str(root) if root else None,
             gpus_per_replica=gpus,
             vllm_args=vllm_args,
+            env={name: value for name, value in os.environ.items() if name.startswith(("VLLM_", "HF_"))},
             adapters=adapters,
             host=host,
             address=address,

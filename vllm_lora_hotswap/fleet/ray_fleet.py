@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +175,13 @@ class RayFleet:
             strategy object (e.g. ``PlacementGroupSchedulingStrategy``).
         vllm_args: arguments for every ``vllm serve``.
         env: environment of every replica (``VLLM_HOTSWAP_*`` settings, ...).
+        replica_env: more environment for replica i (1-based), called once per replica at
+            :meth:`start`; it follows the replica when Ray restarts it elsewhere. For CPU
+            replicas that share a machine (a simulated cluster, or several replicas per node),
+            give each its own cores: vLLM binds every CPU worker to the same core by default,
+            and a worker busy-looping there starves the others::
+
+                replica_env=lambda i: {"VLLM_CPU_OMP_THREADS_BIND": str(i - 1)}
         adapters: ``VLLM_HOTSWAP_ADAPTERS`` of replica i; ``{i}`` is replaced by i.
         host: address the replicas listen on (``0.0.0.0``: the URL names the node's IP).
         max_restarts: Ray's ``max_restarts`` for each replica actor (-1: without limit).
@@ -192,6 +200,7 @@ class RayFleet:
         strategy: Any = "SPREAD",
         vllm_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        replica_env: Callable[[int], Mapping[str, str]] | None = None,
         adapters: str = "*",
         host: str = "0.0.0.0",
         max_restarts: int = -1,
@@ -213,6 +222,7 @@ class RayFleet:
         if gpus_per_replica > 1 and "--tensor-parallel-size" not in self.vllm_args and "-tp" not in self.vllm_args:
             self.vllm_args += ["--tensor-parallel-size", str(gpus_per_replica)]
         self.env = dict(env or {})
+        self.replica_env = replica_env
         self.adapters = adapters
         self.host = host
         self.max_restarts = max_restarts
@@ -220,6 +230,7 @@ class RayFleet:
         self.log_dir = log_dir
         self.actors: list[Any] = []
         self._http = httpx.Client(timeout=HEALTH_TIMEOUT_S)
+        self._health_checks = ThreadPoolExecutor(min(32, replicas), thread_name_prefix="ray-fleet-health")
 
     def start(self) -> RayFleet:
         ray = _ray()
@@ -231,6 +242,7 @@ class RayFleet:
         for index in range(1, self.count + 1):
             env = {
                 **self.env,
+                **(self.replica_env(index) if self.replica_env else {}),
                 "VLLM_HOTSWAP_ROOT": self.root,
                 "VLLM_HOTSWAP_ADAPTERS": self.adapters.replace("{i}", str(index)),
             }
@@ -250,16 +262,21 @@ class RayFleet:
     def replicas(self, timeout: float = 5.0) -> list[ReplicaInfo]:
         """Every replica now: its address (None while Ray restarts it) and health."""
         ray = _ray()
-        infos = []
+        raws: list[dict[str, Any] | str] = []
         refs = [actor.info.remote() for actor in self.actors]
-        for index, ref in enumerate(refs, start=1):
+        for ref in refs:
             try:
-                raw = ray.get(ref, timeout=timeout)
+                raws.append(ray.get(ref, timeout=timeout))
             except Exception as exc:  # restarting, unplaceable, or dead for good
-                infos.append(ReplicaInfo(index, None, None, None, None, 0, False, f"{type(exc).__name__}"))
-                continue
-            infos.append(ReplicaInfo(healthy=self._healthy(raw["url"]), **raw))
-        return infos
+                raws.append(type(exc).__name__)
+        # Every replica's /health at once: one slow or unreachable node costs one timeout.
+        healthy = self._health_checks.map(lambda raw: isinstance(raw, dict) and self._healthy(raw["url"]), raws)
+        return [
+            ReplicaInfo(healthy=ok, **raw)
+            if isinstance(raw, dict)
+            else ReplicaInfo(index, None, None, None, None, 0, False, raw)
+            for index, (raw, ok) in enumerate(zip(raws, healthy), start=1)
+        ]
 
     def urls(self) -> list[str]:
         """The URLs of the replicas that answer ``/health`` now."""
@@ -293,6 +310,7 @@ class RayFleet:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
+        self._health_checks.shutdown(wait=False)
         self._http.close()
 
 

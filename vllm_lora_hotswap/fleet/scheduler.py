@@ -107,6 +107,13 @@ class DistributedLoRAScheduler:
     def instance_urls(self, urls: list[str]) -> None:
         self._instance_urls = list(urls)
 
+    async def _live_urls(self) -> list[str]:
+        """:attr:`instance_urls` without blocking the event loop: a fleet's ``urls()`` asks
+        Ray and each replica's ``/health``, so it runs in a thread."""
+        if self.fleet is None:
+            return list(self._instance_urls)
+        return list(await asyncio.to_thread(self.fleet.urls))
+
     # -- naming ------------------------------------------------------------------------
     def configure(self, config: LoRAHotSwapConfig) -> None:
         check_adapter_name(config.name)
@@ -132,7 +139,7 @@ class DistributedLoRAScheduler:
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         """Start delivering events: each instance's swaps from now on, once per instance."""
-        for url in self.instance_urls:
+        for url in await self._live_urls():
             batch = await self._events(url, 0)
             if batch is not None:
                 self._cursors[url] = (batch["started_at"], max((e["seq"] for e in batch["events"]), default=0))
@@ -152,14 +159,18 @@ class DistributedLoRAScheduler:
 
     def _notify(self, adapter: str, version: str | None) -> None:
         """Tell every instance that ``adapter`` changed in the store; never waits, never raises."""
-        task = asyncio.get_running_loop().create_task(notify_async(self._http, self.instance_urls, adapter, version))
+
+        async def send() -> None:
+            await notify_async(self._http, await self._live_urls(), adapter, version)
+
+        task = asyncio.get_running_loop().create_task(send())
         self._notices.add(task)
         task.add_done_callback(self._notices.discard)
 
     async def _watch(self) -> None:
         interval = min(self.poll_interval, 1.0)
         while True:
-            await asyncio.gather(*(self._deliver(url) for url in self.instance_urls))
+            await asyncio.gather(*(self._deliver(url) for url in await self._live_urls()))
             await asyncio.sleep(interval)
 
     async def _events(self, url: str, since: int) -> dict[str, Any] | None:
@@ -254,7 +265,7 @@ class DistributedLoRAScheduler:
         current = await asyncio.to_thread(store.active_version, adapter)
         available = await asyncio.to_thread(store.versions, adapter)
         instances = {}
-        for status in await asyncio.gather(*(self._instance(url) for url in self.instance_urls)):
+        for status in await asyncio.gather(*(self._instance(url) for url in await self._live_urls())):
             serving = (status.get("adapters") or {}).get(adapter)
             if (
                 serving is None
@@ -282,7 +293,7 @@ class DistributedLoRAScheduler:
 
     async def get_system_status(self) -> dict[str, Any]:
         """Per instance: health, served versions, heartbeat age, last swap timings, last error."""
-        statuses = await asyncio.gather(*(self._instance(url) for url in self.instance_urls))
+        statuses = await asyncio.gather(*(self._instance(url) for url in await self._live_urls()))
         records = {r.instance_id: r for r in await asyncio.to_thread(self.store.instance_records)}
         now = time.time()
         instances = []
@@ -333,7 +344,7 @@ class DistributedLoRAScheduler:
     async def _check_followed(self, adapter: str, green: str) -> None:
         """Refuse at once, rather than after ``timeout``, when instances that serve ``adapter``
         would never follow ``green`` (their ``VLLM_HOTSWAP_ADAPTERS`` does not match it)."""
-        statuses = await asyncio.gather(*(self._instance(url) for url in self.instance_urls))
+        statuses = await asyncio.gather(*(self._instance(url) for url in await self._live_urls()))
         records = [InstanceRecord.model_validate(s) for s in statuses if s.get("instance_id")]
         blind = [r for r in records if r.follows_adapter(adapter) and not r.follows_adapter(green)]
         if blind:
