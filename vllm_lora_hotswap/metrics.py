@@ -50,6 +50,13 @@ class HotSwapMetrics:
             ["version"],
             registry=registry,
         )
+        self.probe_generations = Counter(
+            "vllm_hotswap_probe_generations",
+            "Probe verdicts by where their token came from: first_batch (the first pinned sample "
+            "generation of callers that waited to sample the version) or own (a generation of its own).",
+            ["source"],
+            registry=registry,
+        )
         self._served: dict[str, str] = {}
         self._weights: str | None = None
 
@@ -58,6 +65,9 @@ class HotSwapMetrics:
         for phase, seconds in record.timings.items():
             if phase in PHASES:
                 self.phase_seconds.labels(adapter, phase).observe(seconds)
+
+    def probed(self, source: str) -> None:
+        self.probe_generations.labels(source).inc()
 
     def served(self, adapter: str, version: str | None) -> None:
         old = self._served.pop(adapter, None)

@@ -97,7 +97,8 @@ class HotSwapEndpoints:
 
         loop = asyncio.get_running_loop()
         models = state.openai_serving_models
-        engine = ServerEngine(engine_client, models, loop, settings)
+        metrics = HotSwapMetrics()
+        engine = ServerEngine(engine_client, models, loop, settings, metrics)
         host = args.host if args.host not in (None, "", "0.0.0.0", "::") else socket.gethostname()
         instance_id = settings.instance_id or f"{socket.gethostname()}:{args.port}"
         assert settings.root is not None
@@ -106,7 +107,7 @@ class HotSwapEndpoints:
             engine,
             settings,
             instance_id,
-            metrics=HotSwapMetrics(),
+            metrics=metrics,
             url=f"http://{host}:{args.port}",
             vllm_version=vllm_version,
         )

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vllm.sampling_params import SamplingParams
 
@@ -24,6 +24,9 @@ from ..pipeline.engine_api import EngineUnavailable, LoraHandle
 from ..settings import HotSwapSettings
 from .stage_channel import ServerChannel
 from .worker_rpc import WorkerRpcEngine, probe_token_ids
+
+if TYPE_CHECKING:
+    from ..metrics import HotSwapMetrics
 
 T = TypeVar("T")
 logger = logging.getLogger("vllm.lora_hotswap")
@@ -72,8 +75,16 @@ class ServerEngine(WorkerRpcEngine):
     # request that arrived during a step into its next one.
     probes_overlap = True
 
-    def __init__(self, engine_client: Any, models: Any, loop: asyncio.AbstractEventLoop, settings: HotSwapSettings):
+    def __init__(
+        self,
+        engine_client: Any,
+        models: Any,
+        loop: asyncio.AbstractEventLoop,
+        settings: HotSwapSettings,
+        metrics: HotSwapMetrics | None = None,
+    ):
         self.client = engine_client
+        self.metrics = metrics
         self.models = models  # OpenAIServingModels: lora_requests is the routing table
         self.loop = loop
         self.settings = settings
@@ -148,7 +159,10 @@ class ServerEngine(WorkerRpcEngine):
 
         async def generate(prompt: Any, lora_request: Any) -> Any:
             if (first := await self._first_batch_output(lora_request)) is not None:
+                self._count_probe("first_batch")
                 return SimpleNamespace(outputs=[first])
+            if lora_request is not None:  # not the start-up warm-up
+                self._count_probe("own")
             final = None
             async for output in self.client.generate(
                 prompt, params, f"hotswap-probe-{uuid.uuid4().hex}", lora_request=lora_request
@@ -157,6 +171,10 @@ class ServerEngine(WorkerRpcEngine):
             return final
 
         return await asyncio.gather(*map(generate, prompts, lora_requests), return_exceptions=True)
+
+    def _count_probe(self, source: str) -> None:
+        if self.metrics is not None:
+            self.metrics.probed(source)
 
     async def _first_batch_output(self, lora_request: Any) -> Any:
         """The probe beside the first batch: when callers waited to sample the version, its
