@@ -422,3 +422,25 @@ def test_the_scheduler_notifies_its_instances_after_each_store_change(
     # Sent concurrently (never awaited by the publisher): in any order.
     assert sorted(body["version"] for body, _ in engine.notices) == sorted([first, second, first])
     assert all(body["adapter"] == "policy" and key == "Bearer secret" for body, key in engine.notices)
+
+
+def test_an_adapter_sampled_lately_expects_a_batch_for_its_next_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rollout loop's next wait often arrives after the notice has started the probe: an
+    adapter that a caller waited to sample lately still tells the gate to expect its batch."""
+    import asyncio
+
+    from vllm_lora_hotswap.events import EventBus
+
+    engine = SimpleNamespace(gate_listeners=[])
+    controller = SimpleNamespace(bus=EventBus(), engine=engine, current=lambda adapter: None)
+    loop = asyncio.new_event_loop()
+    try:
+        waits = notices.ServedWaits(controller, loop)  # type: ignore[arg-type]
+        (expects_batch,) = engine.gate_listeners
+        assert not expects_batch("policy")
+        assert not loop.run_until_complete(waits.wait("policy", "2025-08-18T10-00-00Z", 0, sampling=True))
+        assert expects_batch("policy") and not expects_batch("other")
+        monkeypatch.setattr(notices, "SAMPLED_RECENTLY_S", 0.0)
+        assert not expects_batch("policy")
+    finally:
+        loop.close()

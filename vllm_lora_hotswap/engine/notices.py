@@ -43,6 +43,11 @@ from ..weights.routes import require_api_key
 
 logger = logging.getLogger("vllm.lora_hotswap")
 MAX_WAIT_S = 60.0  # a client that wants longer asks again (proxies cut idle requests)
+# An adapter that a caller waited to sample (sampling=1) this recently is on an RL path: its
+# next version's probe expects that caller's batch even if the caller's wait has not arrived
+# yet. A rollout loop sends that wait only once the trainer's step has ended, often after the
+# engine, told by the publisher's notice, has started the probe.
+SAMPLED_RECENTLY_S = 600.0
 
 notify_router = APIRouter(dependencies=[Depends(require_api_key)])
 wait_router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -106,6 +111,7 @@ class ServedWaits:
         self._loop = loop
         self._waiting: dict[str, set[asyncio.Event]] = {}
         self._sampling: dict[str, int] = {}  # adapter -> callers waiting with sampling=1
+        self._sampled_at: dict[str, float] = {}  # adapter -> when a caller last waited with sampling=1
         controller.bus.subscribe(self._on_event)
         listeners = getattr(controller.engine, "gate_listeners", None)  # a served engine's sampling gates
         if listeners is not None:
@@ -119,10 +125,12 @@ class ServedWaits:
             pass
 
     def _wake(self, adapter: str) -> bool:
-        """Wake ``adapter``'s waiters; whether one of them waits to sample it."""
+        """Wake ``adapter``'s waiters; whether a caller waits to sample it, or waited to within
+        ``SAMPLED_RECENTLY_S`` (its batch for the new version is expected)."""
         for waiter in self._waiting.get(adapter, ()):
             waiter.set()
-        return self._sampling.get(adapter, 0) > 0
+        recently = time.monotonic() - self._sampled_at.get(adapter, -SAMPLED_RECENTLY_S) < SAMPLED_RECENTLY_S
+        return self._sampling.get(adapter, 0) > 0 or recently
 
     def reached(self, adapter: str, version: str) -> bool:
         current = self.controller.current(adapter)
@@ -139,6 +147,7 @@ class ServedWaits:
         deadline = time.monotonic() + timeout
         if sampling:
             self._sampling[adapter] = self._sampling.get(adapter, 0) + 1
+            self._sampled_at[adapter] = time.monotonic()
         try:
             return await self._wait(adapter, version, deadline, sampling)
         finally:

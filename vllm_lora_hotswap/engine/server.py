@@ -34,7 +34,8 @@ RPC_TIMEOUT = 120.0
 ABORT_WAIT_S = 30.0  # for sample requests on a version that failed its probe to end
 REFUSED_KEPT = 64  # recently refused served names remembered for late sample requests
 # How long a probe waits for the batch that a caller released by ``wait?sampling=1`` is about
-# to send (its HTTP round trip); past that the probe runs a generation of its own.
+# to send (its HTTP round trip, or a rollout loop's next wait and batch); past that the probe
+# runs a generation of its own, which costs about as much as this wait could save.
 BATCH_ARRIVAL_WAIT_S = 0.1
 FIRST_OUTPUT_WAIT_S = 60.0  # a guard: a batch that ends without a token resolves it at once
 
@@ -52,7 +53,7 @@ class SamplingGate:
     # The first token of the first sample request pinning the version (a CompletionOutput
     # with its logprob): the probe's evidence when callers waited to sample the version.
     first_output: asyncio.Future[Any]
-    batch_expected: bool = False  # callers were waiting to sample it as the gate opened
+    batch_expected: bool = False  # callers wait (or lately waited) to sample the adapter as the gate opened
     batch_arrived: asyncio.Event = field(default_factory=asyncio.Event)
     request_ids: set[str] = field(default_factory=set)
 
