@@ -262,12 +262,17 @@ class RayFleet:
     def replicas(self, timeout: float = 5.0) -> list[ReplicaInfo]:
         """Every replica now: its address (None while Ray restarts it) and health."""
         ray = _ray()
-        raws: list[dict[str, Any] | str] = []
         refs = [actor.info.remote() for actor in self.actors]
+        # One timeout for all: a replica that Ray is restarting does not answer until it is back.
+        answered = set(ray.wait(refs, num_returns=len(refs), timeout=timeout)[0]) if refs else set()
+        raws: list[dict[str, Any] | str] = []
         for ref in refs:
+            if ref not in answered:
+                raws.append("GetTimeoutError")  # restarting, or not placeable now
+                continue
             try:
-                raws.append(ray.get(ref, timeout=timeout))
-            except Exception as exc:  # restarting, unplaceable, or dead for good
+                raws.append(ray.get(ref))
+            except Exception as exc:  # dead for good, or died answering
                 raws.append(type(exc).__name__)
         # Every replica's /health at once: one slow or unreachable node costs one timeout.
         healthy = self._health_checks.map(lambda raw: isinstance(raw, dict) and self._healthy(raw["url"]), raws)
