@@ -6,8 +6,9 @@ On the benchmark model and one adapter (rank 16 on every linear layer, as the de
 each "step" changes the adapter's weights and measures until the engines answer a first token
 from the new weights, as the next rollout batch needs:
 
-- **ours, 2 engines and 1 engine**: ``HotSwapCallback``'s path: save the adapter straight into
-  the store's staging directory, commit it, notify the engines (``POST /v1/lora/notify``), wait
+- **ours, 2 engines and 1 engine**: ``HotSwapCallback``'s path: save the adapter (its config and
+  weights, as ``trl_callbacks.adapter_files.save_adapter`` writes them) straight into the store's
+  staging directory, commit it, notify the engines (``POST /v1/lora/notify``), wait
   on each (``GET /v1/lora/wait?sampling=1``, as ``FleetRollout`` does), then one token from
   ``adapter@version`` through ``/api/v1/sample`` on each: a version still being probed answers
   it beside the probe, once the verdict is in. Trainer phases (save, commit, notice) and the
@@ -88,6 +89,7 @@ def first_token(server: Server, model: str) -> None:
 def ours(model: Any, servers: list[Server], store: CheckpointStore, adapter: str, steps: int) -> dict[str, Any]:
     """Publish (save into staging, commit, notify) → a first token of ``adapter@version`` on
     every server; the trainer's phases and the last engine's swap phases of each step."""
+    from trl_callbacks.adapter_files import save_adapter
     from vllm_lora_hotswap.notify import WAIT_PATH, CommitNotifier
 
     notifier = CommitNotifier([server.url for server in servers])
@@ -105,7 +107,7 @@ def ours(model: Any, servers: list[Server], store: CheckpointStore, adapter: str
             _step(model, generator)
             started = time.perf_counter()
             staged = store.open_version(adapter)
-            model.save_pretrained(staged.path, safe_serialization=True)
+            save_adapter(model, staged.path)  # HotSwapCallback's save
             saved = time.perf_counter()
             version = staged.commit()
             committed = time.perf_counter()

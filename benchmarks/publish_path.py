@@ -10,7 +10,9 @@ of the benchmark Llama's shape, the adapter of ``benchmarks.policy_sync``), and 
 - ``copy``: ``save_pretrained`` into a temporary directory, then ``CheckpointStore.publish`` (copy
   into ``.staging/`` while hashing, fsync, commit): what ``HotSwapCallback`` did before;
 - ``direct``: ``save_pretrained`` straight into the store's staging directory, then hash the freshly
-  written files (page cache) and check them in one pass, fsync, commit: what it does now;
+  written files (page cache) and check them in one pass, fsync, commit;
+- ``lean``: ``direct`` with ``trl_callbacks.adapter_files.save_adapter`` instead of ``save_pretrained``
+  (the same two files, no model card): what ``HotSwapCallback`` does now;
 - ``direct-stream`` (the road not taken): the state dict serialised to bytes and hashed as it is
   written, then committed the same way. Measured so the choice is a measured one.
 
@@ -85,10 +87,15 @@ def _copy_path(model: Any, store: CheckpointStore, adapter: str) -> dict[str, fl
     return {"save": saved - started, "hash+commit": done - saved, "total": done - started}
 
 
-def _direct_path(model: Any, store: CheckpointStore, adapter: str) -> dict[str, float]:
+def _direct_path(model: Any, store: CheckpointStore, adapter: str, *, lean: bool = False) -> dict[str, float]:
+    from trl_callbacks.adapter_files import save_adapter
+
     started = time.perf_counter()
     staged = store.open_version(adapter)
-    model.save_pretrained(staged.path, safe_serialization=True)
+    if lean:
+        save_adapter(model, staged.path)
+    else:
+        model.save_pretrained(staged.path, safe_serialization=True)
     saved = time.perf_counter()
     staged.commit({"bench": True})
     done = time.perf_counter()
@@ -127,7 +134,12 @@ def trainer(publishes: int) -> dict[str, Any]:
         "small (tiny Llama, r8 q/v)": (TEST_MODEL, 8, ("q_proj", "v_proj")),
         "~10 MB (bench Llama shape, r16 all linear)": (BENCH_MODEL, 16, ALL_LINEAR),
     }
-    paths = {"copy": _copy_path, "direct": _direct_path, "direct-stream": _stream_path}
+    paths = {
+        "copy": _copy_path,
+        "direct": _direct_path,
+        "lean": lambda model, store, adapter: _direct_path(model, store, adapter, lean=True),
+        "direct-stream": _stream_path,
+    }
     results: dict[str, Any] = {}
     for label, (spec, rank, targets) in shapes.items():
         model = _peft_model(spec, rank, targets)

@@ -482,3 +482,38 @@ def test_a_running_engine_serves_each_version_while_training_goes_on(
     for _, version, served in check.seen:
         directory = shared_store.version_dir("trl-live", version)
         assert served == (f"trl-live@{version}", reference(directory, PROMPTS[0]))
+
+
+@pytest.mark.parametrize("task_type", ["CAUSAL_LM", None])
+def test_save_adapter_writes_what_peft_writes_but_the_model_card(
+    tmp_path: Path, toy_model: Path, task_type: str | None
+) -> None:
+    from trl_callbacks.adapter_files import save_adapter
+
+    base = AutoModelForCausalLM.from_pretrained(toy_model, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(**{**LORA, "task_type": task_type}), adapter_name="policy")
+    model.add_adapter("other", LoraConfig(**{**LORA, "r": 4}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn_like(param))
+    model.save_pretrained(tmp_path / "peft", selected_adapters=["policy"], safe_serialization=True)
+    save_adapter(model, tmp_path / "ours")
+
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    peft_dir = tmp_path / "peft" / "policy"  # PEFT puts a non-default adapter in a folder of its name
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text()) == json.loads(
+        (peft_dir / "adapter_config.json").read_text()
+    )
+    ours, theirs = (
+        load_file(tmp_path / "ours" / "adapter_model.safetensors"),
+        load_file(peft_dir / "adapter_model.safetensors"),
+    )
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert model.peft_config["policy"].inference_mode is False  # the live config is left as it was
+    check_loads_with_peft(toy_model, tmp_path / "ours")
+    with pytest.raises(ValueError, match="'missing' is not an adapter of this model"):
+        save_adapter(model, tmp_path / "x", "missing")

@@ -31,6 +31,7 @@ from vllm_lora_hotswap.store.checkpoint import CONFIG_FILE
 from vllm_lora_hotswap.store.publish import RESERVED_METADATA
 from vllm_lora_hotswap.store.staged import StagedVersion
 
+from .adapter_files import save_adapter
 from .sharding import FSDP, current_accelerator_state, gathered_adapter, sharded_training
 
 logger = logging.getLogger(__name__)
@@ -373,7 +374,7 @@ class HotSwapCallback(TrainerCallback):
                 doing = f"publishing {self.adapter} into {self.store.root}"
                 staged = self.store.open_version(self.adapter)
                 doing = "saving the adapter"
-                _save_adapter(model, staged.path)
+                save_adapter(model, staged.path)
             metadata = self._metadata(state, reasons, staged.path)
         except Exception as exc:
             if staged is not None:
@@ -465,16 +466,6 @@ class HotSwapCallback(TrainerCallback):
         """Wait for pending publications; True when none is left. Never raises their errors."""
         _, not_done = wait(self._pending, timeout=timeout)
         return not not_done
-
-
-def _save_adapter(model: PeftModel, directory: Path) -> None:
-    """Save the active adapter (config + safetensors) into ``directory`` itself."""
-    name = model.active_adapter
-    model.save_pretrained(directory, selected_adapters=[name], safe_serialization=True)
-    if name != "default":  # PEFT saves any other adapter into a sub-folder named after it
-        for child in (directory / name).iterdir():
-            os.replace(child, directory / child.name)
-        (directory / name).rmdir()
 
 
 def _check_static_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -1,0 +1,83 @@
+"""Saving the adapter being trained: PEFT's two files, without PEFT's model card.
+
+Why: ``PeftModel.save_pretrained`` writes ``adapter_config.json``,
+``adapter_model.safetensors`` and a ``README.md`` model card, and the card is
+rendered from a Jinja template that huggingface_hub compiles anew on every
+call. A store version keeps the config and the weights only (the commit drops
+anything else), and on the RL path the callback saves at every step, so the
+card is pure cost on the critical path of every policy sync: most of the save
+for a small adapter, a third of it for a 10 MB one (``python -m
+benchmarks.publish_path trainer``, the ``direct`` and ``lean`` paths).
+
+How: the same steps as ``save_pretrained`` for one adapter, minus the card.
+PEFT's own ``get_peft_model_state_dict`` picks the tensors (embedding layers
+and ``modules_to_save`` as PEFT decides), aliased tensors are cloned and
+non-contiguous ones made contiguous (safetensors refuses both), safetensors
+writes them with PEFT's ``{"format": "pt"}`` metadata, and the config is
+written by PEFT's ``PeftConfig.save_pretrained`` with the fields PEFT sets on
+save (``inference_mode`` true, ``base_model_name_or_path`` filled in, the
+auto-mapping of a config without a task type). The files load with
+``PeftModel.from_pretrained`` and vLLM as PEFT's own do. Anything this module
+does not know how to save the PEFT way (a ``.bin``-only adapter type, a weight
+conversion) is not its job: it saves LoRA adapters, as the callback publishes.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from vllm_lora_hotswap.store.checkpoint import SAFETENSORS_FILE
+
+
+def save_adapter(model: PeftModel, directory: str | Path, adapter_name: str | None = None) -> None:
+    """Write ``adapter_name`` (default: the active adapter) of ``model`` into ``directory``
+    itself as ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+    Example: ``save_adapter(model, staged.path)`` inside ``with store.open_version("policy") as
+    staged:``, which is what ``HotSwapCallback`` does at each publication.
+    """
+    name = adapter_name or model.active_adapter
+    if name not in model.peft_config:
+        raise ValueError(f"{name!r} is not an adapter of this model (it has {sorted(model.peft_config)})")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = _unaliased(get_peft_model_state_dict(model, adapter_name=name))
+    save_file(tensors, directory / SAFETENSORS_FILE, metadata={"format": "pt"})
+    _saved_config(model, name).save_pretrained(str(directory), auto_mapping_dict=_auto_mapping(model, name))
+
+
+def _unaliased(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor contiguous and in storage of its own: safetensors refuses aliases (PEFT's own
+    save clones them the same way)."""
+    seen: set[tuple[torch.device, int]] = set()
+    out = {}
+    for key, tensor in state.items():
+        tensor = tensor.detach()
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        out[key] = tensor.clone() if storage in seen else tensor.contiguous()
+        seen.add(storage)
+    return out
+
+
+def _saved_config(model: PeftModel, name: str) -> Any:
+    """The adapter's config as ``save_pretrained`` writes it, without touching the live one."""
+    config = copy.copy(model.peft_config[name])
+    config.inference_mode = True
+    if config.base_model_name_or_path is None:
+        holder = model.base_model if config.is_prompt_learning else model.base_model.model
+        config.base_model_name_or_path = holder.__dict__.get("name_or_path") or None
+    return config
+
+
+def _auto_mapping(model: PeftModel, name: str) -> dict[str, str] | None:
+    config = model.peft_config[name]
+    if config.task_type is not None:
+        return None
+    base_class = model._get_base_model_class(is_prompt_tuning=config.is_prompt_learning)
+    return {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
