@@ -142,16 +142,17 @@ def _medians(rows: list[dict[str, float]]) -> dict[str, float]:
     return {phase: statistics.median(row.get(phase, 0.0) for row in rows) for phase in rows[0]}
 
 
-def async_grpo(model: Any, server: Server, directory: Path, steps: int) -> list[float]:
+def async_grpo(model: Any, server: Server, directory: Path, steps: int) -> dict[str, Any]:
     """AsyncGRPOTrainer's adapter sync: save a new versioned name, load it, unload the previous one;
     then one token from the new name (vLLM activates the adapter at its first request)."""
     generator = torch.Generator().manual_seed(1)
-    seconds = []
+    seconds, phases = [], []
     for version in range(1, steps + 1):
         _step(model, generator)
-        started = time.time()
+        started = time.perf_counter()
         path = directory / f"trl-policy-v{version}"
         model.save_pretrained(path, safe_serialization=True)
+        saved = time.perf_counter()
         response = server.http.post(
             "/v1/load_lora_adapter",
             json={"lora_name": f"trl-policy-v{version}", "lora_path": str(path), "load_inplace": False},
@@ -161,9 +162,13 @@ def async_grpo(model: Any, server: Server, directory: Path, steps: int) -> list[
             server.http.post(
                 "/v1/unload_lora_adapter", json={"lora_name": f"trl-policy-v{version - 1}"}
             ).raise_for_status()
+        loaded = time.perf_counter()
         first_token(server, f"trl-policy-v{version}")
-        seconds.append(time.time() - started)
-    return seconds
+        seconds.append(time.perf_counter() - started)
+        phases.append(
+            {"save": saved - started, "load+unload": loaded - saved, "first token": time.perf_counter() - loaded}
+        )
+    return {**_summary(seconds), "phases_p50": _medians(phases)}
 
 
 def merged(model: Any, model_path: Path, server: Server, steps: int) -> list[float]:
@@ -282,6 +287,10 @@ def write(results: dict[str, Any], out: Path) -> Path:
         )
         engine = ", ".join(f"{phase} {1000 * value:.1f} ms" for phase, value in sync[key]["phases_p50"].items())
         lines += ["", f"Ours on {engines} engine(s), p50: trainer {trainer}; last engine {engine}"]
+    trl_phases = ", ".join(
+        f"{phase} {1000 * value:.1f} ms" for phase, value in sync["trl_async_load_lora"]["phases_p50"].items()
+    )
+    lines += ["", f"TRL AsyncGRPOTrainer on 1 engine, p50: {trl_phases}"]
     lines += [
         "",
         f"Rollout: {len(PROMPTS)} prompts x {MAX_TOKENS} sampled tokens",
@@ -347,7 +356,7 @@ def run(out: Path, cache: Path = CACHE, *, quick: bool = False) -> Path:
         stage(f"ours: {steps} publications → a first token on one engine")
         sync["ours_one_engine"] = ours(model, [first], store, SOLO, steps)
         stage(f"AsyncGRPOTrainer's /v1/load_lora_adapter path: {steps} steps on one engine")
-        sync["trl_async_load_lora"] = _summary(async_grpo(model, first, tmp / "async-adapters", steps))
+        sync["trl_async_load_lora"] = async_grpo(model, first, tmp / "async-adapters", steps)
         stage(f"rollout tokens/s: two engines vs HF generate, {repeats} batches each")
         results["rollout"] = {
             "engines": engine_rollout([first, second], repeats),
