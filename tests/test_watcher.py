@@ -97,3 +97,58 @@ def test_file_system_events_wake_the_watcher_before_the_poll(tmp_path: Path, lor
         assert watcher.poll({"a"}) == {"a"}
     finally:
         stop.set()
+
+
+def _hinted_within(watcher: StoreWatcher, adapter: str, action: threading.Timer) -> bool:
+    """Whether ``action`` (started here) makes the event loop hint ``adapter`` within 10 s."""
+    time.sleep(0.5)  # the inotify watch is set up
+    watcher.wait(0)  # its set-up hints every watched adapter once
+    action.start()
+    hinted: set[str] = set()
+    deadline = time.monotonic() + 10
+    while adapter not in hinted and time.monotonic() < deadline:
+        hinted |= watcher.wait(deadline - time.monotonic())
+    return adapter in hinted
+
+
+def test_another_engines_failure_record_wakes_the_watcher_before_the_poll(tmp_path: Path, lora: Path) -> None:
+    store = CheckpointStore(tmp_path / "store")
+    version = store.publish("a", lora)
+    watcher = StoreWatcher(store, lambda _: True, poll_interval=60.0, events=True)
+    watcher.poll()
+    stop = threading.Event()
+    watcher.start_events(stop)
+    try:
+        mark = threading.Timer(
+            0.2, store.record_failure, args=("a", version, "engine-b", "stage", "checksum mismatch")
+        )
+        assert _hinted_within(watcher, "a", mark)  # the adapter directory's touch, long before the 60 s poll
+        assert [r.instance_id for r in store.failures("a", version)] == ["engine-b"]
+    finally:
+        stop.set()
+
+
+def test_inotify_waits_on_descriptors_above_1024(tmp_path: Path) -> None:
+    """select() cannot wait on a descriptor numbered 1,024 or more; a busy engine process can
+    have that many open before the watcher starts."""
+    from vllm_lora_hotswap import inotify
+
+    if not inotify.available():
+        pytest.skip("no inotify here")
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+        pytest.skip("the descriptor limit is below 1,200")
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with inotify.Inotify() as watch:
+            assert watch.fd >= 1024
+            watch.add(tmp_path)
+            (tmp_path / "new").write_bytes(b"")
+            events = watch.read(5.0)
+            assert [e.name for e in events][:1] == ["new"]
+            watch.interrupt()
+            assert watch.read(5.0) == []  # woken by the pipe, nothing queued
+    finally:
+        for fd in held:
+            os.close(fd)

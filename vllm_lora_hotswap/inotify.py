@@ -40,10 +40,20 @@ IN_ISDIR = 0x40000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 # What changes a store's visible state: names appearing (a commit's rename, LATEST/ACTIVE
-# replaced), disappearing (gc, follow, a retired mark removed) or written in place by a writer
-# that does not rename. Modifications of an open file are left out: the close says it.
+# replaced), disappearing (gc, follow, a retired mark removed), written in place by a writer
+# that does not rename, or the watched directory's own times touched (an engine's failure
+# record lands in the version directory, and the store touches the adapter directory so that
+# every other engine looks). Modifications of an open file are left out: the close says it.
 STORE_EVENTS = (
-    IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+    IN_ATTRIB
+    | IN_CLOSE_WRITE
+    | IN_MOVED_FROM
+    | IN_MOVED_TO
+    | IN_CREATE
+    | IN_DELETE
+    | IN_DELETE_SELF
+    | IN_MOVE_SELF
+    | IN_ONLYDIR
 )
 _HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (name follows)
 _READ_SIZE = 64 * 1024
@@ -93,8 +103,17 @@ class Inotify:
         if fd < 0:
             code = ctypes.get_errno()
             raise OSError(code, f"inotify_init1: {os.strerror(code)}")
+        try:
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            os.close(fd)
+            raise
         self.fd = fd
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # poll, not select: a process with over 1,024 descriptors open (a serving engine can
+        # be one) gets numbers select cannot wait on.
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
+        self._poller.register(self._wake_r, select.POLLIN)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -127,7 +146,8 @@ class Inotify:
     def read(self, timeout: float | None) -> list[Event]:
         """Queued events, waiting up to ``timeout`` seconds for the first one (empty: timed
         out or interrupted)."""
-        readable, _, _ = select.select([self.fd, self._wake_r], [], [], timeout)
+        ready = self._poller.poll(None if timeout is None else max(0, round(timeout * 1000)))
+        readable = {fd for fd, _ in ready}
         if self._wake_r in readable:
             try:
                 while os.read(self._wake_r, 4096):
