@@ -417,6 +417,33 @@ def test_files_and_directories_are_not_group_or_world_writable(store: Checkpoint
         assert not mode & (stat.S_IWGRP | stat.S_IWOTH), f"{path} is {oct(mode)}"
 
 
+@pytest.mark.parametrize("path", ["copy", "in place"])
+def test_a_version_is_readable_by_every_engine_whatever_the_publishers_umask(
+    tmp_path: Path, lora: Path, path: str
+) -> None:
+    """An engine may run as another user than the trainer: a publisher under umask 077 still
+    publishes 0755 directories and 0644 files."""
+    old = os.umask(0o077)
+    try:
+        store = CheckpointStore(tmp_path / "store")
+        if path == "copy":
+            version = store.publish("lora1", lora)
+        else:
+            with store.open_version("lora1") as staged:
+                for name in ("adapter_config.json", "adapter_model.safetensors"):
+                    (staged.path / name).write_bytes((lora / name).read_bytes())
+            version = staged.version
+        store.pin("lora1", version)
+        store.write_instance_record(InstanceRecord(instance_id="host-a:8000"))
+    finally:
+        os.umask(old)
+    for found in [store.root, *store.root.rglob("*")]:
+        if found.name.startswith(".") and found.name != ".instances":
+            continue  # the publish lock and the staging area are the publisher's own
+        mode = stat.S_IMODE(found.lstat().st_mode)
+        assert mode == (0o755 if found.is_dir() else 0o644), f"{found} is {oct(mode)}"
+
+
 def test_gc_can_be_limited_to_some_adapters(store: CheckpointStore, lora: Path) -> None:
     for adapter in ("a", "b"):
         for _ in range(3):

@@ -1,7 +1,9 @@
 """Crash-safe file primitives: atomic writes, bounded JSON reads, contained paths.
 
-Files are created 0644 and directories 0755 whatever the umask allows beyond
-that: nothing the store writes is group- or world-writable.
+Files are 0644 and directories 0755 whatever the writer's umask: every engine,
+whichever user it runs as, can read a version (a trainer under umask 077 would
+otherwise publish versions only it can read), and nothing the store writes is
+group- or world-writable.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def fsync_dir(path: Path) -> None:
 def make_dir(path: Path) -> None:
     """Create ``path`` (and missing parents) with mode 0755; existing is fine."""
     try:
-        os.mkdir(path, DIR_MODE)
+        make_new_dir(path)
     except FileExistsError:
         return
     except FileNotFoundError:
@@ -42,9 +44,26 @@ def make_dir(path: Path) -> None:
         make_dir(path)
 
 
+def make_new_dir(path: Path) -> None:
+    """Create the directory ``path``, which must not exist, with mode 0755 whatever the umask."""
+    os.mkdir(path, DIR_MODE)
+    os.chmod(path, DIR_MODE)
+
+
+def _create(path: Path) -> int:
+    """A new file's descriptor, for writing, with mode 0644 whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def write_new_file(path: Path, data: bytes) -> None:
     """Write ``data`` to a file that must not exist yet, and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    fd = _create(path)
     try:
         view = memoryview(data)
         while view:
@@ -74,7 +93,7 @@ def copy_and_hash(src: Path, dst: Path) -> tuple[int, str]:
     """Copy ``src`` to the new file ``dst`` (fsynced); return its size and sha256."""
     digest = hashlib.sha256()
     size = 0
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    fd = _create(dst)
     try:
         with open(src, "rb") as reader:
             while chunk := reader.read(_COPY_CHUNK):

@@ -43,6 +43,7 @@ from .files import (
     fsync_dir,
     hash_file,
     make_dir,
+    make_new_dir,
     parse_json_bounded,
 )
 from .layout import LATEST_FILE, LOCK_FILE, RETIRED_FILE, STAGING_DIR
@@ -80,7 +81,7 @@ def copy_in(
     ensure_inside(root, adapter_dir)
     make_dir(adapter_dir / STAGING_DIR)
     staging = adapter_dir / STAGING_DIR / f"{uuid.uuid4().hex}"
-    os.mkdir(staging, 0o755)
+    make_new_dir(staging)
     try:
         digests = {
             name: FileDigest(*copy_and_hash(src / name, staging / name)) for name in (CONFIG_FILE, weights.name)

@@ -60,7 +60,7 @@ from .checkpoint import (
     weight_specs,
 )
 from .errors import InvalidCheckpointError, StoreError
-from .files import FILE_MODE, ensure_inside, hash_file, make_dir
+from .files import FILE_MODE, ensure_inside, hash_file, make_dir, make_new_dir
 from .layout import STAGING_DIR
 from .publish import CopiedVersion, check_metadata, commit
 
@@ -96,7 +96,7 @@ class StagedVersion:
             ensure_inside(root, adapter_dir)
             make_dir(adapter_dir / STAGING_DIR)
             self.path = adapter_dir / STAGING_DIR / uuid.uuid4().hex
-            os.mkdir(self.path, 0o755)
+            make_new_dir(self.path)
         except OSError as exc:
             raise StoreError(
                 f"publishing {adapter} into {root} failed: {exc.strerror or exc}; nothing was published"

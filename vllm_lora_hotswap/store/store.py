@@ -56,6 +56,7 @@ from .files import (
     atomic_write,
     ensure_inside,
     make_dir,
+    make_new_dir,
     read_json_bounded,
     read_small_text,
 )
@@ -385,7 +386,7 @@ class CheckpointStore:
         self._require_root()
         try:
             # Not make_dir: a heartbeat must never recreate a root that was unmounted or moved.
-            os.mkdir(directory, 0o755)
+            make_new_dir(directory)
         except FileExistsError:
             pass
         atomic_write(
