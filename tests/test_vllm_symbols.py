@@ -247,4 +247,4 @@ def test_every_symbol_names_a_vllm_module_and_a_known_kind() -> None:
     ],
 )
 def test_version_ranges(version: str, spec: str, inside: bool) -> None:
-    assert vllm_symbols._in(version, spec) is inside
+    assert vllm_symbols.version_in(version, spec) is inside

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from .. import SUPPORTED_VLLM
-from .vllm_symbols import SourceTree, _in, _release, source_mismatches, supported, symbols_for
+from .vllm_symbols import SourceTree, release_numbers, source_mismatches, supported, symbols_for, version_in
 
 UNREACHABLE = 75  # EX_TEMPFAIL: nothing was checked
 WHEEL_GLOB = "vllm-{version}-*.whl"
@@ -100,7 +100,7 @@ def verdict(version: str, problems: list[Exception], newest: bool = False) -> tu
 
 
 def _older_than_range(version: str) -> bool:
-    return not _in(version, ",".join(clause for clause in SUPPORTED_VLLM if clause.lstrip().startswith(">")))
+    return not version_in(version, ",".join(clause for clause in SUPPORTED_VLLM if clause.lstrip().startswith(">")))
 
 
 def check_release(release: str, wheels: Path, python: str | None = None) -> tuple[int, str]:
@@ -110,7 +110,7 @@ def check_release(release: str, wheels: Path, python: str | None = None) -> tupl
     if _older_than_range(version):  # nothing to download
         return verdict(version, [], newest)
     tree = SourceTree(wheel(version, wheels, python))
-    if tree.version != version and _release(tree.version) != _release(version):
+    if tree.version != version and release_numbers(tree.version) != release_numbers(version):
         raise ValueError(f"the wheel for vLLM {version} says it is vLLM {tree.version}")
     return verdict(tree.version, list(source_mismatches(tree, tree.version)), newest)
 

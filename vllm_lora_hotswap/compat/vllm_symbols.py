@@ -443,19 +443,19 @@ class Mismatch(Exception):
 
 
 def supported(version: str) -> bool:
-    return _in(version, ",".join(SUPPORTED_VLLM))
+    return version_in(version, ",".join(SUPPORTED_VLLM))
 
 
-def _in(version: str, spec: str) -> bool:
+def version_in(version: str, spec: str) -> bool:
     """Whether ``version`` meets ``spec`` (``">=0.32.0,<0.34"``). Only the release
     numbers count (``0.32.0+cpu`` and ``0.33.0rc1`` are 0.32.0 and 0.33.0); written
     out so the source check runs on a bare Python, without ``packaging``."""
-    release = _release(version)
+    release = release_numbers(version)
     if release is None:
         return False
     for clause in filter(None, (c.strip() for c in spec.split(","))):
         op = clause[: len(clause) - len(clause.lstrip("<>=!"))]
-        bound = _release(clause[len(op) :])
+        bound = release_numbers(clause[len(op) :])
         if bound is None or op not in _OPS:
             raise ValueError(f"unsupported version specifier {clause!r}")
         width = max(len(release), len(bound))
@@ -467,13 +467,14 @@ def _in(version: str, spec: str) -> bool:
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq, "!=": operator.ne}
 
 
-def _release(version: str) -> tuple[int, ...] | None:
+def release_numbers(version: str) -> tuple[int, ...] | None:
+    """The release numbers of ``version`` (``"0.34.0+cu130"`` -> ``(0, 34, 0)``); None if it has none."""
     match = re.match(r"\s*v?(\d+(?:\.\d+)*)", version)
     return tuple(int(part) for part in match.group(1).split(".")) if match else None
 
 
 def symbols_for(version: str) -> list[Symbol]:
-    return [s for s in SYMBOLS if _in(version, s.versions)]
+    return [s for s in SYMBOLS if version_in(version, s.versions)]
 
 
 def report(version: str, problems: list[Mismatch]) -> str | None:
@@ -847,13 +848,13 @@ def source_mismatches(tree: SourceTree, version: str) -> list[Mismatch]:
 @cache
 def weight_source_v2() -> bool:
     """Whether the installed vLLM has the 0.33 ``WeightSource`` API."""
-    return _in(installed_version(), WEIGHT_SOURCE_V2)
+    return version_in(installed_version(), WEIGHT_SOURCE_V2)
 
 
 @cache
 def reload_lifecycle() -> bool:
     """Whether the installed vLLM has ``start_reload``/``finish_reload`` (0.34)."""
-    return _in(installed_version(), RELOAD_LIFECYCLE)
+    return version_in(installed_version(), RELOAD_LIFECYCLE)
 
 
 def source_metadata(source: Any) -> list[Any]:
