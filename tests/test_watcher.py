@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -78,23 +80,15 @@ def test_poll_sees_new_changed_pinned_and_vanished_adapters(tmp_path: Path, lora
     assert watcher.poll() == {"a"}
 
 
-def test_file_system_events_wake_the_watcher_before_the_poll(tmp_path: Path, lora: Path) -> None:
-    store = CheckpointStore(tmp_path / "store")
-    store.publish("a", lora)
+@contextmanager
+def _event_loop(store: CheckpointStore) -> Iterator[StoreWatcher]:
+    """A watcher of ``store`` whose poll (60 s) never comes in a test, its event loop running."""
     watcher = StoreWatcher(store, lambda _: True, poll_interval=60.0, events=True)
     watcher.poll()
     stop = threading.Event()
     watcher.start_events(stop)
     try:
-        time.sleep(0.5)  # the inotify watch is set up
-        watcher.wait(0)  # its set-up hints every watched adapter once (a commit may have raced the watch)
-        start = time.monotonic()
-        threading.Timer(0.2, store.publish, args=("a", lora)).start()
-        hinted = set()
-        while "a" not in hinted and time.monotonic() - start < 10:
-            hinted |= watcher.wait(10)
-        assert "a" in hinted  # within 10 s: long before the 60 s poll
-        assert watcher.poll({"a"}) == {"a"}
+        yield watcher
     finally:
         stop.set()
 
@@ -102,7 +96,7 @@ def test_file_system_events_wake_the_watcher_before_the_poll(tmp_path: Path, lor
 def _hinted_within(watcher: StoreWatcher, adapter: str, action: threading.Timer) -> bool:
     """Whether ``action`` (started here) makes the event loop hint ``adapter`` within 10 s."""
     time.sleep(0.5)  # the inotify watch is set up
-    watcher.wait(0)  # its set-up hints every watched adapter once
+    watcher.wait(0)  # its set-up hints every watched adapter once (a commit may have raced the watch)
     action.start()
     hinted: set[str] = set()
     deadline = time.monotonic() + 10
@@ -111,21 +105,23 @@ def _hinted_within(watcher: StoreWatcher, adapter: str, action: threading.Timer)
     return adapter in hinted
 
 
+def test_file_system_events_wake_the_watcher_before_the_poll(tmp_path: Path, lora: Path) -> None:
+    store = CheckpointStore(tmp_path / "store")
+    store.publish("a", lora)
+    with _event_loop(store) as watcher:
+        assert _hinted_within(watcher, "a", threading.Timer(0.2, store.publish, args=("a", lora)))
+        assert watcher.poll({"a"}) == {"a"}
+
+
 def test_another_engines_failure_record_wakes_the_watcher_before_the_poll(tmp_path: Path, lora: Path) -> None:
     store = CheckpointStore(tmp_path / "store")
     version = store.publish("a", lora)
-    watcher = StoreWatcher(store, lambda _: True, poll_interval=60.0, events=True)
-    watcher.poll()
-    stop = threading.Event()
-    watcher.start_events(stop)
-    try:
+    with _event_loop(store) as watcher:
         mark = threading.Timer(
             0.2, store.record_failure, args=("a", version, "engine-b", "stage", "checksum mismatch")
         )
         assert _hinted_within(watcher, "a", mark)  # the adapter directory's touch, long before the 60 s poll
         assert [r.instance_id for r in store.failures("a", version)] == ["engine-b"]
-    finally:
-        stop.set()
 
 
 def test_inotify_waits_on_descriptors_above_1024(tmp_path: Path) -> None:
