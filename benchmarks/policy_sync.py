@@ -24,7 +24,11 @@ from the new weights, as the next rollout batch needs:
   falls back to merged sync when one server has several data-parallel replicas, and its
   client talks to one server).
 
-Never more engines than cores: each engine's worker is bound to a core of its own.
+Never more engines than cores: each engine's worker is bound to a core of its own. The engines
+run with ``VLLM_HOTSWAP_IDLE_SPIN`` (``IDLE_SPIN``), as docs/configuration.md advises where a
+trainer shares the engines' cores, and TRL's paths use the same engines. At the end two engines
+start again without it and "ours, 2 engines" runs once more: vLLM's own one-second spin after
+every step, side by side.
 
 Rollout tokens/s: the same batch (32 prompts, 64 sampled tokens each) from the two engines
 through ``/api/v1/sample`` (split as ``FleetRollout`` splits it; each engine's worker bound to its
@@ -62,6 +66,9 @@ ADAPTER = "policy"  # followed by both engines
 SOLO = "solo"  # followed by the first engine alone
 PROMPTS = ["the quick brown fox", "hello world"] * 16  # 2 prompts x 16 generations, as the demo's GRPO batch
 MAX_TOKENS = 64
+# The engines' VLLM_HOTSWAP_IDLE_SPIN: the trainer shares the cores with the engines, whose
+# processes would otherwise busy-poll for a second after every step (engine/idle_spin.py).
+IDLE_SPIN = "0.005"
 
 
 def _trainer_model(model_path: Path, adapter_dir: Path) -> Any:
@@ -264,11 +271,15 @@ def write(results: dict[str, Any], out: Path) -> Path:
         f"Policy sync per step, {results['model']}, adapter {ADAPTER_SHAPE} ({results['adapter_bytes'] / 1e6:.1f} MB), "
         f"{results['steps']} steps each (machine: {results['machine']['cpu_model']}, load {results['load_average']})",
         "",
+        f"The engines run with `VLLM_HOTSWAP_IDLE_SPIN={IDLE_SPIN}` (both paths use the same engines), "
+        "except the row that says otherwise: two engines started again without it.",
+        "",
         "| path | engines | p50 | max |",
         "|---|---|---|---|",
     ]
     rows = (
         ("ours", "ours: adapter through the store", 2),
+        ("ours_vllm_spin", "ours, engines with vLLM's own idle spin (1 s)", 2),
         ("ours_one_engine", "ours: adapter through the store", 1),
         ("trl_async_load_lora", "TRL AsyncGRPOTrainer: /v1/load_lora_adapter", 1),
         ("trl_merged_gloo", "TRL GRPOTrainer: merge + full-weight push (gloo, as NCCL cannot run here)", 1),
@@ -279,9 +290,10 @@ def write(results: dict[str, Any], out: Path) -> Path:
     two, one = sync["ours"]["p50"] / trl, sync["ours_one_engine"]["p50"] / trl
     lines += [
         "",
-        f"Ours ÷ TRL AsyncGRPO (p50): {two:.2f} on 2 engines (target ≤ 1.0), {one:.2f} on 1 engine (target ≤ 0.8)",
+        f"Ours ÷ TRL AsyncGRPO (p50): {two:.2f} on 2 engines (target ≤ 1.0), {one:.2f} on 1 engine (target ≤ 0.8); "
+        f"{sync['ours_vllm_spin']['p50'] / trl:.2f} on 2 engines with vLLM's own idle spin",
     ]
-    for key, engines in (("ours", 2), ("ours_one_engine", 1)):
+    for key, engines in (("ours", 2), ("ours_one_engine", 1), ("ours_vllm_spin", 2)):
         trainer = ", ".join(
             f"{phase} {1000 * value:.1f} ms" for phase, value in sync[key]["trainer_phases_p50"].items()
         )
@@ -316,6 +328,25 @@ def main() -> None:
     print(run(options.out, options.cache, quick=options.quick).read_text())
 
 
+def _engines(model: Path, root: Path, tmp: Path, idle_spin: str | None) -> tuple[Server, Server]:
+    """Two engines on one store, each worker on a core of its own; the first also takes TRL's
+    requests (runtime LoRA loading, the gloo weight-transfer backend), the second follows
+    ``ADAPTER`` only. ``idle_spin``: their ``VLLM_HOTSWAP_IDLE_SPIN`` (None: vLLM's own spin)."""
+    env = {"VLLM_HOTSWAP_ROOT": str(root), "VLLM_HOTSWAP_POLL_INTERVAL": "1", "VLLM_HOTSWAP_RETIRE_GRACE": "1"}
+    if idle_spin is not None:
+        env["VLLM_HOTSWAP_IDLE_SPIN"] = idle_spin
+    cores = sorted(os.sched_getaffinity(0))  # each engine's worker on its own core, as on its own device
+    tag = "" if idle_spin is not None else "-vllm-spin"
+    first = Server(
+        model,
+        tmp / f"engine-1{tag}.log",
+        {**env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_OMP_THREADS_BIND": str(cores[0])},
+        ["--weight-transfer-config", '{"backend": "gloo"}'],
+    )
+    second_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": str(cores[1 % len(cores)]), "VLLM_HOTSWAP_ADAPTERS": ADAPTER}
+    return first, Server(model, tmp / f"engine-2{tag}.log", second_env)
+
+
 def run(out: Path, cache: Path = CACHE, *, quick: bool = False) -> Path:
     """Every path side by side in one run; writes ``out/policy_sync.json`` and ``.md`` (its path)."""
     steps, repeats = (5, 2) if quick else (20, 3)
@@ -327,16 +358,7 @@ def run(out: Path, cache: Path = CACHE, *, quick: bool = False) -> Path:
     adapter_dir = assets.adapters[ADAPTER_SHAPE][0]
     root = tmp / "store"
     root.mkdir()
-    env = {"VLLM_HOTSWAP_ROOT": str(root), "VLLM_HOTSWAP_POLL_INTERVAL": "1", "VLLM_HOTSWAP_RETIRE_GRACE": "1"}
-    cores = sorted(os.sched_getaffinity(0))  # each engine's worker on its own core, as on its own device
-    first = Server(
-        assets.model,
-        tmp / "engine-1.log",
-        {**env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_OMP_THREADS_BIND": str(cores[0])},
-        ["--weight-transfer-config", '{"backend": "gloo"}'],
-    )
-    second_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": str(cores[1 % len(cores)]), "VLLM_HOTSWAP_ADAPTERS": ADAPTER}
-    second = Server(assets.model, tmp / "engine-2.log", second_env)
+    first, second = _engines(assets.model, root, tmp, IDLE_SPIN)
     results: dict[str, Any] = {
         "model": "benchmark Llama (hidden 1024, 8 layers, 415 MB)",
         "steps": steps,
@@ -364,7 +386,14 @@ def run(out: Path, cache: Path = CACHE, *, quick: bool = False) -> Path:
         }
         stage(f"GRPOTrainer's merged path (gloo): {steps} steps on one engine")
         sync["trl_merged_gloo"] = _summary(merged(model, assets.model, first, steps))
-        results["sync"] = sync
+    with ExitStack() as stack:
+        stage(f"ours again, engines with vLLM's own idle spin: {steps} publications → both engines")
+        default_spin = _engines(assets.model, root, tmp, None)
+        for server in default_spin:
+            stack.callback(server.stop)
+        start_all(default_spin)
+        sync["ours_vllm_spin"] = ours(model, list(default_spin), store, ADAPTER, steps)
+    results["sync"] = sync
     path = write(results, out)
     shutil.rmtree(tmp, ignore_errors=True)
     return path

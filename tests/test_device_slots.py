@@ -12,6 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vllm_lora_hotswap.engine.device_slots import SlotWriter
 
@@ -346,3 +348,19 @@ def test_an_install_off_the_step_waits_for_a_step_start_that_holds_the_slot_lock
         assert not done.wait(0.2)
         assert 7 not in manager.lora_index_to_id
     assert done.wait(5) and 7 in manager.lora_index_to_id
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(st.floats(width=32), st.sampled_from([3.0e38, -3.0e38, 1.0e-45])), min_size=0, max_size=64
+    ),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+)
+def test_the_finite_check_agrees_with_the_element_wise_one(values: list[float], dtype: torch.dtype) -> None:
+    """Staging's one-reduction check of LoRA weights gives isfinite().all()'s answer for any values,
+    overflowing sums of finite ones included."""
+    from vllm_lora_hotswap.engine.worker import all_finite
+
+    tensor = torch.tensor(values, dtype=torch.float32).to(dtype)
+    assert all_finite(tensor) == bool(torch.isfinite(tensor).all())

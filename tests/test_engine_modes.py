@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from hotswap_devkit.server import VllmServer
@@ -98,7 +100,8 @@ def inplace_engine(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
         toy_model,
         root,
         tmp_path_factory.mktemp("logs") / "inplace.log",
-        env={"VLLM_HOTSWAP_MODE": "inplace"},
+        # Also the engine whose processes sleep soon after a step (its tests then run in vLLM's idle mode).
+        env={"VLLM_HOTSWAP_MODE": "inplace", "VLLM_HOTSWAP_IDLE_SPIN": "0.01"},
         args=["--enable-prefix-caching"],
     ).start()
     yield server
@@ -120,3 +123,28 @@ def test_inplace_mode_swaps_in_the_same_slot_and_invalidates_its_prefix_cache(
     assert record["installed_versions"] == [v2] and record["last_swap"]["mode"] == "inplace"
     for prompt in (long_prompt, *PROMPTS):
         assert inplace_engine.tokens("live", prompt) == ("live", reference(lora_v2, prompt))
+
+
+def _cpu_seconds_after_a_request(server: VllmServer, window_s: float = 0.5) -> float:
+    """CPU time vLLM's engine core and worker use in the ``window_s`` after one request ends."""
+    assert server.process is not None
+    processes = [p for p in psutil.Process(server.process.pid).children(recursive=True) if p.name().startswith("VLLM")]
+    assert processes, "no VLLM:: processes under the server"
+    server.complete(str(server.model), "hello", max_tokens=2)
+
+    def used() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+    before = used()
+    time.sleep(window_s)
+    return used() - before
+
+
+def test_idle_spin_lets_an_engine_sleep_between_steps(engine: VllmServer, inplace_engine: VllmServer) -> None:
+    """vLLM's worker busy-polls for a second after each step (the shared engine, vLLM's default);
+    with ``VLLM_HOTSWAP_IDLE_SPIN=0.01`` it sleeps 10 ms after one, and the cores are free."""
+    default = _cpu_seconds_after_a_request(engine)
+    short = _cpu_seconds_after_a_request(inplace_engine)
+    assert default > 0.2, f"vLLM's own spin was expected to use most of a core: {default:.3f} s in 0.5 s"
+    assert short < 0.1, f"with VLLM_HOTSWAP_IDLE_SPIN=0.01 the engine used {short:.3f} s of CPU in 0.5 s idle"
+    assert inplace_engine.complete(str(inplace_engine.model), "hello", max_tokens=2)["choices"][0]["token_ids"]

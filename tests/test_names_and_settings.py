@@ -121,12 +121,20 @@ def test_the_probe_prompt_is_one_token_unless_set(tmp_path) -> None:
         ("PROBE", "maybe"),
         ("ADAPTERS", " , "),
         ("PROBE_PROMPT", ""),
+        ("IDLE_SPIN", "-0.1"),
+        ("IDLE_SPIN", "2"),
     ],
 )
 def test_bad_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
     monkeypatch.setenv(f"VLLM_HOTSWAP_{var}", value)
     with pytest.raises(ConfigError, match=f"VLLM_HOTSWAP_{var}="):
         load_settings()
+
+
+def test_idle_spin_is_vllms_own_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().idle_spin is None
+    monkeypatch.setenv("VLLM_HOTSWAP_IDLE_SPIN", "0.005")
+    assert load_settings().idle_spin == 0.005
 
 
 @given(st.text(max_size=30))

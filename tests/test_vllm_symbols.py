@@ -204,7 +204,7 @@ def test_on_a_mismatch_the_plugin_logs_one_error_and_installs_nothing(
     monkeypatch.setattr(
         vllm_symbols, "check_installed", lambda: "vllm-lora-hotswap supports vLLM X; vLLM Y differs: Z"
     )
-    monkeypatch.setattr(engine, "install_hooks", lambda: pytest.fail("hooks installed despite a mismatch"))
+    monkeypatch.setattr(engine, "install_hooks", lambda settings: pytest.fail("hooks installed despite a mismatch"))
     for _process in ("api server", "engine core, spawned by it"):  # the second inherits the verdict
         monkeypatch.setattr(plugin, "_registered", False)
         with caplog.at_level(logging.INFO, logger="vllm.lora_hotswap"):

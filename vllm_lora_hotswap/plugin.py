@@ -41,7 +41,7 @@ def register() -> None:
         return
     from .engine import install_hooks
 
-    install_hooks()
+    install_hooks(settings)
 
 
 # The verdict of the check, handed to the processes this one spawns (engine core,

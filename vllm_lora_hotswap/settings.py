@@ -88,6 +88,14 @@ class HotSwapSettings(BaseSettings):
     stage_timeout: float = Field(
         default=300.0, gt=0, description="Seconds a version may take to stage before it fails."
     )
+    idle_spin: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Seconds an idle vLLM engine core or worker keeps busy-polling its queue before it sleeps "
+        "(unset: vLLM's own 1 s). Short values give a trainer or other engines on the same cores their CPU back "
+        "between steps.",
+    )
 
     @field_validator("adapters", mode="before")
     @classmethod

@@ -89,6 +89,9 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s("vllm.lora.worker_manager", "WorkerLoRAManager._load_adapter", "method", "lora_request"),
     # single_read.py: vLLM's LoRA loader opens the weight file through this module attribute
     _s("vllm.lora.lora_model", "safetensors", "attribute"),
+    # idle_spin.py: VLLM_HOTSWAP_IDLE_SPIN
+    _s("vllm.distributed.device_communicators.shm_broadcast", "SpinCondition.__init__", "method", "is_reader"),
+    _s("vllm.distributed.device_communicators.shm_broadcast", "SpinCondition.busy_loop_s", "attribute"),
     _s("vllm.lora.worker_manager", "WorkerLoRAManager._adapter_manager", "attribute"),
     _s(_LORA_MM, "LRUCacheLoRAModelManager._create_merged_loras_inplace", "method", "lora_model"),
     _s(_LORA_MM, "LRUCacheLoRAModelManager._registered_adapters", "attribute"),
