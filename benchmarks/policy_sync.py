@@ -7,12 +7,13 @@ each "step" changes the adapter's weights and measures until the engines answer 
 from the new weights, as the next rollout batch needs:
 
 - **ours, 2 engines and 1 engine**: ``HotSwapCallback``'s path: save the adapter (its config and
-  weights, as ``trl_callbacks.adapter_files.save_adapter`` writes them) straight into the store's
-  staging directory, commit it, notify the engines (``POST /v1/lora/notify``), wait
+  weights, as ``trl_callbacks.adapter_files.save_adapter`` writes them: the weights hashed while
+  they are written) straight into the store's staging directory, commit it, notify the engines (``POST /v1/lora/notify``), wait
   on each (``GET /v1/lora/wait?sampling=1``, as ``FleetRollout`` does), then one token from
   ``adapter@version`` through ``/api/v1/sample`` on each: a version still being probed answers
-  it beside the probe, once the verdict is in. Trainer phases (save, commit, notice) and the
-  last engine's swap phases are reported. The second engine serves only the two-engine adapter
+  it beside the probe, once the verdict is in. Trainer phases (save; the commit's check + hash
+  + fsync and the rest of it; notice) and the last engine's swap phases (the stage's own parts
+  included: read + hash, vLLM's loader, checks, slot copy) are reported. The second engine serves only the two-engine adapter
   (``VLLM_HOTSWAP_ADAPTERS``), so the one-engine adapter is followed by one engine alone;
 - **TRL GRPOTrainer, vLLM server mode**: merge the adapter, push every base weight through
   vLLM's weight-transfer API (start, update, finish), unmerge, reset the prefix cache, on one
@@ -114,7 +115,7 @@ def ours(model: Any, servers: list[Server], store: CheckpointStore, adapter: str
             _step(model, generator)
             started = time.perf_counter()
             staged = store.open_version(adapter)
-            save_adapter(model, staged.path)  # HotSwapCallback's save
+            save_adapter(model, staged)  # HotSwapCallback's save
             saved = time.perf_counter()
             version = staged.commit()
             committed = time.perf_counter()
@@ -122,8 +123,14 @@ def ours(model: Any, servers: list[Server], store: CheckpointStore, adapter: str
             noticed = time.perf_counter()
             list(pool.map(lambda server, version=version: first_token_of(server, version), servers))
             seconds.append(time.perf_counter() - started)
+            sealed = staged.timings["check+hash+fsync"]  # of the commit: the files checked, hashed, synced
             trainer_phases.append(
-                {"save": saved - started, "commit": committed - saved, "notice": noticed - committed}
+                {
+                    "save": saved - started,
+                    "check+hash+fsync": sealed,
+                    "commit": committed - saved - sealed,
+                    "notice": noticed - committed,
+                }
             )
             served = [_updated_event(server, adapter, version) for server in servers]
             engine_phases.append(max(served, key=lambda e: e["at"])["timings"])
@@ -293,12 +300,7 @@ def write(results: dict[str, Any], out: Path) -> Path:
         f"Ours ÷ TRL AsyncGRPO (p50): {two:.2f} on 2 engines (target ≤ 1.0), {one:.2f} on 1 engine (target ≤ 0.8); "
         f"{sync['ours_vllm_spin']['p50'] / trl:.2f} on 2 engines with vLLM's own idle spin",
     ]
-    for key, engines in (("ours", 2), ("ours_one_engine", 1), ("ours_vllm_spin", 2)):
-        trainer = ", ".join(
-            f"{phase} {1000 * value:.1f} ms" for phase, value in sync[key]["trainer_phases_p50"].items()
-        )
-        engine = ", ".join(f"{phase} {1000 * value:.1f} ms" for phase, value in sync[key]["phases_p50"].items())
-        lines += ["", f"Ours on {engines} engine(s), p50: trainer {trainer}; last engine {engine}"]
+    lines += ["", *_phase_table(sync)]
     trl_phases = ", ".join(
         f"{phase} {1000 * value:.1f} ms" for phase, value in sync["trl_async_load_lora"]["phases_p50"].items()
     )
@@ -315,6 +317,43 @@ def write(results: dict[str, Any], out: Path) -> Path:
     path = out / "policy_sync.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# Where one step of ours goes, in order: the trainer's phases, then the last engine's swap.
+PHASE_ROWS = (
+    ("trainer", "save", "trainer: save the adapter into the store's staging directory, hashed as written"),
+    ("trainer", "check+hash+fsync", "trainer: commit, files checked and fsynced (and hashed if not yet)"),
+    ("trainer", "commit", "trainer: commit, metadata, READY, rename, directory fsyncs"),
+    ("trainer", "notice", "trainer: notices sent (returns at once)"),
+    ("engine", "detect", "engine: detect (commit → the pipeline starts)"),
+    ("engine", "validate", "engine: validate (READY, config, header)"),
+    ("engine", "stage", "engine: stage, of which:"),
+    ("engine", "stage_read", "\u2003read the weight file and hash it against READY"),
+    ("engine", "stage_load", "\u2003vLLM's loader builds the adapter from those bytes"),
+    ("engine", "stage_check", "\u2003NaN/inf and shape checks, q/k/v packing, scaling"),
+    ("engine", "stage_slot", "\u2003copy into a free LoRA slot"),
+    ("engine", "install", "engine: install (the slot flipped in)"),
+    ("engine", "engine_stall", "\u2003of which the engine loop was held"),
+    ("engine", "probe", "engine: probe (the first token of the first batch)"),
+    ("engine", "switch", "engine: switch (traffic to the new version)"),
+)
+
+
+def _phase_table(sync: dict[str, Any]) -> list[str]:
+    columns = (("ours", "2 engines"), ("ours_one_engine", "1 engine"), ("ours_vllm_spin", "2 engines, vLLM's spin"))
+    lines = [
+        "Where a step of ours goes (p50 of each phase, ms; the engine's phases are the last engine's to serve):",
+        "",
+        "| phase | " + " | ".join(label for _, label in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for side, phase, label in PHASE_ROWS:
+        cells = []
+        for key, _ in columns:
+            measured = sync[key]["trainer_phases_p50" if side == "trainer" else "phases_p50"]
+            cells.append(f"{1000 * measured[phase]:.1f}" if phase in measured else "–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:

@@ -11,10 +11,11 @@ of the benchmark Llama's shape, the adapter of ``benchmarks.policy_sync``), and 
   into ``.staging/`` while hashing, fsync, commit): what ``HotSwapCallback`` did before;
 - ``direct``: ``save_pretrained`` straight into the store's staging directory, then hash the freshly
   written files (page cache) and check them in one pass, fsync, commit;
-- ``lean``: ``direct`` with ``trl_callbacks.adapter_files.save_adapter`` instead of ``save_pretrained``
-  (the same two files, no model card): what ``HotSwapCallback`` does now;
-- ``direct-stream`` (the road not taken): the state dict serialised to bytes and hashed as it is
-  written, then committed the same way. Measured so the choice is a measured one.
+- ``lean-file``: ``direct`` with ``trl_callbacks.adapter_files.save_adapter`` into the staging
+  directory instead of ``save_pretrained`` (the same two files, no model card);
+- ``lean``: ``save_adapter`` into the staged version itself: ``StagedVersion.write_weights``
+  writes the weight file from the tensors' memory while the same bytes are hashed and checked,
+  so the commit only fsyncs it: what ``HotSwapCallback`` does.
 
 **engine** starts one plugin engine on the tests' tiny Llama (the engine-starting part: run it under
 ``flock /tmp/hotswap-engine.lock``), publishes ``--swaps`` versions of each adapter shape and reports
@@ -25,7 +26,6 @@ Results go to ``benchmarks/results/publish_path-<part>[-<label>].json``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -87,12 +87,16 @@ def _copy_path(model: Any, store: CheckpointStore, adapter: str) -> dict[str, fl
     return {"save": saved - started, "hash+commit": done - saved, "total": done - started}
 
 
-def _direct_path(model: Any, store: CheckpointStore, adapter: str, *, lean: bool = False) -> dict[str, float]:
+def _direct_path(model: Any, store: CheckpointStore, adapter: str, *, how: str = "peft") -> dict[str, float]:
+    """``how``: "peft" (``save_pretrained``), "file" (``save_adapter`` into the staging directory)
+    or "memory" (``save_adapter`` into the staged version)."""
     from trl_callbacks.adapter_files import save_adapter
 
     started = time.perf_counter()
     staged = store.open_version(adapter)
-    if lean:
+    if how == "memory":
+        save_adapter(model, staged)
+    elif how == "file":
         save_adapter(model, staged.path)
     else:
         model.save_pretrained(staged.path, safe_serialization=True)
@@ -107,26 +111,6 @@ def _direct_path(model: Any, store: CheckpointStore, adapter: str, *, lean: bool
     }
 
 
-def _stream_path(model: Any, store: CheckpointStore, adapter: str) -> dict[str, float]:
-    """The alternative to ``direct``'s save + hash from the page cache: serialise the state dict to
-    bytes and hash them as they are written. Timed up to the written, hashed file (compare with
-    ``direct``'s ``save`` + ``of which check+hash+fsync``), then dropped: the store has no API that
-    takes a writer's digests on trust."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save
-
-    started = time.perf_counter()
-    staged = store.open_version(adapter)
-    tensors = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    data = save(tensors, metadata={"format": "pt"})
-    hashlib.sha256(data).hexdigest()
-    (staged.path / "adapter_model.safetensors").write_bytes(data)
-    model.peft_config["default"].save_pretrained(staged.path)
-    written = time.perf_counter()
-    staged.abort()
-    return {"save+hash": written - started}
-
-
 def trainer(publishes: int) -> dict[str, Any]:
     from hotswap_devkit.toy_models import BENCH_MODEL, TEST_MODEL
 
@@ -137,8 +121,8 @@ def trainer(publishes: int) -> dict[str, Any]:
     paths = {
         "copy": _copy_path,
         "direct": _direct_path,
-        "lean": lambda model, store, adapter: _direct_path(model, store, adapter, lean=True),
-        "direct-stream": _stream_path,
+        "lean-file": lambda model, store, adapter: _direct_path(model, store, adapter, how="file"),
+        "lean": lambda model, store, adapter: _direct_path(model, store, adapter, how="memory"),
     }
     results: dict[str, Any] = {}
     for label, (spec, rank, targets) in shapes.items():

@@ -45,6 +45,9 @@ def test_eight_adapters_swap_together_with_batched_installs_and_probes(store: Ch
     versions = {f"lora{i}": store.publish(f"lora{i}", lora) for i in range(8)}
     records = controller.sync_once()
     assert sorted(r.result for r in records) == ["served"] * 8
+    for record in records:  # the stage's own phases, as the engine reported them, beside the pipeline's
+        assert {"detect", "validate", "stage", "install", "probe", "switch"} <= set(record.timings)
+        assert record.timings["stage_read"] == 0.001 and record.timings["stage_load"] == 0.002
     for adapter, version in versions.items():
         assert served(controller, adapter) == version
         assert engine.served(adapter) == path_of(store, adapter, version)

@@ -100,7 +100,8 @@ def test_the_rpc_fallback_stages_what_a_late_message_has_not_started_yet(monkeyp
     deadline = time.monotonic() + 5
     while hotswap.staging[4, "/store/a/v2"].state == "pending" and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert hotswap.status_or_stage(4, "a@v2", "/store/a/v2") == {"state": "ready", "error": None, "nbytes": 7}
+    status = hotswap.status_or_stage(4, "a@v2", "/store/a/v2")
+    assert status == {"state": "ready", "error": None, "nbytes": 7, "timings": {}}
     assert started == [(4, "/store/a/v2")]  # staged once
 
 

@@ -10,6 +10,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,9 +24,12 @@ from vllm_lora_hotswap.store import (
     InvalidNameError,
     NotFoundError,
     PartialPublishError,
+    StoreError,
     StoreUnavailableError,
     UnsafePathError,
 )
+from vllm_lora_hotswap.store.safetensors_layout import TensorBytes
+from vllm_lora_hotswap.store.staged import _WRITE_IN_THREAD_BYTES
 
 
 @pytest.fixture
@@ -174,17 +178,20 @@ def test_publisher_killed_at_random_points_never_leaves_a_partial_ready_version(
     assert report.abandoned and not list(staging.iterdir())
 
 
+@pytest.mark.parametrize("from_memory", [True, False], ids=["write_weights", "save_file"])
 def test_publisher_in_place_killed_before_each_step_never_leaves_a_torn_or_half_visible_version(
-    store: CheckpointStore, tmp_path: Path
+    store: CheckpointStore, tmp_path: Path, from_memory: bool
 ) -> None:
-    """A publish straight into the store (``open_version``, as ``HotSwapCallback`` saves)
-    SIGKILLed just before each of its file-system calls in turn: after each kill every
-    version directory is a whole READY version, LATEST names one, and the only leftovers
-    are in ``.staging``, which gc removes."""
-    source = write_lora(tmp_path / "src", rank=16, hidden=512, layers=4)
+    """A publish straight into the store (``open_version``; the weights through ``write_weights``
+    as ``HotSwapCallback`` saves them, or saved into the staging directory) SIGKILLed just
+    before each of its file-system calls in turn: after each kill every version directory is
+    a whole READY version, LATEST names one, and the only leftovers are in ``.staging``,
+    which gc removes."""
+    source = write_lora(tmp_path / "src", rank=16, hidden=512, layers=8)
+    assert (source / "adapter_model.safetensors").stat().st_size > _WRITE_IN_THREAD_BYTES  # written by a thread
     adapter_dir = store.adapter_dir("lora1")
     committed = []  # per kill: whether its version was committed before it
-    for step, steps in kill_at_every_step(store, source):  # noqa: B007 - steps is read after the loop
+    for step, steps in kill_at_every_step(store, source, from_memory=from_memory):  # noqa: B007 - steps is read after the loop
         names = sorted(p.name for p in adapter_dir.iterdir() if not p.name.startswith(".") and p.is_dir())
         assert names == store.versions("lora1"), f"killed before step {step}: a version directory without READY"
         for version in names:
@@ -231,6 +238,74 @@ def test_open_version_commits_on_a_clean_exit_and_publishes_nothing_on_an_except
         staged.commit({"step": 2})
     assert store.versions("lora1") == [directory.name]
     assert not list((store.adapter_dir("lora1") / ".staging").iterdir())  # neither left anything behind
+
+
+def test_write_weights_writes_what_safetensors_writes_hashed_as_written_and_the_commit_reads_none_back(
+    store: CheckpointStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    from safetensors.torch import load_file, save
+
+    import vllm_lora_hotswap.store.staged as staged_module
+
+    lora = write_lora(tmp_path / "src", rank=16, hidden=512, layers=8)  # over 1 MB: a writer thread
+    tensors = load_file(lora / "adapter_model.safetensors")
+    as_bytes = {k: TensorBytes("F32", tuple(t.shape), t.numpy()) for k, t in tensors.items()}
+    config = (lora / "adapter_config.json").read_bytes()
+    reads = []  # (file, whether its bytes were read) for each file the commit opens
+
+    def recorded(path: Path, *args: Any, **kwargs: Any) -> bytes:
+        reads.append((path.name, kwargs.get("keep", True)))
+        return real(path, *args, **kwargs)
+
+    real = staged_module._read_then_sync
+    monkeypatch.setattr(staged_module, "_read_then_sync", recorded)
+    old = os.umask(0o077)
+    try:
+        with store.open_version("lora1") as staged:
+            staged.write_weights(as_bytes, {"format": "pt"})
+            (staged.path / "adapter_config.json").write_bytes(config)
+    finally:
+        os.umask(old)
+    assert ("adapter_model.safetensors", True) not in reads  # synced, never read back
+    directory = store.version_dir("lora1", staged.version)
+    assert (directory / "adapter_model.safetensors").read_bytes() == save(tensors, metadata={"format": "pt"})
+    assert stat.S_IMODE(os.stat(directory / "adapter_model.safetensors").st_mode) == 0o644
+    store.validate("lora1", staged.version)  # READY's sha256 is the file's
+    first = staged.version
+
+    # Several dtypes: a file safetensors reads back whole.
+    mixed = {"a.weight": torch.randn(3, 5), "b.weight": torch.randn(4).half(), "c.weight": torch.arange(6)}
+    dtypes = {torch.float32: "F32", torch.float16: "F16", torch.int64: "I64"}
+    staged = store.open_version("other")
+    staged.write_weights({k: TensorBytes(dtypes[t.dtype], tuple(t.shape), t.numpy()) for k, t in mixed.items()})
+    assert {k: v.tolist() for k, v in load_file(staged.path / "adapter_model.safetensors").items()} == {
+        k: v.tolist() for k, v in mixed.items()
+    }
+    staged.abort()
+
+    nan = torch.full((16, 512), float("nan"))
+    with pytest.raises(InvalidCheckpointError, match="NaN or inf"):
+        with store.open_version("lora1") as bad:
+            bad.write_weights({**as_bytes, "x.lora_A.weight": TensorBytes("F32", (16, 512), nan.numpy())})
+    with pytest.raises(ValueError, match="4 bytes for shape \\[2\\] of F32"):
+        with store.open_version("lora1") as bad:
+            bad.write_weights({"x": TensorBytes("F32", (2,), b"1234")})
+    with pytest.raises(ValueError, match="unknown safetensors dtype 'F128'"):
+        with store.open_version("lora1") as bad:
+            bad.write_weights({"x": TensorBytes("F128", (1,), b"1234")})
+    with pytest.raises(StoreError, match="File exists"):
+        with store.open_version("lora1") as bad:
+            bad.write_weights(as_bytes)
+            bad.write_weights(as_bytes)
+    with pytest.raises(InvalidCheckpointError, match="changed after write_weights"):
+        with store.open_version("lora1") as bad:
+            bad.write_weights(as_bytes)
+            (bad.path / "adapter_config.json").write_bytes(config)
+            with open(bad.path / "adapter_model.safetensors", "ab") as out:
+                out.write(b"more")
+    assert store.versions("lora1") == [first]
+    assert not list((store.adapter_dir("lora1") / ".staging").iterdir())
 
 
 def test_a_commit_or_abort_by_hand_inside_the_block_is_not_repeated_on_exit(

@@ -517,3 +517,14 @@ def test_save_adapter_writes_what_peft_writes_but_the_model_card(
     check_loads_with_peft(toy_model, tmp_path / "ours")
     with pytest.raises(ValueError, match="'missing' is not an adapter of this model"):
         save_adapter(model, tmp_path / "x", "missing")
+
+    # Into a store's staged version (what the callback does): the weights written from the
+    # tensors' memory and hashed as they are written; the same two files, byte for byte.
+    store = CheckpointStore(tmp_path / "store")
+    with store.open_version("policy") as staged:
+        save_adapter(model, staged)
+    assert staged.timings["write+hash"] > 0
+    committed = store.version_dir("policy", staged.version)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (committed / name).read_bytes() == (tmp_path / "ours" / name).read_bytes()
+    store.validate("policy", staged.version)  # READY's sha256 is the file's

@@ -13,7 +13,9 @@ How: the same steps as ``save_pretrained`` for one adapter, minus the card.
 PEFT's own ``get_peft_model_state_dict`` picks the tensors (embedding layers
 and ``modules_to_save`` as PEFT decides), aliased tensors are cloned and
 non-contiguous ones made contiguous (safetensors refuses both), safetensors
-writes them with PEFT's ``{"format": "pt"}`` metadata, and the config is
+writes them with PEFT's ``{"format": "pt"}`` metadata (into a store's staged
+version, ``StagedVersion.write_weights`` writes the same file straight from the
+tensors' memory while it hashes them, so the commit reads nothing back), and the config is
 written by PEFT's ``PeftConfig.save_pretrained`` with the fields PEFT sets on
 save (``inference_mode`` true, ``base_model_name_or_path`` filled in, the
 auto-mapping of a config without a task type). The files load with
@@ -33,23 +35,56 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from vllm_lora_hotswap.store.checkpoint import SAFETENSORS_FILE
+from vllm_lora_hotswap.store.safetensors_layout import TensorBytes
+from vllm_lora_hotswap.store.staged import StagedVersion
+
+_FORMAT = {"format": "pt"}  # the metadata PEFT's save_pretrained writes
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
 
 
-def save_adapter(model: PeftModel, directory: str | Path, adapter_name: str | None = None) -> None:
-    """Write ``adapter_name`` (default: the active adapter) of ``model`` into ``directory``
-    itself as ``adapter_config.json`` and ``adapter_model.safetensors``.
+def save_adapter(model: PeftModel, target: str | Path | StagedVersion, adapter_name: str | None = None) -> None:
+    """Write ``adapter_name`` (default: the active adapter) of ``model`` as
+    ``adapter_config.json`` and ``adapter_model.safetensors`` into ``target``: a directory, or
+    a store's staged version (its weights are then hashed and checked as they are written).
 
-    Example: ``save_adapter(model, staged.path)`` inside ``with store.open_version("policy") as
+    Example: ``save_adapter(model, staged)`` inside ``with store.open_version("policy") as
     staged:``, which is what ``HotSwapCallback`` does at each publication.
     """
     name = adapter_name or model.active_adapter
     if name not in model.peft_config:
         raise ValueError(f"{name!r} is not an adapter of this model (it has {sorted(model.peft_config)})")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = _unaliased(get_peft_model_state_dict(model, adapter_name=name))
-    save_file(tensors, directory / SAFETENSORS_FILE, metadata={"format": "pt"})
+    if isinstance(target, StagedVersion):
+        directory = target.path
+        target.write_weights({key: _tensor_bytes(key, tensor) for key, tensor in tensors.items()}, _FORMAT)
+    else:
+        directory = Path(target)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, directory / SAFETENSORS_FILE, metadata=_FORMAT)
     _saved_config(model, name).save_pretrained(str(directory), auto_mapping_dict=_auto_mapping(model, name))
+
+
+def _tensor_bytes(key: str, tensor: torch.Tensor) -> TensorBytes:
+    """A CPU tensor's own memory, as the store writes it (a tensor elsewhere is copied to the host)."""
+    if tensor.dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"{key}: safetensors cannot store {tensor.dtype}")
+    host = tensor.detach().cpu().contiguous()
+    return TensorBytes(
+        _SAFETENSORS_DTYPES[tensor.dtype], tuple(host.shape), host.reshape(-1).view(torch.uint8).numpy()
+    )
 
 
 def _unaliased(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

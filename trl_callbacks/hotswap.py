@@ -374,7 +374,7 @@ class HotSwapCallback(TrainerCallback):
                 doing = f"publishing {self.adapter} into {self.store.root}"
                 staged = self.store.open_version(self.adapter)
                 doing = "saving the adapter"
-                save_adapter(model, staged.path)
+                save_adapter(model, staged)
             metadata = self._metadata(state, reasons, staged.path)
         except Exception as exc:
             if staged is not None:

@@ -64,14 +64,17 @@ def kill_publishes(store: CheckpointStore, src: Path, trials: int, seed: int = 0
 _STEP_CALLS = ("open", "mkdir", "write", "fsync", "fchmod", "rename", "replace", "unlink", "scandir")
 
 
-def _publish_in_place(root: str, src: str, kill_at: int, ready: Any, go: Any, steps: Any) -> None:
-    """Save ``src``'s checkpoint straight into a staged version, as ``HotSwapCallback`` does
-    (safetensors' ``save_file`` and a JSON config), and commit it; SIGKILL this process just
+def _publish_in_place(root: str, src: str, from_memory: bool, kill_at: int, ready: Any, go: Any, steps: Any) -> None:
+    """Save ``src``'s checkpoint straight into a staged version and commit it: the weights from
+    memory through ``write_weights`` (``from_memory``, as ``HotSwapCallback`` saves) or by
+    safetensors' ``save_file`` into its directory, then a JSON config; SIGKILL this process just
     before its ``kill_at``-th file-system call (0: never; ``steps`` gets the count)."""
     import builtins
     import json
 
     from safetensors.torch import load_file, save_file
+
+    from vllm_lora_hotswap.store.safetensors_layout import TensorBytes
 
     store = CheckpointStore(root)
     tensors = load_file(os.path.join(src, "adapter_model.safetensors"))
@@ -91,18 +94,23 @@ def _publish_in_place(root: str, src: str, kill_at: int, ready: Any, go: Any, st
     for name in _STEP_CALLS:
         setattr(os, name, counted(getattr(os, name)))
     builtins.open = counted(builtins.open)
-    save = counted(save_file)  # one step: the Rust writer's own calls are not seen
+    save_to = counted(save_file)  # one step: the Rust writer's own calls are not seen
     ready.set()
     go.wait()
     with store.open_version("lora1", {"kill_at": kill_at}) as staged:
-        save(tensors, os.path.join(staged.path, "adapter_model.safetensors"), metadata={"format": "pt"})
+        if from_memory:  # its writes (in write_weights' thread) are counted one os.write at a time
+            staged.write_weights(
+                {k: TensorBytes("F32", tuple(t.shape), t.numpy()) for k, t in tensors.items()}, {"format": "pt"}
+            )
+        else:
+            save_to(tensors, os.path.join(staged.path, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(staged.path, "adapter_config.json"), "w") as out:
             json.dump(config, out)
     steps.value = count
 
 
-def kill_at_every_step(store: CheckpointStore, src: Path) -> Iterator[tuple[int, int]]:
-    """Publish ``src`` in place (:func:`_publish_in_place`) twice, counting the second's file-system calls,
+def kill_at_every_step(store: CheckpointStore, src: Path, *, from_memory: bool) -> Iterator[tuple[int, int]]:
+    """Publish ``src`` in place (:func:`_publish_in_place`, the weights ``from_memory`` or not) twice, counting the second's file-system calls,
     then once more per call with a SIGKILL just before it: yields ``(step, steps)`` after each
     killed publish ended. Children come from a fork server, as in :func:`kill_publishes`."""
     context = multiprocessing.get_context("forkserver")
@@ -111,7 +119,7 @@ def kill_at_every_step(store: CheckpointStore, src: Path) -> Iterator[tuple[int,
     def run(kill_at: int) -> tuple[int, int]:
         ready, go, steps = context.Event(), context.Event(), context.Value("i", 0)
         process = context.Process(
-            target=_publish_in_place, args=(str(store.root), str(src), kill_at, ready, go, steps)
+            target=_publish_in_place, args=(str(store.root), str(src), from_memory, kill_at, ready, go, steps)
         )
         process.start()
         ready.wait(60)

@@ -88,7 +88,7 @@ class FakeEngine:
             elif gate is not None and not gate.is_set():
                 statuses.append(StageStatus("pending"))
             else:
-                statuses.append(StageStatus("ready", nbytes=1000))
+                statuses.append(StageStatus("ready", nbytes=1000, timings={"stage_read": 0.001, "stage_load": 0.002}))
         return statuses
 
     def wait_staged(self, handle: LoraHandle, timeout: float) -> None:

@@ -29,7 +29,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,6 +41,10 @@ from .single_read import SingleRead
 from .stage_channel import WorkerChannel
 
 logger = logging.getLogger("vllm.lora_hotswap")
+# Where a stage's time goes, reported with its status (the swap's timings carry them):
+# the weight file read and hashed, vLLM's loader building the adapter from those bytes,
+# the NaN/inf and shape checks with q/k/v packing and scaling, the copy into a free slot.
+STAGE_PHASES = ("stage_read", "stage_load", "stage_check", "stage_slot")
 _original_load_adapter = WorkerLoRAManager._load_adapter
 _by_manager: weakref.WeakKeyDictionary[Any, WorkerHotSwap] = weakref.WeakKeyDictionary()
 
@@ -103,9 +107,10 @@ class _Staged:
     nbytes: int = 0
     cancelled: bool = False
     slot: DeviceSlotReservation | None = None  # the device slot it was written into (None: the install copies)
+    timings: dict[str, float] = field(default_factory=dict)  # STAGE_PHASES -> seconds, once ready
 
     def status(self) -> dict[str, Any]:
-        return {"state": self.state, "error": self.error, "nbytes": self.nbytes}
+        return {"state": self.state, "error": self.error, "nbytes": self.nbytes, "timings": self.timings}
 
 
 class WorkerHotSwap:
@@ -157,12 +162,15 @@ class WorkerHotSwap:
     def _stage(self, entry: _Staged) -> None:
         slot = None
         read = SingleRead(entry.path)
+        marks = [time.perf_counter()]  # the end of each of STAGE_PHASES, after the start
         try:
             request = LoRARequest(lora_name=entry.name, lora_int_id=entry.lora_id, lora_path=entry.path)
             # vLLM's own loader: rank vs --max-lora-rank, bias, target modules the model has;
-            # it builds the adapter from the one read of the weight file (its hash runs meanwhile).
+            # it builds the adapter from the one read of the weight file, hashed first.
             with read:
+                marks.append(time.perf_counter())
                 lora = _original_load_adapter(self.worker_manager, request)
+            marks.append(time.perf_counter())
             self.single_reads += read.from_memory
             self._check_finite(lora)
             self._check_fits(lora)
@@ -170,9 +178,12 @@ class WorkerHotSwap:
             self.manager._create_merged_loras_inplace(lora)
             nbytes = sum(_nbytes(w.lora_a) + _nbytes(w.lora_b) for w in lora.loras.values())
             read.verify()  # the bytes it was built from are the ones READY hashed: only then a slot
+            marks.append(time.perf_counter())
             slot = self.slots.reserve()
             if slot is not None and not self.slots.write(slot, lora):
                 slot = None  # vLLM needed the slot meanwhile: the install copies in the step
+            marks.append(time.perf_counter())
+            entry.timings = {phase: end - start for phase, start, end in zip(STAGE_PHASES, marks, marks[1:])}
         except BaseException as exc:  # noqa: BLE001 - reported to the controller, never raised here
             if slot is not None:
                 self.slots.release(slot)

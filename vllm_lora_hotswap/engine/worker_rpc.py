@@ -98,7 +98,11 @@ class WorkerRpcEngine:
                 rank, result = failed[0]
                 statuses.append(StageStatus("failed", _on_worker(rank, len(per_rank), result["error"])))
             elif all(r["state"] == "ready" for r in per_rank):
-                statuses.append(StageStatus("ready", nbytes=sum(r["nbytes"] for r in per_rank)))
+                timings: dict[str, float] = {}  # per phase, the slowest rank's
+                for result in per_rank:
+                    for phase, seconds in (result.get("timings") or {}).items():
+                        timings[phase] = max(seconds, timings.get(phase, 0.0))
+                statuses.append(StageStatus("ready", nbytes=sum(r["nbytes"] for r in per_rank), timings=timings))
             else:
                 statuses.append(StageStatus("pending"))
         return statuses

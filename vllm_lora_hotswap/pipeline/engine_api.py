@@ -10,7 +10,7 @@ the same moment cost one worker RPC (one step boundary), not one each.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -48,6 +48,7 @@ class StageStatus:
     state: str  # "pending" | "ready" | "failed"
     error: str | None = None
     nbytes: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # where a finished stage's time went (seconds)
 
 
 class CheckpointRejected(Exception):

@@ -72,7 +72,7 @@ class SwapTransaction:
         self.adapter = adapter
         self.version = version
         self.make_current = make_current  # False: a pinned version a request asked for
-        self.timings: dict[str, float] = {}  # phase -> seconds, plus "engine_stall"
+        self.timings: dict[str, float] = {}  # phase -> seconds, plus "engine_stall" and the stage's own
         self.reservation: VersionReservation | None = None
         self.info: VersionInfo | None = None
         self.nbytes = 0
@@ -179,6 +179,7 @@ class SwapTransaction:
         while True:
             status = pipeline.stage_statuses(self.handle)
             if status.state == "ready":
+                self.timings.update(status.timings)  # the stage's own phases (read, load, check, slot)
                 return status.nbytes
             if status.state == "failed":
                 raise CheckpointRejected("stage", status.error or "staging failed")

@@ -12,6 +12,7 @@ from .errors import (
 )
 from .names import check_adapter_name, next_version, split_served_name
 from .records import AdapterServing, FailureRecord, InstanceRecord, SwapRecord
+from .safetensors_layout import TensorBytes
 from .store import CheckpointStore, GcReport, StoreUnavailableError, VersionEntry, VersionInfo
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailableError",
     "SwapRecord",
+    "TensorBytes",
     "UnreadableError",
     "UnsafePathError",
     "VersionEntry",

@@ -31,7 +31,7 @@ READY_FILE = "READY"
 MANIFEST_FORMAT = 1
 MAX_HEADER_BYTES = 64 << 20
 
-_DTYPE_BYTES = {
+DTYPE_BYTES = {  # safetensors dtype -> bytes per element
     "F64": 8,
     "F32": 4,
     "F16": 2,
@@ -201,9 +201,9 @@ def _parse_header(header_bytes: bytes, header_len: int, size: int, path: Path) -
             begin, end = (int(o) for o in info["data_offsets"])
         except (TypeError, KeyError, ValueError):
             raise InvalidCheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
-        if dtype not in _DTYPE_BYTES or any(d < 0 for d in shape):
+        if dtype not in DTYPE_BYTES or any(d < 0 for d in shape):
             raise InvalidCheckpointError(f"{path}: tensor {name!r} has unsupported dtype or shape")
-        if not 0 <= begin <= end <= data_len or end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
+        if not 0 <= begin <= end <= data_len or end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
             raise InvalidCheckpointError(
                 f"{path}: tensor {name!r} lies outside the file's {data_len} data bytes (truncated?)"
             )
@@ -302,7 +302,7 @@ def check_finite_bytes(data: Any, specs: Mapping[str, TensorSpec], path: Path) -
         if spec.dtype not in _NON_FINITE_BITS:
             continue  # integers and booleans are always finite
         dtype, mask = _NON_FINITE_BITS[spec.dtype]
-        end = spec.offset + math.prod(spec.shape) * _DTYPE_BYTES[spec.dtype]
+        end = spec.offset + math.prod(spec.shape) * DTYPE_BYTES[spec.dtype]
         bits = data[spec.offset : end].view(dtype)
         if np.any((bits & np.array(mask, dtype=dtype)) == mask):
             raise InvalidCheckpointError(f"{path}: tensor {name!r} holds NaN or inf")

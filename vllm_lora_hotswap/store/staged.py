@@ -8,14 +8,16 @@ about to save anyway saves into the version's staging directory instead::
         model.save_pretrained(staged.path)
     staged.version  # committed on a clean exit; on an exception nothing is published
 
-Committing reads each file once, from the page cache it was just written to:
-the config is parsed, the weight file's header checked against it and its
-floats checked for NaN/inf while the same bytes are hashed for ``READY``. That
-was measured against hashing as the bytes are written (serialise to memory,
-hash, write: ``python -m benchmarks.publish_path trainer``): for a 10 MB adapter
-saving and then hashing from the page cache is cheaper (safetensors writes a
-file faster than it serialises to bytes), and it keeps PEFT's own
-``save_pretrained``. Then the same commit as a copied publish: metadata,
+A writer that has the tensors in memory hands them to
+:meth:`StagedVersion.write_weights` (``trl_callbacks.save_adapter`` does, for a
+staged version): a thread writes the safetensors file from the tensors' own
+memory (:mod:`.safetensors_layout`) while the calling thread hashes the same
+buffers for ``READY`` and checks their floats for NaN/inf, so the hash costs no
+time of its own and the commit reads nothing back, only fsyncs. A file saved
+into :attr:`StagedVersion.path` by any other means (PEFT's ``save_pretrained``)
+is read once at the commit, from the page cache it was just written to, and
+checked and hashed from that read. ``python -m benchmarks.publish_path trainer``
+measures both side by side. Then the same commit as a copied publish: metadata,
 ``READY``, one rename.
 
 Durability, step by step (what a crash at each point can lose; docs/publishing.md):
@@ -41,6 +43,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,7 @@ from .checkpoint import (
     SAFETENSORS_FILE,
     AdapterConfig,
     FileDigest,
+    TensorSpec,
     check_finite,
     check_finite_bytes,
     check_lora_shapes,
@@ -63,17 +67,28 @@ from .errors import InvalidCheckpointError, StoreError
 from .files import FILE_MODE, ensure_inside, hash_file, make_dir, make_new_dir
 from .layout import STAGING_DIR
 from .publish import CopiedVersion, check_metadata, commit
+from .safetensors_layout import TensorBytes, safetensors_layout
 
 _SYNC_IN_THREAD_BYTES = 1 << 20
+_WRITE_IN_THREAD_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class _WrittenWeights:
+    """What :meth:`StagedVersion.write_weights` wrote: the file's digest and its tensors' specs."""
+
+    digest: FileDigest
+    specs: dict[str, TensorSpec]
 
 
 class StagedVersion:
     """A version being written in place; :attr:`path` is its staging directory.
 
     Write a PEFT LoRA there (``adapter_config.json`` and ``adapter_model.safetensors``
-    or ``.bin``; any other file is dropped at the commit), then :meth:`commit`, or
+    or ``.bin``; any other file is dropped at the commit), or hand the tensors to
+    :meth:`write_weights` and write the config there; then :meth:`commit`, or
     :meth:`abort`. As a context manager it commits on a clean exit and aborts on an
-    exception. :attr:`timings` says where the commit's time went (seconds).
+    exception. :attr:`timings` says where the time went (seconds).
     """
 
     def __init__(
@@ -91,6 +106,7 @@ class StagedVersion:
         self._root, self._adapter_dir, self._clock, self._versions = root, adapter_dir, clock, versions
         self._metadata = check_metadata(metadata)
         self._done = False
+        self._written: _WrittenWeights | None = None
         try:
             make_dir(adapter_dir)
             ensure_inside(root, adapter_dir)
@@ -116,6 +132,45 @@ class StagedVersion:
         else:
             self.abort()
 
+    def write_weights(self, tensors: Mapping[str, TensorBytes], metadata: Mapping[str, str] | None = None) -> None:
+        """Write ``tensors`` as this version's ``adapter_model.safetensors`` (with safetensors'
+        ``metadata``), straight from their memory, while this thread hashes the same bytes for
+        ``READY`` and checks their floats for NaN/inf: the commit then reads nothing back. The
+        buffers must not change until this returns. Raises :class:`InvalidCheckpointError` for
+        NaN/inf, ValueError for a tensor whose size is not its shape's, :class:`StoreError` if
+        the write fails; abort the version then (a ``with`` block does).
+
+        Example (``trl_callbacks.save_adapter`` does this with torch tensors)::
+
+            staged.write_weights({"m.lora_A.weight": TensorBytes("F32", (8, 64), array_a), ...}, {"format": "pt"})
+        """
+        if self._done:
+            raise StoreError(f"{self.path}: this staged version of {self.adapter} was already committed or aborted")
+        started = time.perf_counter()
+        header, buffers, specs = safetensors_layout(tensors, metadata)
+        path = self.path / SAFETENSORS_FILE
+        parts = [header, *(view for _, view in buffers)]
+        size = sum(len(part) for part in parts)
+        errors: list[OSError] = []
+        writer = threading.Thread(target=_write_new, args=(path, parts, errors), name="hotswap-write", daemon=True)
+        if size < _WRITE_IN_THREAD_BYTES:
+            writer.run()  # a small file: written before a thread would have started
+        else:
+            writer.start()
+        try:
+            digest = hashlib.sha256(header)
+            for name, view in buffers:
+                digest.update(view)  # releases the GIL: runs beside the writer
+                spec = specs[name]
+                check_finite_bytes(view, {name: TensorSpec(spec.dtype, spec.shape)}, path)
+        finally:
+            if writer.ident is not None:
+                writer.join()
+        if errors:
+            raise StoreError(f"writing {path} failed: {errors[0].strerror or errors[0]}") from errors[0]
+        self._written = _WrittenWeights(FileDigest(size, digest.hexdigest()), specs)
+        self.timings["write+hash"] = time.perf_counter() - started
+
     def commit(self, metadata: Mapping[str, Any] | None = None) -> str:
         """Check, hash and sync what was written, and make it the adapter's newest READY
         version; returns its name. ``metadata`` replaces what :meth:`open_version` was given.
@@ -126,7 +181,7 @@ class StagedVersion:
         try:
             extra = self._metadata if metadata is None else check_metadata(metadata)
             started = time.perf_counter()
-            config, digests = seal(self.path)
+            config, digests = seal(self.path, self._written)
             sealed = time.perf_counter()
         except OSError as exc:
             self.abort()
@@ -138,7 +193,7 @@ class StagedVersion:
             raise
         copied = CopiedVersion(self.adapter, self._adapter_dir, self.path, None, config, extra, digests)
         self.version = commit(self._root, copied, self._clock, self._versions)  # removes the staging dir on failure
-        self.timings = {"check+hash+fsync": sealed - started, "commit": time.perf_counter() - sealed}
+        self.timings.update({"check+hash+fsync": sealed - started, "commit": time.perf_counter() - sealed})
         return self.version
 
     def abort(self) -> None:
@@ -147,9 +202,11 @@ class StagedVersion:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def seal(staging: Path) -> tuple[AdapterConfig, dict[str, FileDigest]]:
+def seal(staging: Path, written: _WrittenWeights | None = None) -> tuple[AdapterConfig, dict[str, FileDigest]]:
     """Check the checkpoint written into ``staging`` as :func:`validate_checkpoint_dir` does,
-    hash each file from the same read, and make each 0644 and durable (fsync)."""
+    hash each file from the same read, and make each 0644 and durable (fsync). ``written``:
+    what :meth:`StagedVersion.write_weights` learnt while writing the weight file, which
+    stands for reading it (its size on disk is still checked)."""
     weights = find_weight_file(staging)
     keep = {CONFIG_FILE, weights.name}
     with os.scandir(staging) as entries:
@@ -169,7 +226,16 @@ def seal(staging: Path) -> tuple[AdapterConfig, dict[str, FileDigest]]:
             raise InvalidCheckpointError(f"{config_path}: missing (a PEFT LoRA needs adapter_config.json)") from None
         config = parse_adapter_config(config_bytes, str(config_path))
         digests = {CONFIG_FILE: FileDigest(len(config_bytes), hashlib.sha256(config_bytes).hexdigest())}
-        if weights.name == SAFETENSORS_FILE:
+        if weights.name == SAFETENSORS_FILE and written is not None:
+            _read_then_sync(weights, syncs, errors, keep=False)  # hashed and checked as it was written
+            size = os.stat(weights, follow_symlinks=False).st_size
+            if size != written.digest.size:
+                raise InvalidCheckpointError(
+                    f"{weights}: {size} bytes on disk, {written.digest.size} were written (changed after write_weights?)"
+                )
+            check_lora_shapes(written.specs, config, str(weights))
+            digests[weights.name] = written.digest
+        elif weights.name == SAFETENSORS_FILE:
             data = _read_then_sync(weights, syncs, errors)  # its fsync overlaps the checks and the hash
             specs = parse_safetensors_header(data, weights)
             check_lora_shapes(specs, config, str(weights))
@@ -187,6 +253,23 @@ def seal(staging: Path) -> tuple[AdapterConfig, dict[str, FileDigest]]:
     if errors:
         raise errors[0]
     return config, digests
+
+
+def _write_new(path: Path, parts: list[Any], errors: list[OSError]) -> None:
+    """``parts`` back to back into the new file ``path`` (0644 whatever the umask; unsynced: the
+    commit fsyncs it); an error goes to ``errors``."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        try:
+            for part in parts:
+                view, done = memoryview(part), 0
+                while done < len(view):
+                    done += os.write(fd, view[done:])
+            os.fchmod(fd, FILE_MODE)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        errors.append(exc)
 
 
 def _read_then_sync(path: Path, syncs: list[threading.Thread], errors: list[OSError], *, keep: bool = True) -> bytes:
