@@ -25,6 +25,10 @@ from the new weights, as the next rollout batch needs:
   falls back to merged sync when one server has several data-parallel replicas, and its
   client talks to one server).
 
+Ours on two engines, ours on one and AsyncGRPOTrainer's path run interleaved, one step of each
+in turn (the first of each round moving along by one), so that the three see the machine in the
+same state: on a shared machine the cost of the same work drifts over minutes.
+
 Never more engines than cores: each engine's worker is bound to a core of its own. The engines
 run with ``VLLM_HOTSWAP_IDLE_SPIN`` (``IDLE_SPIN``), as docs/configuration.md advises where a
 trainer shares the engines' cores, and TRL's paths use the same engines. At the end two engines
@@ -47,6 +51,7 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -62,6 +67,7 @@ from .common import Server, stage
 from .machine import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PathSteps = Generator[None, None, dict[str, Any]]  # one step per next(); its result at the end
 ADAPTER_SHAPE = "r16-all"
 ADAPTER = "policy"  # followed by both engines
 SOLO = "solo"  # followed by the first engine alone
@@ -94,9 +100,10 @@ def first_token(server: Server, model: str) -> None:
     server.http.post("/v1/completions", json=body).raise_for_status()
 
 
-def ours(model: Any, servers: list[Server], store: CheckpointStore, adapter: str, steps: int) -> dict[str, Any]:
+def ours(model: Any, servers: list[Server], store: CheckpointStore, adapter: str, steps: int) -> PathSteps:
     """Publish (save into staging, commit, notify) → a first token of ``adapter@version`` on
-    every server; the trainer's phases and the last engine's swap phases of each step."""
+    every server, one step per ``next``; returns the trainer's phases and the last engine's
+    swap phases of each step."""
     from trl_callbacks.adapter_files import save_adapter
     from vllm_lora_hotswap.notify import WAIT_PATH, CommitNotifier
 
@@ -134,6 +141,7 @@ def ours(model: Any, servers: list[Server], store: CheckpointStore, adapter: str
             )
             served = [_updated_event(server, adapter, version) for server in servers]
             engine_phases.append(max(served, key=lambda e: e["at"])["timings"])
+            yield
     notifier.close()
     return {**_summary(seconds), "trainer_phases_p50": _medians(trainer_phases), "phases_p50": _medians(engine_phases)}
 
@@ -156,9 +164,10 @@ def _medians(rows: list[dict[str, float]]) -> dict[str, float]:
     return {phase: statistics.median(row.get(phase, 0.0) for row in rows) for phase in rows[0]}
 
 
-def async_grpo(model: Any, server: Server, directory: Path, steps: int) -> dict[str, Any]:
+def async_grpo(model: Any, server: Server, directory: Path, steps: int) -> PathSteps:
     """AsyncGRPOTrainer's adapter sync: save a new versioned name, load it, unload the previous one;
-    then one token from the new name (vLLM activates the adapter at its first request)."""
+    then one token from the new name (vLLM activates the adapter at its first request). One step
+    per ``next``."""
     generator = torch.Generator().manual_seed(1)
     seconds, phases = [], []
     for version in range(1, steps + 1):
@@ -182,7 +191,25 @@ def async_grpo(model: Any, server: Server, directory: Path, steps: int) -> dict[
         phases.append(
             {"save": saved - started, "load+unload": loaded - saved, "first token": time.perf_counter() - loaded}
         )
+        yield
     return {**_summary(seconds), "phases_p50": _medians(phases)}
+
+
+def interleaved(paths: dict[str, PathSteps]) -> dict[str, dict[str, Any]]:
+    """Run the paths one step each in turn, the first of each round moving along by one, so that
+    every path sees the machine as it is at the same moments; their results by name."""
+    results: dict[str, dict[str, Any]] = {}
+    names, round_ = list(paths), 0
+    while len(results) < len(paths):
+        first = round_ % len(names)
+        for name in names[first:] + names[:first]:
+            if name not in results:
+                try:
+                    next(paths[name])
+                except StopIteration as done:
+                    results[name] = done.value
+        round_ += 1
+    return {name: results[name] for name in names}
 
 
 def merged(model: Any, model_path: Path, server: Server, steps: int) -> list[float]:
@@ -412,12 +439,14 @@ def run(out: Path, cache: Path = CACHE, *, quick: bool = False) -> Path:
         model = _trainer_model(assets.model, adapter_dir)
         store = CheckpointStore(root)
         results["load_average"] = [round(x, 1) for x in os.getloadavg()]
-        stage(f"ours: {steps} publications → a first token on both engines")
-        sync = {"ours": ours(model, [first, second], store, ADAPTER, steps)}
-        stage(f"ours: {steps} publications → a first token on one engine")
-        sync["ours_one_engine"] = ours(model, [first], store, SOLO, steps)
-        stage(f"AsyncGRPOTrainer's /v1/load_lora_adapter path: {steps} steps on one engine")
-        sync["trl_async_load_lora"] = async_grpo(model, first, tmp / "async-adapters", steps)
+        stage(f"ours on both engines, ours on one, AsyncGRPOTrainer's path on one: {steps} steps each, interleaved")
+        sync = interleaved(
+            {
+                "ours": ours(model, [first, second], store, ADAPTER, steps),
+                "ours_one_engine": ours(model, [first], store, SOLO, steps),
+                "trl_async_load_lora": async_grpo(model, first, tmp / "async-adapters", steps),
+            }
+        )
         stage(f"rollout tokens/s: two engines vs HF generate, {repeats} batches each")
         results["rollout"] = {
             "engines": engine_rollout([first, second], repeats),
@@ -431,7 +460,7 @@ def run(out: Path, cache: Path = CACHE, *, quick: bool = False) -> Path:
         for server in default_spin:
             stack.callback(server.stop)
         start_all(default_spin)
-        sync["ours_vllm_spin"] = ours(model, list(default_spin), store, ADAPTER, steps)
+        sync["ours_vllm_spin"] = interleaved({"ours": ours(model, list(default_spin), store, ADAPTER, steps)})["ours"]
     results["sync"] = sync
     path = write(results, out)
     shutil.rmtree(tmp, ignore_errors=True)

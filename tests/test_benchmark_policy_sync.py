@@ -1,0 +1,36 @@
+"""The policy-sync benchmark's scheduling and report (no engine): its paths run interleaved, one
+step of each in turn, so that a machine whose speed drifts weighs on all of them alike."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+from benchmarks.policy_sync import PHASE_ROWS, _phase_table, interleaved
+
+
+def test_interleaved_runs_one_step_of_each_path_in_turn_and_moves_the_first_along() -> None:
+    log: list[str] = []
+
+    def path(name: str, steps: int) -> Generator[None, None, dict[str, Any]]:
+        for _ in range(steps):
+            log.append(name)
+            yield
+        return {"name": name, "steps": steps}
+
+    results = interleaved({"a": path("a", 2), "b": path("b", 2), "c": path("c", 3)})
+    assert log == ["a", "b", "c", "b", "c", "a", "c"]
+    assert results == {"a": {"name": "a", "steps": 2}, "b": {"name": "b", "steps": 2}, "c": {"name": "c", "steps": 3}}
+
+
+def test_the_phase_table_has_a_row_per_phase_and_a_dash_where_one_was_not_measured() -> None:
+    measured = {"trainer_phases_p50": {"save": 0.04}, "phases_p50": {"stage": 0.02, "stage_read": 0.01}}
+    table = _phase_table(
+        {"ours": measured, "ours_one_engine": measured, "ours_vllm_spin": {**measured, "phases_p50": {}}}
+    )
+    rows = table[4:]
+    assert len(rows) == len(PHASE_ROWS)
+    assert rows[0].endswith("| 40.0 | 40.0 | 40.0 |")
+    stage = next(row for row in rows if "stage, of which" in row)
+    assert stage.endswith("| 20.0 | 20.0 | – |")
+    assert sum(row.endswith("| – | – | – |") for row in rows) == len(PHASE_ROWS) - 3
