@@ -306,7 +306,8 @@ def write(results: dict[str, Any], out: Path) -> Path:
         f"{results['steps']} steps each (machine: {results['machine']['cpu_model']}, load {results['load_average']})",
         "",
         f"The engines run with `VLLM_HOTSWAP_IDLE_SPIN={IDLE_SPIN}` (both paths use the same engines), "
-        "except the row that says otherwise: two engines started again without it.",
+        "except the row that says otherwise: two engines started again without it. Ours on two engines, "
+        "ours on one and TRL AsyncGRPO's path ran interleaved, one step of each in turn.",
         "",
         "| path | engines | p50 | max |",
         "|---|---|---|---|",
