@@ -61,6 +61,7 @@ import torch
 
 from hotswap_devkit.server import free_port, start_all
 from vllm_lora_hotswap.store import CheckpointStore
+from vllm_lora_hotswap.store.records import STAGE_PHASES
 
 from .assets import CACHE, prepare
 from .common import Server, stage
@@ -347,19 +348,27 @@ def write(results: dict[str, Any], out: Path) -> Path:
     return path
 
 
+# The parts of the stage the workers report (a phase without a label here fails at import).
+_STAGE_LABELS = {
+    "stage_read": "read the weight file and hash it against READY",
+    "stage_load": "vLLM's loader builds the adapter from those bytes",
+    "stage_check": "NaN/inf and shape checks, q/k/v packing, scaling",
+    "stage_slot": "copy into a free LoRA slot",
+}
 # Where one step of ours goes, in order: the trainer's phases, then the last engine's swap.
 PHASE_ROWS = (
     ("trainer", "save", "trainer: save the adapter into the store's staging directory, hashed as written"),
-    ("trainer", "check+hash+fsync", "trainer: commit, files checked and fsynced (and hashed if not yet)"),
+    (
+        "trainer",
+        "check+hash+fsync",
+        "trainer: commit, files checked and fsynced (the weights' fsync began with the save)",
+    ),
     ("trainer", "commit", "trainer: commit, metadata, READY, rename, directory fsyncs"),
     ("trainer", "notice", "trainer: notices sent (returns at once)"),
     ("engine", "detect", "engine: detect (commit → the pipeline starts)"),
     ("engine", "validate", "engine: validate (READY, config, header)"),
     ("engine", "stage", "engine: stage, of which:"),
-    ("engine", "stage_read", "\u2003read the weight file and hash it against READY"),
-    ("engine", "stage_load", "\u2003vLLM's loader builds the adapter from those bytes"),
-    ("engine", "stage_check", "\u2003NaN/inf and shape checks, q/k/v packing, scaling"),
-    ("engine", "stage_slot", "\u2003copy into a free LoRA slot"),
+    *(("engine", phase, "\u2003" + _STAGE_LABELS[phase]) for phase in STAGE_PHASES),
     ("engine", "install", "engine: install (the slot flipped in)"),
     ("engine", "engine_stall", "\u2003of which the engine loop was held"),
     ("engine", "probe", "engine: probe (the first token of the first batch)"),

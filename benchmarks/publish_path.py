@@ -15,7 +15,8 @@ of the benchmark Llama's shape, the adapter of ``benchmarks.policy_sync``), and 
   directory instead of ``save_pretrained`` (the same two files, no model card);
 - ``lean``: ``save_adapter`` into the staged version itself: ``StagedVersion.write_weights``
   writes the weight file from the tensors' memory while the same bytes are hashed and checked,
-  so the commit only fsyncs it: what ``HotSwapCallback`` does.
+  then fsyncs it in the background, so the commit only waits for that fsync: what
+  ``HotSwapCallback`` does.
 
 **engine** starts one plugin engine on the tests' tiny Llama (the engine-starting part: run it under
 ``flock /tmp/hotswap-engine.lock``), publishes ``--swaps`` versions of each adapter shape and reports

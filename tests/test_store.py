@@ -526,3 +526,32 @@ def test_gc_can_be_limited_to_some_adapters(store: CheckpointStore, lora: Path) 
     report = store.gc(keep=1, adapters=["a"])
     assert len(report.deleted) == 2 and all(name.startswith("a/") for name in report.deleted)
     assert len(store.versions("a")) == 1 and len(store.versions("b")) == 3
+
+
+def test_a_failed_fsync_of_write_weights_fails_the_commit_and_publishes_nothing(
+    store: CheckpointStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``write_weights`` returns once the file is written; its fsync goes on in the background and
+    the commit waits for it: an fsync error there is the commit's one clear error."""
+    import errno
+
+    from safetensors.torch import load_file
+
+    import vllm_lora_hotswap.store.staged as staged_module
+
+    lora = write_lora(tmp_path / "src", rank=16, hidden=512, layers=8)  # over 1 MB: a writer thread
+    tensors = {
+        k: TensorBytes("F32", tuple(t.shape), t.numpy())
+        for k, t in load_file(lora / "adapter_model.safetensors").items()
+    }
+
+    def broken(path: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+
+    monkeypatch.setattr(staged_module, "_fsync", broken)
+    staged = store.open_version("lora1")
+    staged.write_weights(tensors, {"format": "pt"})  # written: returns before the fsync's outcome
+    (staged.path / "adapter_config.json").write_bytes((lora / "adapter_config.json").read_bytes())
+    with pytest.raises(StoreError, match="Input/output error; nothing was published"):
+        staged.commit()
+    assert store.versions("lora1") == [] and not staged.path.exists()

@@ -528,3 +528,42 @@ def test_save_adapter_writes_what_peft_writes_but_the_model_card(
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (committed / name).read_bytes() == (tmp_path / "ours" / name).read_bytes()
     store.validate("policy", staged.version)  # READY's sha256 is the file's
+
+
+def test_save_adapter_picks_the_tensors_peft_picks_after_updates_and_changes(toy_model: Path) -> None:
+    """From its second call, ``save_adapter`` takes the adapter's tensors by parameter name
+    instead of asking PEFT: it must agree with PEFT after an update in place, a parameter
+    replaced, a module to save, a config changed and an adapter added."""
+    from peft import get_peft_model_state_dict
+
+    from trl_callbacks.adapter_files import _ADAPTER_KEYS
+
+    def agrees(model: Any, name: str = "policy") -> None:
+        theirs = get_peft_model_state_dict(model, adapter_name=name)
+        for _ in range(2):  # the first call may ask PEFT; the second takes the recorded names
+            ours = _ADAPTER_KEYS.state_dict(model, name)
+            assert list(ours) == list(theirs)
+            assert all(ours[k].data_ptr() == theirs[k].data_ptr() and torch.equal(ours[k], theirs[k]) for k in ours)
+
+    base = AutoModelForCausalLM.from_pretrained(toy_model, dtype=torch.float32)
+    config = LoraConfig(**{**LORA, "modules_to_save": ["lm_head"]})
+    model = get_peft_model(base, config, adapter_name="policy")
+    agrees(model)
+    assert _ADAPTER_KEYS._known[model]["policy"][1] is not None  # every tensor is a parameter: recorded
+
+    with torch.no_grad():  # an optimizer step: in place
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(1.0)
+    agrees(model)
+
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["policy"]
+    layer.weight = torch.nn.Parameter(torch.randn_like(layer.weight))  # a new tensor under the same name
+    agrees(model)
+
+    model.peft_config["policy"].lora_alpha = 32  # the same structure, another config: PEFT asked again
+    agrees(model)
+
+    model.add_adapter("other", LoraConfig(**{**LORA, "r": 4, "target_modules": ["k_proj"]}))
+    agrees(model)
+    agrees(model, "other")

@@ -15,10 +15,10 @@ and ``modules_to_save`` as PEFT decides), aliased tensors are cloned and
 non-contiguous ones made contiguous (safetensors refuses both), safetensors
 writes them with PEFT's ``{"format": "pt"}`` metadata (into a store's staged
 version, ``StagedVersion.write_weights`` writes the same file straight from the
-tensors' memory while it hashes them, so the commit reads nothing back), and the config is
-written by PEFT's ``PeftConfig.save_pretrained`` with the fields PEFT sets on
-save (``inference_mode`` true, ``base_model_name_or_path`` filled in, the
-auto-mapping of a config without a task type). The files load with
+tensors' memory while it hashes them, so the commit reads nothing back), and
+the config is written by PEFT's ``PeftConfig.save_pretrained`` with the fields
+PEFT sets on save (``inference_mode`` true, ``base_model_name_or_path`` filled
+in, the auto-mapping of a config without a task type). The files load with
 ``PeftModel.from_pretrained`` and vLLM as PEFT's own do. Anything this module
 does not know how to save the PEFT way (a ``.bin``-only adapter type, a weight
 conversion) is not its job: it saves LoRA adapters, as the callback publishes.
@@ -27,6 +27,7 @@ conversion) is not its job: it saves LoRA adapters, as the callback publishes.
 from __future__ import annotations
 
 import copy
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -34,25 +35,12 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from vllm_lora_hotswap.store.checkpoint import SAFETENSORS_FILE
+from vllm_lora_hotswap.store.checkpoint import SAFETENSORS_FILE, TORCH_DTYPE_NAMES
 from vllm_lora_hotswap.store.safetensors_layout import TensorBytes
 from vllm_lora_hotswap.store.staged import StagedVersion
 
 _FORMAT = {"format": "pt"}  # the metadata PEFT's save_pretrained writes
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
+_SAFETENSORS_DTYPES = {getattr(torch, torch_name): name for name, torch_name in TORCH_DTYPE_NAMES.items()}
 
 
 def save_adapter(model: PeftModel, target: str | Path | StagedVersion, adapter_name: str | None = None) -> None:
@@ -66,7 +54,7 @@ def save_adapter(model: PeftModel, target: str | Path | StagedVersion, adapter_n
     name = adapter_name or model.active_adapter
     if name not in model.peft_config:
         raise ValueError(f"{name!r} is not an adapter of this model (it has {sorted(model.peft_config)})")
-    tensors = _unaliased(get_peft_model_state_dict(model, adapter_name=name))
+    tensors = _unaliased(_ADAPTER_KEYS.state_dict(model, name))
     if isinstance(target, StagedVersion):
         directory = target.path
         target.write_weights({key: _tensor_bytes(key, tensor) for key, tensor in tensors.items()}, _FORMAT)
@@ -75,6 +63,55 @@ def save_adapter(model: PeftModel, target: str | Path | StagedVersion, adapter_n
         directory.mkdir(parents=True, exist_ok=True)
         save_file(tensors, directory / SAFETENSORS_FILE, metadata=_FORMAT)
     _saved_config(model, name).save_pretrained(str(directory), auto_mapping_dict=_auto_mapping(model, name))
+
+
+class _AdapterKeys:
+    """``get_peft_model_state_dict(model, adapter_name=name)``, at the cost of one
+    ``named_parameters()`` from the second call on.
+
+    Why: PEFT walks every module of the model to pick an adapter's tensors and name them
+    (several milliseconds on a small model, on the critical path of every RL step's publish),
+    and its choice follows from the model's structure and the adapter's config alone. How: the
+    first call asks PEFT and records which parameter each saved tensor is (same memory, shape
+    and strides); a later call with the same parameters (names, shapes, dtypes) and the same
+    config takes those parameters by name, as they are now. Any change asks PEFT again; a
+    saved tensor that is not a parameter (PEFT built it) makes PEFT answer every time.
+    """
+
+    def __init__(self) -> None:
+        self._known: weakref.WeakKeyDictionary[PeftModel, dict[str, tuple[Any, dict[str, str] | None]]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def state_dict(self, model: PeftModel, name: str) -> dict[str, torch.Tensor]:
+        params = dict(model.named_parameters())
+        fingerprint = (
+            repr(model.peft_config[name]),
+            tuple((key, tuple(param.shape), param.dtype) for key, param in params.items()),
+        )
+        known = self._known.setdefault(model, {}).get(name)
+        if known is not None and known[0] == fingerprint and known[1] is not None:
+            return {key: params[param_name].detach() for key, param_name in known[1].items()}
+        state = get_peft_model_state_dict(model, adapter_name=name)
+        self._known[model][name] = (fingerprint, _parameter_names(state, params))
+        return state
+
+
+def _parameter_names(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, str] | None:
+    """Which parameter each of ``state``'s tensors is, or None if one is not a parameter or two
+    parameters look alike (empty ones, as DeepSpeed ZeRO-3 leaves outside a gather)."""
+
+    def identity(tensor: torch.Tensor) -> tuple[Any, ...]:
+        return (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+
+    by_identity = {identity(param): key for key, param in params.items()}
+    if len(by_identity) != len(params) or any(param.numel() == 0 for param in params.values()):
+        return None
+    names = {key: by_identity.get(identity(tensor)) for key, tensor in state.items()}
+    return None if None in names.values() else names  # type: ignore[return-value]
+
+
+_ADAPTER_KEYS = _AdapterKeys()
 
 
 def _tensor_bytes(key: str, tensor: torch.Tensor) -> TensorBytes:

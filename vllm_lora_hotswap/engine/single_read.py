@@ -37,6 +37,7 @@ import torch
 from ..store.checkpoint import (
     READY_FILE,
     SAFETENSORS_FILE,
+    TORCH_DTYPE_NAMES,
     TensorSpec,
     find_weight_file,
     parse_ready,
@@ -47,20 +48,7 @@ from ..store.errors import InvalidCheckpointError
 
 logger = logging.getLogger("vllm.lora_hotswap")
 _local = threading.local()  # .served: (real path of a weight file, its tensors) for this thread's load
-_TORCH_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
+_TORCH_DTYPES = {name: getattr(torch, torch_name) for name, torch_name in TORCH_DTYPE_NAMES.items()}
 
 
 class _FromMemory:

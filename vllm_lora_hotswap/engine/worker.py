@@ -36,15 +36,12 @@ import torch
 from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
 
+from ..store.records import STAGE_PHASES
 from .device_slots import DeviceSlotReservation, SlotWriter
 from .single_read import SingleRead
 from .stage_channel import WorkerChannel
 
 logger = logging.getLogger("vllm.lora_hotswap")
-# Where a stage's time goes, reported with its status (the swap's timings carry them):
-# the weight file read and hashed, vLLM's loader building the adapter from those bytes,
-# the NaN/inf and shape checks with q/k/v packing and scaling, the copy into a free slot.
-STAGE_PHASES = ("stage_read", "stage_load", "stage_check", "stage_slot")
 _original_load_adapter = WorkerLoRAManager._load_adapter
 _by_manager: weakref.WeakKeyDictionary[Any, WorkerHotSwap] = weakref.WeakKeyDictionary()
 

@@ -31,20 +31,24 @@ READY_FILE = "READY"
 MANIFEST_FORMAT = 1
 MAX_HEADER_BYTES = 64 << 20
 
-DTYPE_BYTES = {  # safetensors dtype -> bytes per element
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
+# The safetensors dtypes: bytes per element and the torch dtype's name (named, not imported:
+# the trainer's save and the engine's load map them to torch from this one table).
+_DTYPES = {
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U8": (1, "uint8"),
+    "BOOL": (1, "bool"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
 }
+DTYPE_BYTES = {name: size for name, (size, _) in _DTYPES.items()}
+TORCH_DTYPE_NAMES = {name: torch_name for name, (_, torch_name) in _DTYPES.items()}
 # PEFT names: "<module>.lora_A.weight", "<module>.lora_embedding_B" (an adapter name may sit
 # before ".weight" in older saves). lora_A is [r, in] and lora_B [out, r], embeddings included.
 _LORA_TENSOR = re.compile(r"(?P<module>.+)\.lora_(?:embedding_)?(?P<kind>[AB])(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?")

@@ -52,7 +52,7 @@ def make_new_dir(path: Path) -> None:
 
 def _create(path: Path) -> int:
     """A new file's descriptor, for writing, with mode 0644 whatever the umask."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)
     except BaseException:
@@ -61,16 +61,22 @@ def _create(path: Path) -> int:
     return fd
 
 
-def write_new_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to a file that must not exist yet, and fsync it."""
+def write_new_file(path: Path, *parts: Any, sync: bool = True) -> int:
+    """Write ``parts`` (buffers: bytes, memoryviews, numpy arrays) back to back to a file that
+    must not exist yet (0644), fsync it unless ``sync`` is false, and return its size."""
     fd = _create(path)
+    size = 0
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        for part in parts:
+            view = memoryview(part).cast("B")
+            size += len(view)
+            while view:
+                view = view[os.write(fd, view) :]
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
+    return size
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -37,14 +38,13 @@ from .checkpoint import (
 from .errors import InvalidCheckpointError, NotFoundError, StoreError
 from .files import (
     atomic_write,
-    atomic_write_json,
     copy_and_hash,
     ensure_inside,
     fsync_dir,
-    hash_file,
     make_dir,
     make_new_dir,
     parse_json_bounded,
+    write_new_file,
 )
 from .layout import LATEST_FILE, LOCK_FILE, RETIRED_FILE, STAGING_DIR
 from .names import next_version
@@ -133,9 +133,12 @@ def _rename_into_place(copied: CopiedVersion, clock: Callable[[], datetime], new
         }
         for name in (METADATA_FILE, READY_FILE):
             (staging / name).unlink(missing_ok=True)
-        atomic_write_json(staging / METADATA_FILE, metadata)
-        digests[METADATA_FILE] = FileDigest(*hash_file(staging / METADATA_FILE))
-        atomic_write(staging / READY_FILE, ReadyManifest(files=digests).to_json())
+        # Written in place, not atomically: nobody reads the staging directory, and its one
+        # fsync below makes both names durable before the rename publishes them.
+        encoded = (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode()
+        write_new_file(staging / METADATA_FILE, encoded)
+        digests[METADATA_FILE] = FileDigest(len(encoded), hashlib.sha256(encoded).hexdigest())
+        write_new_file(staging / READY_FILE, ReadyManifest(files=digests).to_json())
         fsync_dir(staging)
         try:
             os.rename(staging, adapter_dir / version)

@@ -12,6 +12,11 @@ import time
 from pydantic import BaseModel, ConfigDict, Field
 
 PHASES = ("detect", "validate", "stage", "install", "probe", "switch")
+# Where a stage's time goes, each worker reporting it with its status (a swap's timings carry
+# the slowest rank's): the weight file read and hashed, vLLM's loader building the adapter
+# from those bytes, the NaN/inf and shape checks with q/k/v packing and scaling, the copy
+# into a free slot.
+STAGE_PHASES = ("stage_read", "stage_load", "stage_check", "stage_slot")
 STALE_AFTER_POLLS = 3.0
 
 

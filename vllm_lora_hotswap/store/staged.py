@@ -13,7 +13,9 @@ A writer that has the tensors in memory hands them to
 staged version): a thread writes the safetensors file from the tensors' own
 memory (:mod:`.safetensors_layout`) while the calling thread hashes the same
 buffers for ``READY`` and checks their floats for NaN/inf, so the hash costs no
-time of its own and the commit reads nothing back, only fsyncs. A file saved
+time of its own; the thread then fsyncs the file while the writer goes on (the
+config, the commit's start), and the commit waits for that fsync instead of
+reading the file back. A file saved
 into :attr:`StagedVersion.path` by any other means (PEFT's ``save_pretrained``)
 is read once at the commit, from the page cache it was just written to, and
 checked and hashed from that read. ``python -m benchmarks.publish_path trainer``
@@ -22,8 +24,9 @@ measures both side by side. Then the same commit as a copied publish: metadata,
 
 Durability, step by step (what a crash at each point can lose; docs/publishing.md):
 
-1. the writer's files land in ``<adapter>/.staging/<id>/``, unsynced: a crash
-   loses the version; readers never look there; ``gc`` removes it after its grace;
+1. the writer's files land in ``<adapter>/.staging/<id>/``, unsynced (the weight
+   file of :meth:`StagedVersion.write_weights` is being synced): a crash loses the version;
+   readers never look there; ``gc`` removes it after its grace;
 2. commit: every file checked, hashed, made 0644 and fsynced, then
    ``metadata.json`` and ``READY`` written and fsynced, and the staging
    directory fsynced: still invisible, so a crash still loses only this version;
@@ -64,7 +67,7 @@ from .checkpoint import (
     weight_specs,
 )
 from .errors import InvalidCheckpointError, StoreError
-from .files import FILE_MODE, ensure_inside, hash_file, make_dir, make_new_dir
+from .files import FILE_MODE, ensure_inside, hash_file, make_dir, make_new_dir, write_new_file
 from .layout import STAGING_DIR
 from .publish import CopiedVersion, check_metadata, commit
 from .safetensors_layout import TensorBytes, safetensors_layout
@@ -75,10 +78,20 @@ _WRITE_IN_THREAD_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class _WrittenWeights:
-    """What :meth:`StagedVersion.write_weights` wrote: the file's digest and its tensors' specs."""
+    """What :meth:`StagedVersion.write_weights` wrote: the file's digest and its tensors' specs,
+    and the thread that fsyncs the file (with the list its error goes to)."""
 
     digest: FileDigest
     specs: dict[str, TensorSpec]
+    sync: threading.Thread
+    sync_errors: list[OSError]
+
+    def synced(self) -> None:
+        """Wait for the file's fsync; raise its error."""
+        if self.sync.ident is not None:
+            self.sync.join()
+        if self.sync_errors:
+            raise self.sync_errors[0]
 
 
 class StagedVersion:
@@ -135,7 +148,8 @@ class StagedVersion:
     def write_weights(self, tensors: Mapping[str, TensorBytes], metadata: Mapping[str, str] | None = None) -> None:
         """Write ``tensors`` as this version's ``adapter_model.safetensors`` (with safetensors'
         ``metadata``), straight from their memory, while this thread hashes the same bytes for
-        ``READY`` and checks their floats for NaN/inf: the commit then reads nothing back. The
+        ``READY`` and checks their floats for NaN/inf; the file's fsync goes on in the background
+        after this returns, and the commit waits for it instead of reading the file back. The
         buffers must not change until this returns. Raises :class:`InvalidCheckpointError` for
         NaN/inf, ValueError for a tensor whose size is not its shape's, :class:`StoreError` if
         the write fails; abort the version then (a ``with`` block does).
@@ -151,10 +165,26 @@ class StagedVersion:
         path = self.path / SAFETENSORS_FILE
         parts = [header, *(view for _, view in buffers)]
         size = sum(len(part) for part in parts)
-        errors: list[OSError] = []
-        writer = threading.Thread(target=_write_new, args=(path, parts, errors), name="hotswap-write", daemon=True)
+        errors: list[OSError] = []  # the write's (this call raises it)
+        sync_errors: list[OSError] = []  # the fsync's (the commit raises it)
+        written = threading.Event()
+
+        def write() -> None:
+            try:
+                write_new_file(path, *parts, sync=False)
+            except OSError as exc:
+                errors.append(exc)
+                return
+            finally:
+                written.set()  # the caller's buffers are free from here
+            try:  # then synced, beside the hash, the config's save and the commit's start
+                _fsync(path)
+            except OSError as exc:
+                sync_errors.append(exc)
+
+        writer = threading.Thread(target=write, name="hotswap-write", daemon=True)
         if size < _WRITE_IN_THREAD_BYTES:
-            writer.run()  # a small file: written before a thread would have started
+            writer.run()  # a small file: written and synced before a thread would have started
         else:
             writer.start()
         try:
@@ -164,11 +194,10 @@ class StagedVersion:
                 spec = specs[name]
                 check_finite_bytes(view, {name: TensorSpec(spec.dtype, spec.shape)}, path)
         finally:
-            if writer.ident is not None:
-                writer.join()
+            written.wait()
         if errors:
             raise StoreError(f"writing {path} failed: {errors[0].strerror or errors[0]}") from errors[0]
-        self._written = _WrittenWeights(FileDigest(size, digest.hexdigest()), specs)
+        self._written = _WrittenWeights(FileDigest(size, digest.hexdigest()), specs, writer, sync_errors)
         self.timings["write+hash"] = time.perf_counter() - started
 
     def commit(self, metadata: Mapping[str, Any] | None = None) -> str:
@@ -227,7 +256,7 @@ def seal(staging: Path, written: _WrittenWeights | None = None) -> tuple[Adapter
         config = parse_adapter_config(config_bytes, str(config_path))
         digests = {CONFIG_FILE: FileDigest(len(config_bytes), hashlib.sha256(config_bytes).hexdigest())}
         if weights.name == SAFETENSORS_FILE and written is not None:
-            _read_then_sync(weights, syncs, errors, keep=False)  # hashed and checked as it was written
+            written.synced()  # hashed and checked as it was written, synced since: only its size is read
             size = os.stat(weights, follow_symlinks=False).st_size
             if size != written.digest.size:
                 raise InvalidCheckpointError(
@@ -255,21 +284,12 @@ def seal(staging: Path, written: _WrittenWeights | None = None) -> tuple[Adapter
     return config, digests
 
 
-def _write_new(path: Path, parts: list[Any], errors: list[OSError]) -> None:
-    """``parts`` back to back into the new file ``path`` (0644 whatever the umask; unsynced: the
-    commit fsyncs it); an error goes to ``errors``."""
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-        try:
-            for part in parts:
-                view, done = memoryview(part), 0
-                while done < len(view):
-                    done += os.write(fd, view[done:])
-            os.fchmod(fd, FILE_MODE)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        errors.append(exc)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_then_sync(path: Path, syncs: list[threading.Thread], errors: list[OSError], *, keep: bool = True) -> bytes:
