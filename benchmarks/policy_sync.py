@@ -124,6 +124,7 @@ def ours(model: Any, servers: list[Server], store: CheckpointStore, adapter: str
             started = time.perf_counter()
             staged = store.open_version(adapter)
             save_adapter(model, staged)  # HotSwapCallback's save
+            notifier.notify_written(adapter, staged)  # and its notice: the engines read ahead
             saved = time.perf_counter()
             version = staged.commit()
             committed = time.perf_counter()

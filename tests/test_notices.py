@@ -164,6 +164,24 @@ def test_a_forged_notice_changes_nothing(routes, store: CheckpointStore) -> None
         assert client.post("/v1/lora/notify", json=bad).status_code == 400
 
 
+def test_a_written_notice_is_checked_and_needs_an_engine_that_reads_ahead(routes, store: CheckpointStore) -> None:
+    client, controller, first = routes
+    written = {"staging": "0" * 32, "sha256": "a" * 64, "size": 10}
+    both = {"adapter": "policy", "version": first, "written": written}
+    assert "not both" in client.post("/v1/lora/notify", json=both).json()["error"]["message"]
+    for bad in ({"staging": "../../x" + "0" * 25}, {"sha256": "A" * 64}, {"size": 0}, {"extra": 1}):
+        body = {"adapter": "policy", "written": {**written, **bad}}
+        assert client.post("/v1/lora/notify", json=body).status_code == 422, bad
+    # The in-memory engine cannot read ahead: accepted is False, and nothing else happens.
+    assert client.post("/v1/lora/notify", json={"adapter": "policy", "written": written}).json() == {"accepted": False}
+    calls: list[tuple[str, str, int]] = []
+    controller.engine.read_ahead = lambda *args: calls.append(args) or True
+    assert client.post("/v1/lora/notify", json={"adapter": "policy", "written": written}).json() == {"accepted": True}
+    staging = store.adapter_dir("policy") / ".staging" / written["staging"] / "adapter_model.safetensors"
+    assert calls[-1] == (str(staging), written["sha256"], 10)
+    assert served(controller, "policy") == first
+
+
 def test_notices_for_adapters_served_elsewhere_are_dropped(store: CheckpointStore, lora: Path) -> None:
     store.publish("mine", lora)
     client, controller = make_app(store, adapters="mine")
@@ -309,8 +327,15 @@ def test_the_callback_notifies_its_engines_after_each_commit(tmp_path: Path, toy
     hotswap.publish(TrainerState(global_step=1), model)
     (publication,) = hotswap.publications
     assert hotswap.wait_for_commit(publication, 60) and publication.version is not None, publication.error
-    wait_until(lambda: len(engine.notices) == 1, "the notice")
-    assert engine.notices[0] == ({"adapter": "policy", "version": publication.version}, None)
+    wait_until(lambda: len(engine.notices) == 2, "the notices")
+    # First the weight file written (before the commit: the engines read it meanwhile), then the commit.
+    (written, _), (committed, _) = engine.notices
+    manifest = json.loads((hotswap.store.version_dir("policy", publication.version) / "READY").read_text())
+    weights = manifest["files"]["adapter_model.safetensors"]
+    assert written["adapter"] == "policy" and set(written) == {"adapter", "written"}
+    assert (written["written"]["sha256"], written["written"]["size"]) == (weights["sha256"], weights["size"])
+    assert len(written["written"]["staging"]) == 32
+    assert committed == {"adapter": "policy", "version": publication.version}
 
 
 def rollout_for(tmp_path: Path, urls: list[str], version: str) -> FleetRollout:

@@ -103,3 +103,54 @@ def test_fleet_rollout_notifies_and_waits_on_the_engine(quiet_engine, make_lora,
     assert [f.result(30) for f in hotswap.notifier.notify(ADAPTER, version)] == [True]
     assert rollout._wait_for_version() == (version, version, 0)  # served, or open to pinned samples in its probe
     server.wait_served(ADAPTER, version, 30)  # long before the 3600 s poll
+
+
+def test_a_written_notice_lets_the_workers_read_the_weights_while_the_commit_runs(
+    quiet_engine, make_lora, reference
+) -> None:
+    """The publisher's first notice (weights written, before the commit) has the worker read the
+    file from the staging directory; staging then takes those bytes, since the committed READY
+    records their sha256, and the version serves what HF + PEFT greedy gives for it."""
+    from safetensors.torch import load_file
+
+    from vllm_lora_hotswap.store.safetensors_layout import TensorBytes
+
+    server, store = quiet_engine
+
+    def counters() -> tuple[int, int]:
+        workers = server.client.get("/v1/lora/workers").json()["workers"]
+        return sum(w["reads_ahead"] for w in workers), sum(w["reads_ahead_taken"] for w in workers)
+
+    source = make_lora(4)
+    tensors = load_file(source / "adapter_model.safetensors")
+    notifier = CommitNotifier([server.url], api_key=API_KEY)
+    before = counters()
+    staged = store.open_version(ADAPTER)
+    staged.write_weights(
+        {k: TensorBytes("F32", tuple(t.shape), t.numpy()) for k, t in tensors.items()}, {"format": "pt"}
+    )
+    (staged.path / "adapter_config.json").write_bytes((source / "adapter_config.json").read_bytes())
+    assert [f.result(30) for f in notifier.notify_written(ADAPTER, staged)] == [True]
+    server.wait_until(lambda: counters()[0] == before[0] + 1, 30, "the read ahead to start")
+    version = staged.commit()
+    assert [f.result(30) for f in notifier.notify(ADAPTER, version)] == [True]
+    assert wait_served(server, version, 60)["reached"], server.log_tail(30)
+    assert counters() == (before[0] + 1, before[1] + 1)  # staged from the bytes read ahead
+    model, ids = server.tokens(ADAPTER, "hello")
+    assert (model, ids) == (f"{ADAPTER}@{version}", reference(store.version_dir(ADAPTER, version), "hello"))
+
+    # A forged written notice (a sha256 the file does not have) is read and dropped: the next
+    # version is staged from its committed file, and served.
+    source = make_lora(5)
+    staged = store.open_version(ADAPTER)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (staged.path / name).write_bytes((source / name).read_bytes())
+    size = (staged.path / "adapter_model.safetensors").stat().st_size
+    forged = {"adapter": ADAPTER, "written": {"staging": staged.path.name, "sha256": "0" * 64, "size": size}}
+    assert server.client.post("/v1/lora/notify", json=forged).json() == {"accepted": True}
+    version = staged.commit()
+    notifier.notify(ADAPTER, version)
+    assert wait_served(server, version, 60)["reached"], server.log_tail(30)
+    assert counters() == (before[0] + 2, before[1] + 1)
+    assert server.tokens(ADAPTER, "hello")[1] == reference(store.version_dir(ADAPTER, version), "hello")
+    notifier.close()

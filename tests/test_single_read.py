@@ -4,7 +4,9 @@ No engine runs: vLLM's loader is called on its own, as a worker's staging thread
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,108 @@ def test_vllm_scaling_the_tensors_in_place_does_not_change_the_digest(store: Che
                 tensor.mul_(2.0)  # as vLLM's loader scales lora_b
         read.verify()
         assert read.from_memory, name
+
+
+# -- reads ahead of the commit (engine/read_ahead.py) ------------------------------------------
+def _read_ahead_then_commit(store: CheckpointStore, source: Path, claimed: str | None = None) -> tuple[Path, bool]:
+    """Write ``source`` into a staged version, read its weight file ahead as a worker does on a
+    notice (claiming ``claimed`` as its sha256, default the true one), then commit; returns the
+    version's directory and whether the read ahead was kept."""
+    from vllm_lora_hotswap.engine.read_ahead import READS_AHEAD
+
+    staged = store.open_version("lora1")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (staged.path / name).write_bytes((source / name).read_bytes())
+    weights = staged.path / "adapter_model.safetensors"
+    sha = claimed or hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert READS_AHEAD.start(str(weights), sha, weights.stat().st_size)
+    kept = READS_AHEAD._entries[sha][1].result(10) is not None  # the read runs in a thread
+    return store.version_dir("lora1", staged.commit()), kept
+
+
+def test_a_read_ahead_that_hashes_to_ready_is_staged_from_without_reading_the_file(
+    store: CheckpointStore, tmp_path: Path, monkeypatch
+) -> None:
+    from vllm_lora_hotswap.engine.read_ahead import READS_AHEAD
+
+    source = write_lora(tmp_path / "src")
+    directory, kept = _read_ahead_then_commit(store, source)
+    assert kept
+    opened: list[str] = []
+    real_open = open
+    monkeypatch.setattr(
+        "builtins.open",
+        lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k),  # type: ignore[func-returns-value]
+    )
+    taken = READS_AHEAD.taken
+    with SingleRead(directory) as read:
+        tensors = _load_as_vllm_does(directory)
+    read.verify()
+    monkeypatch.undo()
+    assert read.read_ahead and read.from_memory and READS_AHEAD.taken == taken + 1
+    assert not [p for p in opened if p.endswith("adapter_model.safetensors")]  # no read of the committed file
+    expected = load_file(source / "adapter_model.safetensors")
+    assert all(torch.equal(tensors[k], expected[k]) for k in expected)
+    with SingleRead(directory) as again:  # taken once: the next stage of it reads the file
+        _load_as_vllm_does(directory)
+    assert not again.read_ahead and again.from_memory
+
+
+def test_a_read_ahead_is_used_only_when_ready_records_its_sha256(store: CheckpointStore, tmp_path: Path) -> None:
+    from vllm_lora_hotswap.engine.read_ahead import READS_AHEAD
+
+    source = write_lora(tmp_path / "src")
+    # A notice whose sha256 is not the file's: nothing is kept; staging reads the file.
+    directory, kept = _read_ahead_then_commit(store, source, claimed="0" * 64)
+    assert not kept
+    with SingleRead(directory) as read:
+        _load_as_vllm_does(directory)
+    read.verify()
+    assert not read.read_ahead and read.from_memory
+    # A file read ahead, then replaced before the commit: READY records the new bytes, so the
+    # read ahead (of the old ones) is never taken.
+    other = write_lora(tmp_path / "other", seed=7)
+    staged = store.open_version("lora1")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (staged.path / name).write_bytes((source / name).read_bytes())
+    weights = staged.path / "adapter_model.safetensors"
+    old_sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    READS_AHEAD._entries.pop(old_sha, None)
+    assert READS_AHEAD.start(str(weights), old_sha, weights.stat().st_size)
+    assert READS_AHEAD._entries[old_sha][1].result(10) is not None
+    weights.unlink()
+    weights.write_bytes((other / "adapter_model.safetensors").read_bytes())
+    directory = store.version_dir("lora1", staged.commit())
+    with SingleRead(directory) as read:
+        tensors = _load_as_vllm_does(directory)
+    read.verify()
+    assert not read.read_ahead
+    expected = load_file(other / "adapter_model.safetensors")
+    assert all(torch.equal(tensors[k], expected[k]) for k in expected)
+
+
+def test_a_read_ahead_reads_only_a_regular_file_of_the_announced_size(tmp_path: Path, monkeypatch) -> None:
+    from vllm_lora_hotswap.engine import read_ahead
+    from vllm_lora_hotswap.engine.read_ahead import MAX_BYTES, MAX_ENTRIES, ReadsAhead, read_regular_file
+
+    data = os.urandom(4096)
+    (tmp_path / "file").write_bytes(data)
+    assert read_regular_file(str(tmp_path / "file"), 4096) == data
+    assert read_regular_file(str(tmp_path / "file"), 4095) is None  # another size
+    os.symlink(tmp_path / "file", tmp_path / "link")
+    with pytest.raises(OSError):  # a symlink at the end is not followed
+        read_regular_file(str(tmp_path / "link"), 4096)
+    os.mkfifo(tmp_path / "fifo")
+    assert read_regular_file(str(tmp_path / "fifo"), 4096) is None  # no writer: returns, never blocks
+    reads = ReadsAhead()
+    assert not reads.start(str(tmp_path / "file"), "0" * 64, MAX_BYTES + 1)  # too large: not even tried
+    assert not reads.start(str(tmp_path / "file"), "0" * 64, 0)
+    assert reads.start(str(tmp_path / "missing"), "1" * 64, 4096)
+    assert reads.take("1" * 64) is None  # the read failed: nothing to take, nothing raised
+    for i in range(6):  # at most MAX_ENTRIES kept; the oldest goes
+        reads.start(str(tmp_path / "file"), f"{i}" * 64, 4096)
+    assert reads.take("0" * 64) is None and len(reads._entries) == MAX_ENTRIES
+    time.sleep(0.01)
+    monkeypatch.setattr(read_ahead, "MAX_AGE_S", 0.0)  # none taken in time (commits that never came): dropped
+    reads.start(str(tmp_path / "file"), "9" * 64, 4096)
+    assert list(reads._entries) == ["9" * 64]

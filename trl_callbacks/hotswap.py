@@ -131,7 +131,9 @@ class HotSwapCallback(TrainerCallback):
         engines (`Sequence[str]`, *optional*):
             Base URLs of engines to notify after each commit (`POST /v1/lora/notify`), so that they read the store at
             once rather than at their next poll: what engines on other nodes of an NFS/CPFS store need (no
-            file-system event crosses nodes). Best effort, off the training thread. `FleetRollout` adds its URLs.
+            file-system event crosses nodes). They are also told when the weight file is written, before the
+            commit, and read it meanwhile (used only if the committed `READY` has the same sha256). Best effort,
+            off the training thread. `FleetRollout` adds its URLs.
         api_key (`str`, *optional*):
             The `engines`' `--api-key`.
 
@@ -375,6 +377,7 @@ class HotSwapCallback(TrainerCallback):
                 staged = self.store.open_version(self.adapter)
                 doing = "saving the adapter"
                 save_adapter(model, staged)
+            self.notifier.notify_written(self.adapter, staged)  # engines read it while it commits
             metadata = self._metadata(state, reasons, staged.path)
         except Exception as exc:
             if staged is not None:

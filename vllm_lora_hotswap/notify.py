@@ -25,6 +25,8 @@ from typing import Any
 
 import httpx
 
+from .store.staged import StagedVersion
+
 logger = logging.getLogger("vllm.lora_hotswap")
 NOTIFY_PATH = "/v1/lora/notify"
 WAIT_PATH = "/v1/lora/wait"
@@ -71,6 +73,27 @@ class CommitNotifier:
     def notify(self, adapter: str, version: str | None) -> list[Future[bool]]:
         """Tell every engine that ``adapter`` changed (``version`` committed); returns at once.
         Each future says whether that engine accepted the notice (never raises)."""
+        return self._send_all(_body(adapter, version))
+
+    def notify_written(self, adapter: str, staged: StagedVersion) -> list[Future[bool]]:
+        """Tell every engine that ``staged``'s weight file is written, before its commit: each
+        engine reads it ahead, and uses those bytes only if the committed ``READY`` records
+        the same sha256 (``vllm_lora_hotswap.engine.read_ahead``). Returns at once; nothing to
+        send before :meth:`StagedVersion.write_weights`. The commit's :meth:`notify` follows.
+
+        Example::
+
+            save_adapter(model, staged)
+            notifier.notify_written("policy", staged)
+            notifier.notify("policy", staged.commit())
+        """
+        digest = staged.weights_digest
+        if digest is None:
+            return []
+        written = {"staging": staged.path.name, "sha256": digest.sha256, "size": digest.size}
+        return self._send_all({"adapter": adapter, "written": written})
+
+    def _send_all(self, body: dict[str, Any]) -> list[Future[bool]]:
         with self._lock:
             targets = list(self._targets.items())
             if not targets:
@@ -81,7 +104,6 @@ class CommitNotifier:
                     min(MAX_SENDERS, max(1, len(targets))), thread_name_prefix="hotswap-notice"
                 )
             pool = self._pool
-        body = _body(adapter, version)
         return [pool.submit(self._send, url, headers, body) for url, headers in targets]
 
     def _send(self, url: str, headers: dict[str, str], body: dict[str, Any]) -> bool:
@@ -94,6 +116,9 @@ class CommitNotifier:
         return self._outcome(url, body, problem)
 
     def _outcome(self, url: str, body: dict[str, Any], problem: str | None) -> bool:
+        if problem is not None and "written" in body:  # only a head start: the commit's notice follows
+            logger.debug("hot-swap: notice of %s's written weights to %s failed (%s)", body["adapter"], url, problem)
+            return False
         with self._lock:
             first = problem is not None and url not in self._failing
             if problem is None:

@@ -7,6 +7,10 @@ The engine only looks: the name goes to the watcher as a hint, and the store,
 read and validated as after any event, decides. A forged or stale notice costs
 one poll of one adapter; a name this instance does not serve is dropped; the
 hints waiting are a bounded set. Answers 202 ``{"accepted": bool}`` at once.
+``{"adapter": "policy", "written": {"staging": ID, "sha256": S, "size": N}}`` says
+earlier that a weight file was written into ``<adapter>/.staging/ID/``, its
+commit to follow: each worker reads it ahead (:mod:`.read_ahead`), and staging
+uses those bytes only if the committed ``READY`` records the same sha256.
 
 ``GET /v1/lora/wait?adapter=policy&version=V&timeout=30``: answers as soon as
 this instance serves ``adapter`` at ``V`` or a later version (version names sort
@@ -32,12 +36,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from ..events import SwapEvent
 from ..notify import NOTIFY_PATH, WAIT_PATH
 from ..pipeline.controller import SwapController
 from ..store import StoreError, check_adapter_name
+from ..store.checkpoint import SAFETENSORS_FILE
+from ..store.layout import STAGING_DIR
 from ..store.names import check_version_name
 from ..weights.routes import require_api_key
 
@@ -53,11 +59,32 @@ notify_router = APIRouter(dependencies=[Depends(require_api_key)])
 wait_router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
+class Written(BaseModel):
+    """A weight file written into ``<adapter>/.staging/<staging>/``, its commit to follow."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    staging: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    size: Annotated[int, Field(gt=0)]
+
+
 class Notice(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     adapter: str
     version: str | None = None
+    written: Written | None = None
+
+
+def accept_written(controller: SwapController, adapter: str, written: Written) -> bool:
+    """Have the engine read a just-written weight file ahead of its commit; False when it
+    cannot (an adapter this instance does not serve, an engine without a stage channel)."""
+    read_ahead = getattr(controller.engine, "read_ahead", None)  # absent on offline engines and fakes
+    if read_ahead is None or not controller.settings.serves(adapter):
+        return False
+    path = controller.store.adapter_dir(adapter) / STAGING_DIR / written.staging / SAFETENSORS_FILE
+    return bool(read_ahead(str(path), written.sha256, written.size))
 
 
 def accept_notice(controller: SwapController, adapter: str, version: str | None) -> bool:
@@ -91,11 +118,18 @@ async def notify(request: Request, notice: Notice) -> JSONResponse:
             check_version_name(notice.version)
     except StoreError as exc:
         return _error(HTTPStatus.BAD_REQUEST, str(exc))
+    if notice.written is not None and notice.version is not None:
+        return _error(HTTPStatus.BAD_REQUEST, "a notice says a version was committed or a file written, not both")
     controller = _controller(request)
     if controller is None:
         return _error(HTTPStatus.SERVICE_UNAVAILABLE, "the hot-swap pipeline is not running yet")
-    accepted = accept_notice(controller, notice.adapter, notice.version)
-    logger.debug("hot-swap: notice of %s@%s %s", notice.adapter, notice.version, "accepted" if accepted else "ignored")
+    if notice.written is not None:
+        accepted = accept_written(controller, notice.adapter, notice.written)
+        what = f"weights written for {notice.adapter}"
+    else:
+        accepted = accept_notice(controller, notice.adapter, notice.version)
+        what = f"{notice.adapter}@{notice.version}"
+    logger.debug("hot-swap: notice of %s %s", what, "accepted" if accepted else "ignored")
     return JSONResponse({"accepted": accepted}, status_code=HTTPStatus.ACCEPTED)
 
 

@@ -45,6 +45,7 @@ from ..store.checkpoint import (
     verify_manifest,
 )
 from ..store.errors import InvalidCheckpointError
+from .read_ahead import READS_AHEAD
 
 logger = logging.getLogger("vllm.lora_hotswap")
 _local = threading.local()  # .served: (real path of a weight file, its tensors) for this thread's load
@@ -112,6 +113,7 @@ class SingleRead:
     def __init__(self, directory: str | os.PathLike[str]):
         self.directory = Path(directory)
         self.from_memory = False  # vLLM's loader took the tensors from our bytes
+        self.read_ahead = False  # those bytes were read ahead of the commit (:mod:`.read_ahead`)
         self._expected = None
         self._digest: Future[str] | None = None
         self._hashed_first = False
@@ -131,15 +133,20 @@ class SingleRead:
             verify_manifest(self.directory, manifest)  # hashed now; vLLM then reads the file itself
             self._hashed_first = True
             return self
-        data = _read_whole(weights)
-        if self._expected is not None:
-            if len(data) != self._expected.size:
-                raise InvalidCheckpointError(
-                    f"{weights}: size {len(data)} bytes, READY records {self._expected.size} (truncated or replaced?)"
-                )
-            # Hashed before vLLM's loader sees the bytes: its tensors are views of them that it
-            # scales in place, so a hash running beside the load could read scaled bytes.
-            self._digest = _hashed(data)
+        expected = self._expected
+        ahead = None if expected is None else READS_AHEAD.take(expected.sha256)
+        if ahead is not None:  # read while the publisher committed, and hashed to READY's sha256
+            data, self.read_ahead, self._digest = ahead, True, _settled(expected.sha256)
+        else:
+            data = _read_whole(weights)
+            if expected is not None:
+                if len(data) != expected.size:
+                    raise InvalidCheckpointError(
+                        f"{weights}: size {len(data)} bytes, READY records {expected.size} (truncated or replaced?)"
+                    )
+                # Hashed before vLLM's loader sees the bytes: its tensors are views of them that it
+                # scales in place, so a hash running beside the load could read scaled bytes.
+                self._digest = _hashed(data)
         try:
             specs = parse_safetensors_header(data, weights)  # validation checked it against the config
         except InvalidCheckpointError:
@@ -182,11 +189,15 @@ def _read_whole(path: Path) -> bytearray:
     return data if done == size else data[:done]
 
 
-def _hashed(data: bytearray) -> Future[str]:
-    """sha256 of ``data``, as a settled future (:meth:`SingleRead.verify` reads it)."""
+def _settled(sha256: str) -> Future[str]:
+    """A digest as a settled future (:meth:`SingleRead.verify` reads it)."""
     future: Future[str] = Future()
-    future.set_result(hashlib.sha256(data).hexdigest())
+    future.set_result(sha256)
     return future
+
+
+def _hashed(data: bytearray) -> Future[str]:
+    return _settled(hashlib.sha256(data).hexdigest())
 
 
 def _tensors(data: bytearray, specs: dict[str, TensorSpec]) -> dict[str, torch.Tensor]:

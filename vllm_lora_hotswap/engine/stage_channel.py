@@ -73,15 +73,19 @@ class WorkerChannel:
         label: str,
         on_stage: Callable[[int, str, str], None],
         on_install: Callable[[int, str], dict[str, Any]],
+        on_read_ahead: Callable[[str, str, int], object] | None = None,
     ):
         self.server = str(Path(directory) / "server.sock")
         self.path = Path(directory) / f"worker-{label}-{os.getpid()}.sock"
         self._sock = _bind(self.path)
         self._on_stage = on_stage
         self._on_install = on_install
+        self._on_read_ahead = on_read_ahead
         _serve(self._sock, self._handle, f"hotswap-channel-{label}")
 
     def _handle(self, message: dict[str, Any]) -> None:
+        for path, sha256, size in message.get("read_ahead", ()) if self._on_read_ahead else ():
+            self._on_read_ahead(path, sha256, size)
         for lora_id, name, path in message.get("stage", ()):
             self._on_stage(lora_id, name, path)
         for lora_id, path in message.get("install", ()):
@@ -119,6 +123,17 @@ class ServerChannel:
     def close(self) -> None:
         self._sock.close()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def read_ahead(self, path: str, sha256: str, size: int) -> bool:
+        """Ask every worker to read ``path`` ahead of its commit (:mod:`.read_ahead`); False if one
+        could not be reached (it then reads at staging, as without)."""
+        message = json.dumps({"read_ahead": [[path, sha256, size]]}).encode()
+        try:
+            for worker in self.workers:
+                self._sock.sendto(message, worker)
+        except OSError:
+            return False
+        return True
 
     def stage(self, items: Sequence[list[Any]]) -> bool:
         """Send ``[lora_id, name, path]`` items to every worker; False if one could not be reached."""

@@ -38,6 +38,7 @@ from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManage
 
 from ..store.records import STAGE_PHASES
 from .device_slots import DeviceSlotReservation, SlotWriter
+from .read_ahead import READS_AHEAD
 from .single_read import SingleRead
 from .stage_channel import WorkerChannel
 
@@ -134,7 +135,9 @@ class WorkerHotSwap:
         """Bind this worker's end of the API server's stage channel; its socket path (None: RPCs only)."""
         try:
             if self.channel is None or str(self.channel.path.parent) != directory:
-                self.channel = WorkerChannel(directory, self.label, self.stage, self.install_off_step)
+                self.channel = WorkerChannel(
+                    directory, self.label, self.stage, self.install_off_step, READS_AHEAD.start
+                )
         except OSError as exc:
             logger.warning("hot-swap: worker %s cannot bind the stage channel (%s); staging by RPC", self.label, exc)
             return None
@@ -384,6 +387,8 @@ class WorkerHotSwap:
             "staged_bytes": sum(e.nbytes for e in installed.values()),
             "disk_loads": self.disk_loads,
             "single_reads": self.single_reads,  # stages that read their weight file once
+            "reads_ahead": READS_AHEAD.started,  # weight files read ahead of their commit, on notice
+            "reads_ahead_taken": READS_AHEAD.taken,  # stages that started from such a read
             "slot_writes": self.slots.writes,  # adapters written into a slot while staging
             "step_copies": self.step_copies,  # installs that copied in the step instead
             "slots_lost": self.slots.lost,  # reserved slots vLLM took back for a step

@@ -74,6 +74,11 @@ class WorkerRpcEngine:
     def lora_request(handle: LoraHandle) -> LoRARequest:
         return LoRARequest(lora_name=handle.served_name, lora_int_id=handle.lora_id, lora_path=handle.path)
 
+    def read_ahead(self, path: str, sha256: str, size: int) -> bool:
+        """Have every worker read a just-written weight file ahead of its commit (a publisher's
+        notice, :mod:`.read_ahead`); False without a stage channel (RPCs would wait for a step)."""
+        return self.channel is not None and self.channel.read_ahead(path, sha256, size)
+
     def stage(self, handles: Sequence[LoraHandle]) -> None:
         items = [[h.lora_id, h.served_name, h.path] for h in handles]
         if self.channel is None or not self.channel.stage(items):

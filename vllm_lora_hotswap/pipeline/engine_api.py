@@ -78,6 +78,8 @@ class EngineAdapter(Protocol):
     # the one read that loads it, failing the stage on a mismatch: validation then leaves
     # the weight file unread. Absent or False: validation reads and hashes it first.
     hashes_while_staging: bool
+    # An engine may also have ``read_ahead(path, sha256, size) -> bool``: read a weight file a
+    # publisher has just written, before its commit (``vllm_lora_hotswap.engine.read_ahead``).
 
     def limits(self) -> EngineLimits: ...
 

@@ -131,6 +131,12 @@ class StagedVersion:
                 f"publishing {adapter} into {root} failed: {exc.strerror or exc}; nothing was published"
             ) from exc
 
+    @property
+    def weights_digest(self) -> FileDigest | None:
+        """The weight file's size and sha256 once :meth:`write_weights` wrote it (None before):
+        what a notice of the written file tells the engines (``CommitNotifier.notify_written``)."""
+        return None if self._written is None else self._written.digest
+
     def __fspath__(self) -> str:
         return str(self.path)
 

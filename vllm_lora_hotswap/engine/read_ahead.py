@@ -1,0 +1,117 @@
+"""Weight files read ahead of their commit, so staging starts with the bytes in memory.
+
+Why: on an RL step the trainer writes the adapter, then commits it (the config,
+fsyncs, ``READY``, the rename), and only then does an engine learn of the
+version, validate it and read and hash the weight file, one step after the
+other on the critical path, while the engine sat idle during the commit. A
+publisher that has just written the weight file (and hashed it,
+:meth:`StagedVersion.write_weights`) can say so at once:
+``POST /v1/lora/notify`` with ``{"adapter", "written": {"staging", "sha256",
+"size"}}``. Each worker then reads that file from the staging directory and
+hashes it while the commit runs.
+
+Trust: none in the notice. A read ahead is kept only if the bytes read hash to
+the sha256 the notice claims, and staging uses it only if the committed
+``READY`` records that same sha256 for the weight file: the bytes are then
+exactly those of the committed file, as if read from it. Anything else (a
+forged or stale notice, a file changed or gone, a commit that never comes)
+leaves staging reading the committed file as before; a read ahead nobody took
+is dropped for a newer one. The file is opened without following a symlink
+and read only if it is a regular file of the announced size, up to
+:data:`MAX_BYTES`; at most :data:`MAX_ENTRIES` are kept, none longer than
+:data:`MAX_AGE_S`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+logger = logging.getLogger("vllm.lora_hotswap")
+MAX_BYTES = 4 << 30  # larger weight files are read at staging, as before
+MAX_ENTRIES = 4  # reads ahead kept at once (several adapters published together); the oldest goes
+MAX_AGE_S = 120.0  # one not taken by then (its commit failed, or never came) is dropped
+TAKE_PATIENCE_S = 30.0  # a stage waits this long at most for a read ahead still running
+
+
+class ReadsAhead:
+    """A worker's reads ahead, by sha256: :meth:`start` from a notice, :meth:`take` at staging."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[float, Future[bytearray | None]]] = {}  # sha256 -> (started, bytes or None)
+        self.started = 0
+        self.taken = 0  # stages that used a read ahead instead of reading the file
+
+    def start(self, path: str, sha256: str, size: int) -> bool:
+        """Read ``path`` (``size`` bytes, hashing to ``sha256``) in a thread; False when not worth
+        it (too large, or already read or being read)."""
+        if not 0 < size <= MAX_BYTES:
+            return False
+        future: Future[bytearray | None] = Future()
+        now = time.monotonic()
+        with self._lock:
+            for stale in [key for key, (started, _) in self._entries.items() if now - started > MAX_AGE_S]:
+                del self._entries[stale]
+            if sha256 in self._entries:
+                return False
+            while len(self._entries) >= MAX_ENTRIES:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[sha256] = (now, future)
+            self.started += 1
+        threading.Thread(
+            target=self._read, args=(path, sha256, size, future), name="hotswap-read-ahead", daemon=True
+        ).start()
+        return True
+
+    def take(self, sha256: str) -> bytearray | None:
+        """The bytes read ahead that hash to ``sha256`` (waiting for a read still running), or None;
+        each read ahead is taken once."""
+        with self._lock:
+            _, future = self._entries.pop(sha256, (0.0, None))
+        if future is None:
+            return None
+        try:
+            data = future.result(TAKE_PATIENCE_S)
+        except FutureTimeout:
+            return None
+        if data is not None:
+            with self._lock:
+                self.taken += 1
+        return data
+
+    @staticmethod
+    def _read(path: str, sha256: str, size: int, future: Future[bytearray | None]) -> None:
+        try:
+            data = read_regular_file(path, size)
+            future.set_result(data if data is not None and hashlib.sha256(data).hexdigest() == sha256 else None)
+        except Exception as exc:  # noqa: BLE001 - a read ahead is only a hint: staging reads the file
+            logger.debug("hot-swap: read ahead of %s failed: %s", path, exc)
+            future.set_result(None)
+
+
+def read_regular_file(path: str, size: int) -> bytearray | None:
+    """The ``size`` bytes of the regular file ``path`` (no symlink followed at the end, never
+    blocking on a FIFO or device), or None when it is something else or of another size."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb", buffering=0) as reader:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+            return None
+        data = bytearray(size)
+        view, done = memoryview(data), 0
+        while done < size:
+            count = reader.readinto(view[done:])
+            if not count:
+                return None  # shrank while read
+            done += count
+    return data
+
+
+READS_AHEAD = ReadsAhead()  # this worker process's
