@@ -137,7 +137,7 @@ def _read_ahead_then_commit(store: CheckpointStore, source: Path, claimed: str |
     weights = staged.path / "adapter_model.safetensors"
     sha = claimed or hashlib.sha256(weights.read_bytes()).hexdigest()
     assert READS_AHEAD.start(str(weights), sha, weights.stat().st_size)
-    kept = READS_AHEAD._entries[sha][1].result(10) is not None  # the read runs in a thread
+    kept = READS_AHEAD._entries[sha].data.result(10) is not None  # the read runs in a thread
     return store.version_dir("lora1", staged.commit()), kept
 
 
@@ -190,7 +190,7 @@ def test_a_read_ahead_is_used_only_when_ready_records_its_sha256(store: Checkpoi
     old_sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     READS_AHEAD._entries.pop(old_sha, None)
     assert READS_AHEAD.start(str(weights), old_sha, weights.stat().st_size)
-    assert READS_AHEAD._entries[old_sha][1].result(10) is not None
+    assert READS_AHEAD._entries[old_sha].data.result(10) is not None
     weights.unlink()
     weights.write_bytes((other / "adapter_model.safetensors").read_bytes())
     directory = store.version_dir("lora1", staged.commit())
@@ -220,10 +220,31 @@ def test_a_read_ahead_reads_only_a_regular_file_of_the_announced_size(tmp_path: 
     assert not reads.start(str(tmp_path / "file"), "0" * 64, 0)
     assert reads.start(str(tmp_path / "missing"), "1" * 64, 4096)
     assert reads.take("1" * 64) is None  # the read failed: nothing to take, nothing raised
-    for i in range(6):  # at most MAX_ENTRIES kept; the oldest goes
-        reads.start(str(tmp_path / "file"), f"{i}" * 64, 4096)
-    assert reads.take("0" * 64) is None and len(reads._entries) == MAX_ENTRIES
+
+    def settle() -> None:
+        for entry in list(reads._entries.values()):
+            entry.data.result(10)
+
+    def fill(names: str) -> None:
+        for name in names:
+            assert reads.start(str(tmp_path / "file"), name * 64, 4096), name
+
+    # Room: at most MAX_ENTRIES held; a finished read makes room (the oldest first)...
+    fill("0123"[:MAX_ENTRIES])
+    settle()
+    monkeypatch.setattr(read_ahead, "read_regular_file", lambda *_: time.sleep(0.5))  # reads that take a while
+    fill("5")
+    assert "0" * 64 not in reads._entries and len(reads._entries) == MAX_ENTRIES
+    # ...but a read still running never does: a flood of notices waits for none.
+    for name in "123":
+        assert reads.take(name * 64) is None  # hashed to another sha256 than claimed: nothing to take
+    fill("678")
+    assert not reads.start(str(tmp_path / "file"), "a" * 64, 4096)
+    settle()
+    monkeypatch.setattr(read_ahead, "MAX_BYTES", 2 * 4096)  # and at most MAX_BYTES held in all
+    fill("b")
+    assert len(reads._entries) == 2
     time.sleep(0.01)
     monkeypatch.setattr(read_ahead, "MAX_AGE_S", 0.0)  # none taken in time (commits that never came): dropped
-    reads.start(str(tmp_path / "file"), "9" * 64, 4096)
-    assert list(reads._entries) == ["9" * 64]
+    fill("c")
+    assert list(reads._entries) == ["c" * 64]

@@ -12,6 +12,12 @@ with a short timeout; a failure is logged, never raised. A notice is only a
 hint: the engine reads the store and validates as after any event, so a lost
 notice costs the poll interval and a forged one a wasted look. The engine's
 side is :mod:`vllm_lora_hotswap.engine.notices`. Nothing here imports vLLM.
+
+A publisher that wrote the weights with ``StagedVersion.write_weights`` also
+says so before the commit (:meth:`CommitNotifier.notify_written`): the
+engines' workers read the file while it is committed, and use those bytes only
+if the committed ``READY`` records their sha256
+(:mod:`vllm_lora_hotswap.engine.read_ahead`).
 """
 
 from __future__ import annotations

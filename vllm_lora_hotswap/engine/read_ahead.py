@@ -18,8 +18,8 @@ forged or stale notice, a file changed or gone, a commit that never comes)
 leaves staging reading the committed file as before; a read ahead nobody took
 is dropped for a newer one. The file is opened without following a symlink
 and read only if it is a regular file of the announced size, up to
-:data:`MAX_BYTES`; at most :data:`MAX_ENTRIES` are kept, none longer than
-:data:`MAX_AGE_S`.
+:data:`MAX_BYTES`; at most :data:`MAX_ENTRIES` of :data:`MAX_BYTES` in all are
+held, none longer than :data:`MAX_AGE_S`.
 """
 
 from __future__ import annotations
@@ -32,12 +32,20 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 logger = logging.getLogger("vllm.lora_hotswap")
-MAX_BYTES = 4 << 30  # larger weight files are read at staging, as before
-MAX_ENTRIES = 4  # reads ahead kept at once (several adapters published together); the oldest goes
+MAX_BYTES = 4 << 30  # all reads ahead held at once, in bytes (a larger file is read at staging)
+MAX_ENTRIES = 4  # reads ahead held at once (several adapters published together)
 MAX_AGE_S = 120.0  # one not taken by then (its commit failed, or never came) is dropped
 TAKE_PATIENCE_S = 30.0  # a stage waits this long at most for a read ahead still running
+
+
+@dataclass(frozen=True)
+class _Entry:
+    started: float  # time.monotonic()
+    size: int
+    data: Future[bytearray | None]  # the bytes, once read and hashed to the sha256; None if not
 
 
 class ReadsAhead:
@@ -45,28 +53,31 @@ class ReadsAhead:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[str, tuple[float, Future[bytearray | None]]] = {}  # sha256 -> (started, bytes or None)
+        self._entries: dict[str, _Entry] = {}  # by sha256, oldest first
         self.started = 0
         self.taken = 0  # stages that used a read ahead instead of reading the file
 
     def start(self, path: str, sha256: str, size: int) -> bool:
-        """Read ``path`` (``size`` bytes, hashing to ``sha256``) in a thread; False when not worth
-        it (too large, or already read or being read)."""
+        """Read ``path`` (``size`` bytes, hashing to ``sha256``) in a thread; False when not
+        (already read or being read, or no room: finished reads make room, oldest first, but
+        reads still running never do, so a flood of notices holds at most :data:`MAX_BYTES`)."""
         if not 0 < size <= MAX_BYTES:
             return False
-        future: Future[bytearray | None] = Future()
-        now = time.monotonic()
+        entry = _Entry(time.monotonic(), size, Future())
         with self._lock:
-            for stale in [key for key, (started, _) in self._entries.items() if now - started > MAX_AGE_S]:
+            for stale in [key for key, e in self._entries.items() if entry.started - e.started > MAX_AGE_S]:
                 del self._entries[stale]
             if sha256 in self._entries:
                 return False
-            while len(self._entries) >= MAX_ENTRIES:
-                self._entries.pop(next(iter(self._entries)))
-            self._entries[sha256] = (now, future)
+            while len(self._entries) >= MAX_ENTRIES or sum(e.size for e in self._entries.values()) + size > MAX_BYTES:
+                finished = next((key for key, e in self._entries.items() if e.data.done()), None)
+                if finished is None:
+                    return False
+                del self._entries[finished]
+            self._entries[sha256] = entry
             self.started += 1
         threading.Thread(
-            target=self._read, args=(path, sha256, size, future), name="hotswap-read-ahead", daemon=True
+            target=self._read, args=(path, sha256, size, entry.data), name="hotswap-read-ahead", daemon=True
         ).start()
         return True
 
@@ -74,11 +85,11 @@ class ReadsAhead:
         """The bytes read ahead that hash to ``sha256`` (waiting for a read still running), or None;
         each read ahead is taken once."""
         with self._lock:
-            _, future = self._entries.pop(sha256, (0.0, None))
-        if future is None:
+            entry = self._entries.pop(sha256, None)
+        if entry is None:
             return None
         try:
-            data = future.result(TAKE_PATIENCE_S)
+            data = entry.data.result(TAKE_PATIENCE_S)
         except FutureTimeout:
             return None
         if data is not None:
