@@ -311,7 +311,9 @@ def test_the_notifier_never_blocks_or_raises_and_sends_the_key(fake_engines, cap
     notifier.close()
 
 
-def test_the_callback_notifies_its_engines_after_each_commit(tmp_path: Path, toy_model: Path, fake_engines) -> None:
+def test_the_callback_notifies_its_engines_of_each_save_and_each_commit(
+    tmp_path: Path, toy_model: Path, fake_engines
+) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, TrainerState

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,23 @@ import torch
 from safetensors.torch import load_file
 
 from tests.support.fake import write_lora
+from tests.support.fake_engine import wait_until
 from tests.support.inject import inject_version
-from vllm_lora_hotswap.engine import single_read
+from vllm_lora_hotswap.engine import read_ahead, single_read
+from vllm_lora_hotswap.engine.read_ahead import MAX_BYTES, MAX_ENTRIES, ReadsAhead, read_regular_file
 from vllm_lora_hotswap.engine.single_read import SingleRead
 from vllm_lora_hotswap.store import CheckpointStore, InvalidCheckpointError
+
+
+@pytest.fixture(autouse=True)
+def reads_ahead() -> Iterator[ReadsAhead]:
+    """A worker's reads ahead of its own for each test: none left behind by another (patched
+    apart from the test's ``monkeypatch``, which a test may undo)."""
+    fresh = ReadsAhead()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(read_ahead, "READS_AHEAD", fresh)
+        patch.setattr(single_read, "READS_AHEAD", fresh)
+        yield fresh
 
 
 @pytest.fixture
@@ -129,23 +143,19 @@ def _read_ahead_then_commit(store: CheckpointStore, source: Path, claimed: str |
     """Write ``source`` into a staged version, read its weight file ahead as a worker does on a
     notice (claiming ``claimed`` as its sha256, default the true one), then commit; returns the
     version's directory and whether the read ahead was kept."""
-    from vllm_lora_hotswap.engine.read_ahead import READS_AHEAD
-
     staged = store.open_version("lora1")
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (staged.path / name).write_bytes((source / name).read_bytes())
     weights = staged.path / "adapter_model.safetensors"
     sha = claimed or hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert READS_AHEAD.start(str(weights), sha, weights.stat().st_size)
-    kept = READS_AHEAD._entries[sha].data.result(10) is not None  # the read runs in a thread
+    assert read_ahead.READS_AHEAD.start(str(weights), sha, weights.stat().st_size)
+    kept = read_ahead.READS_AHEAD._entries[sha].data.result(10) is not None  # the read runs in a thread
     return store.version_dir("lora1", staged.commit()), kept
 
 
 def test_a_read_ahead_that_hashes_to_ready_is_staged_from_without_reading_the_file(
     store: CheckpointStore, tmp_path: Path, monkeypatch
 ) -> None:
-    from vllm_lora_hotswap.engine.read_ahead import READS_AHEAD
-
     source = write_lora(tmp_path / "src")
     directory, kept = _read_ahead_then_commit(store, source)
     assert kept
@@ -155,12 +165,12 @@ def test_a_read_ahead_that_hashes_to_ready_is_staged_from_without_reading_the_fi
         "builtins.open",
         lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k),  # type: ignore[func-returns-value]
     )
-    taken = READS_AHEAD.taken
+    taken = read_ahead.READS_AHEAD.taken
     with SingleRead(directory) as read:
         tensors = _load_as_vllm_does(directory)
     read.verify()
     monkeypatch.undo()
-    assert read.read_ahead and read.from_memory and READS_AHEAD.taken == taken + 1
+    assert read.read_ahead and read.from_memory and read_ahead.READS_AHEAD.taken == taken + 1
     assert not [p for p in opened if p.endswith("adapter_model.safetensors")]  # no read of the committed file
     expected = load_file(source / "adapter_model.safetensors")
     assert all(torch.equal(tensors[k], expected[k]) for k in expected)
@@ -170,8 +180,6 @@ def test_a_read_ahead_that_hashes_to_ready_is_staged_from_without_reading_the_fi
 
 
 def test_a_read_ahead_is_used_only_when_ready_records_its_sha256(store: CheckpointStore, tmp_path: Path) -> None:
-    from vllm_lora_hotswap.engine.read_ahead import READS_AHEAD
-
     source = write_lora(tmp_path / "src")
     # A notice whose sha256 is not the file's: nothing is kept; staging reads the file.
     directory, kept = _read_ahead_then_commit(store, source, claimed="0" * 64)
@@ -188,9 +196,9 @@ def test_a_read_ahead_is_used_only_when_ready_records_its_sha256(store: Checkpoi
         (staged.path / name).write_bytes((source / name).read_bytes())
     weights = staged.path / "adapter_model.safetensors"
     old_sha = hashlib.sha256(weights.read_bytes()).hexdigest()
-    READS_AHEAD._entries.pop(old_sha, None)
-    assert READS_AHEAD.start(str(weights), old_sha, weights.stat().st_size)
-    assert READS_AHEAD._entries[old_sha].data.result(10) is not None
+    read_ahead.READS_AHEAD._entries.pop(old_sha, None)
+    assert read_ahead.READS_AHEAD.start(str(weights), old_sha, weights.stat().st_size)
+    assert read_ahead.READS_AHEAD._entries[old_sha].data.result(10) is not None
     weights.unlink()
     weights.write_bytes((other / "adapter_model.safetensors").read_bytes())
     directory = store.version_dir("lora1", staged.commit())
@@ -203,9 +211,6 @@ def test_a_read_ahead_is_used_only_when_ready_records_its_sha256(store: Checkpoi
 
 
 def test_a_read_ahead_reads_only_a_regular_file_of_the_announced_size(tmp_path: Path, monkeypatch) -> None:
-    from vllm_lora_hotswap.engine import read_ahead
-    from vllm_lora_hotswap.engine.read_ahead import MAX_BYTES, MAX_ENTRIES, ReadsAhead, read_regular_file
-
     data = os.urandom(4096)
     (tmp_path / "file").write_bytes(data)
     assert read_regular_file(str(tmp_path / "file"), 4096) == data
@@ -245,6 +250,9 @@ def test_a_read_ahead_reads_only_a_regular_file_of_the_announced_size(tmp_path: 
     fill("b")
     assert len(reads._entries) == 2
     time.sleep(0.01)
-    monkeypatch.setattr(read_ahead, "MAX_AGE_S", 0.0)  # none taken in time (commits that never came): dropped
+    monkeypatch.setattr(read_ahead, "MAX_AGE_S", 0.0)  # none taken in time (commits that never came)...
     fill("c")
-    assert list(reads._entries) == ["c" * 64]
+    assert list(reads._entries) == ["b" * 64, "c" * 64]  # ...is dropped once read: "b" is still being read
+    swept = ReadsAhead()
+    assert swept.start(str(tmp_path / "file"), "d" * 64, 4096)
+    wait_until(lambda: not swept._entries, "the sweeper to drop it without another notice")

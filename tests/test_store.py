@@ -555,3 +555,48 @@ def test_a_failed_fsync_of_write_weights_fails_the_commit_and_publishes_nothing(
     with pytest.raises(StoreError, match="Input/output error; nothing was published"):
         staged.commit()
     assert store.versions("lora1") == [] and not staged.path.exists()
+
+
+def test_write_weights_returns_before_its_fsync_and_the_commit_waits_for_it(
+    store: CheckpointStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller (the training step, for the callback) waits for the write only; the fsync goes on
+    beside it, and the commit (the callback's background thread) waits for it. A small file is
+    written inline and fsynced by the commit."""
+    from safetensors.torch import load_file
+
+    import vllm_lora_hotswap.store.staged as staged_module
+
+    synced: list[str] = []
+    started, release = threading.Event(), threading.Event()
+    real = staged_module._fsync
+
+    def slow(path: Path) -> None:
+        started.set()
+        release.wait(30)
+        synced.append(threading.current_thread().name)
+        real(path)
+
+    monkeypatch.setattr(staged_module, "_fsync", slow)
+    big = write_lora(tmp_path / "big", rank=16, hidden=512, layers=8)  # over 1 MB: a writer thread
+    tensors = load_file(big / "adapter_model.safetensors")
+    staged = store.open_version("lora1")
+    staged.write_weights({k: TensorBytes("F32", tuple(t.shape), t.numpy()) for k, t in tensors.items()})
+    assert started.wait(30) and not synced  # returned while its fsync is still running
+    (staged.path / "adapter_config.json").write_bytes((big / "adapter_config.json").read_bytes())
+    committing = threading.Thread(target=staged.commit)
+    committing.start()
+    committing.join(0.5)
+    assert committing.is_alive() and staged.version is None  # the commit waits for that fsync
+    release.set()
+    committing.join(30)
+    assert staged.version is not None and synced == ["hotswap-write"]
+
+    small = write_lora(tmp_path / "small")
+    tensors = load_file(small / "adapter_model.safetensors")
+    staged = store.open_version("lora1")
+    staged.write_weights({k: TensorBytes("F32", tuple(t.shape), t.numpy()) for k, t in tensors.items()})
+    assert synced == ["hotswap-write"]  # written inline, not fsynced on the caller's thread
+    (staged.path / "adapter_config.json").write_bytes((small / "adapter_config.json").read_bytes())
+    staged.commit()
+    assert synced == ["hotswap-write", threading.current_thread().name]  # by the commit

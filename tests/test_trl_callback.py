@@ -530,26 +530,37 @@ def test_save_adapter_writes_what_peft_writes_but_the_model_card(
     store.validate("policy", staged.version)  # READY's sha256 is the file's
 
 
-def test_save_adapter_picks_the_tensors_peft_picks_after_updates_and_changes(toy_model: Path) -> None:
+def test_save_adapter_picks_the_tensors_peft_picks_after_updates_and_changes(
+    toy_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """From its second call, ``save_adapter`` takes the adapter's tensors by parameter name
     instead of asking PEFT: it must agree with PEFT after an update in place, a parameter
     replaced, a module to save, a config changed and an adapter added."""
-    from peft import get_peft_model_state_dict
-
+    import trl_callbacks.adapter_files as adapter_files
     from trl_callbacks.adapter_files import _ADAPTER_KEYS
 
+    asked = []
+    peft_pick = adapter_files.get_peft_model_state_dict
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("adapter_name"))
+        return peft_pick(*args, **kwargs)
+
     def agrees(model: Any, name: str = "policy") -> None:
-        theirs = get_peft_model_state_dict(model, adapter_name=name)
+        theirs = peft_pick(model, adapter_name=name)
         for _ in range(2):  # the first call may ask PEFT; the second takes the recorded names
             ours = _ADAPTER_KEYS.state_dict(model, name)
             assert list(ours) == list(theirs)
             assert all(ours[k].data_ptr() == theirs[k].data_ptr() and torch.equal(ours[k], theirs[k]) for k in ours)
+
+    monkeypatch.setattr(adapter_files, "get_peft_model_state_dict", counted)
 
     base = AutoModelForCausalLM.from_pretrained(toy_model, dtype=torch.float32)
     config = LoraConfig(**{**LORA, "modules_to_save": ["lm_head"]})
     model = get_peft_model(base, config, adapter_name="policy")
     agrees(model)
     assert _ADAPTER_KEYS._known[model]["policy"][1] is not None  # every tensor is a parameter: recorded
+    assert asked == ["policy"]  # PEFT asked once; the second call took the parameters by name
 
     with torch.no_grad():  # an optimizer step: in place
         for param in model.parameters():
@@ -563,6 +574,7 @@ def test_save_adapter_picks_the_tensors_peft_picks_after_updates_and_changes(toy
 
     model.peft_config["policy"].lora_alpha = 32  # the same structure, another config: PEFT asked again
     agrees(model)
+    assert asked == ["policy", "policy"]
 
     model.add_adapter("other", LoraConfig(**{**LORA, "r": 4, "target_modules": ["k_proj"]}))
     agrees(model)

@@ -90,7 +90,9 @@ class _AdapterKeys:
             tuple((key, tuple(param.shape), param.dtype) for key, param in params.items()),
         )
         known = self._known.setdefault(model, {}).get(name)
-        if known is not None and known[0] == fingerprint and known[1] is not None:
+        if known is not None and known[0] == fingerprint:
+            if known[1] is None:  # no mapping for this model: PEFT answers every time
+                return get_peft_model_state_dict(model, adapter_name=name)
             return {key: params[param_name].detach() for key, param_name in known[1].items()}
         state = get_peft_model_state_dict(model, adapter_name=name)
         self._known[model][name] = (fingerprint, _parameter_names(state, params))

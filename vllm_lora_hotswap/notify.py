@@ -10,7 +10,8 @@ HTTP right after the commit.
 How: ``POST /v1/lora/notify`` on each engine, off the publisher's thread,
 with a short timeout; a failure is logged, never raised. A notice is only a
 hint: the engine reads the store and validates as after any event, so a lost
-notice costs the poll interval and a forged one a wasted look. The engine's
+notice costs the poll interval and a forged one a wasted look (a forged notice
+of written weights: one read of the named file per worker). The engine's
 side is :mod:`vllm_lora_hotswap.engine.notices`. Nothing here imports vLLM.
 
 A publisher that wrote the weights with ``StagedVersion.write_weights`` also
@@ -27,11 +28,12 @@ import logging
 import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from .store.staged import StagedVersion
+if TYPE_CHECKING:
+    from .store.staged import StagedVersion
 
 logger = logging.getLogger("vllm.lora_hotswap")
 NOTIFY_PATH = "/v1/lora/notify"
@@ -60,6 +62,7 @@ class CommitNotifier:
         self.timeout = timeout
         self._targets: dict[str, dict[str, str]] = {}  # url -> its headers (engines may differ in key)
         self._failing: set[str] = set()  # URLs whose last notice failed: logged once until one succeeds
+        self._no_read_ahead: set[str] = set()  # URLs that refused a written notice (no reads ahead there)
         self._lock = threading.Lock()
         self._http: httpx.Client | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -100,29 +103,40 @@ class CommitNotifier:
         return self._send_all({"adapter": adapter, "written": written})
 
     def _send_all(self, body: dict[str, Any]) -> list[Future[bool]]:
-        with self._lock:
-            targets = list(self._targets.items())
-            if not targets:
-                return []
-            if self._pool is None:
-                self._http = httpx.Client(timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 1.0)))
-                self._pool = ThreadPoolExecutor(
-                    min(MAX_SENDERS, max(1, len(targets))), thread_name_prefix="hotswap-notice"
-                )
-            pool = self._pool
-        return [pool.submit(self._send, url, headers, body) for url, headers in targets]
-
-    def _send(self, url: str, headers: dict[str, str], body: dict[str, Any]) -> bool:
-        assert self._http is not None
+        written = "written" in body
         try:
-            response = self._http.post(url + NOTIFY_PATH, json=body, headers=headers)
-            problem = None if response.status_code < 400 else f"answered {response.status_code}: {response.text[:200]}"
-        except httpx.HTTPError as exc:
-            problem = f"{type(exc).__name__}: {exc}"
-        return self._outcome(url, body, problem)
+            with self._lock:
+                # A written notice is only a head start: none to an engine that is failing (it
+                # would queue ahead of the commit's notice) or that cannot read ahead.
+                skip = (self._failing | self._no_read_ahead) if written else set()
+                targets = [(url, headers) for url, headers in self._targets.items() if url not in skip]
+                if not targets:
+                    return []
+                if self._pool is None or self._http is None:
+                    self._http = httpx.Client(timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 1.0)))
+                    self._pool = ThreadPoolExecutor(
+                        min(MAX_SENDERS, max(1, len(self._targets))), thread_name_prefix="hotswap-notice"
+                    )
+                pool, http = self._pool, self._http
+            return [pool.submit(self._send, http, url, headers, body) for url, headers in targets]
+        except Exception as exc:  # noqa: BLE001 - a notice is best effort: never raised into training
+            logger.warning("hot-swap: notices for %s not sent (%s: %s)", body["adapter"], type(exc).__name__, exc)
+            return []
 
-    def _outcome(self, url: str, body: dict[str, Any], problem: str | None) -> bool:
+    def _send(self, http: httpx.Client, url: str, headers: dict[str, str], body: dict[str, Any]) -> bool:
+        try:
+            response = http.post(url + NOTIFY_PATH, json=body, headers=headers)
+            status = response.status_code
+            problem = None if status < 400 else f"answered {status}: {response.text[:200]}"
+        except (httpx.HTTPError, RuntimeError) as exc:  # RuntimeError: the client was closed meanwhile
+            status, problem = None, f"{type(exc).__name__}: {exc}"
+        return self._outcome(url, body, problem, status)
+
+    def _outcome(self, url: str, body: dict[str, Any], problem: str | None, status: int | None = None) -> bool:
         if problem is not None and "written" in body:  # only a head start: the commit's notice follows
+            if status in (404, 422):  # an engine without reads ahead (an older plugin): not asked again
+                with self._lock:
+                    self._no_read_ahead.add(url)
             logger.debug("hot-swap: notice of %s's written weights to %s failed (%s)", body["adapter"], url, problem)
             return False
         with self._lock:

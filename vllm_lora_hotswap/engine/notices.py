@@ -10,7 +10,8 @@ hints waiting are a bounded set. Answers 202 ``{"accepted": bool}`` at once.
 ``{"adapter": "policy", "written": {"staging": ID, "sha256": S, "size": N}}`` says
 earlier that a weight file was written into ``<adapter>/.staging/ID/``, its
 commit to follow: each worker reads it ahead (:mod:`.read_ahead`), and staging
-uses those bytes only if the committed ``READY`` records the same sha256.
+uses those bytes only if the committed ``READY`` records the same sha256 (a
+forged one costs each worker one read of the named file).
 
 ``GET /v1/lora/wait?adapter=policy&version=V&timeout=30``: answers as soon as
 this instance serves ``adapter`` at ``V`` or a later version (version names sort
@@ -32,6 +33,7 @@ import asyncio
 import logging
 import time
 from http import HTTPStatus
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -83,7 +85,10 @@ def accept_written(controller: SwapController, adapter: str, written: Written) -
     read_ahead = getattr(controller.engine, "read_ahead", None)  # absent on offline engines and fakes
     if read_ahead is None or not controller.settings.serves(adapter):
         return False
-    path = controller.store.adapter_dir(adapter) / STAGING_DIR / written.staging / SAFETENSORS_FILE
+    # Joined, not resolved (no file-system call on the event loop): the name was checked, the
+    # worker opens the file without following a symlink, and only READY's sha256 can make its
+    # bytes count.
+    path = Path(controller.store.root, adapter, STAGING_DIR, written.staging, SAFETENSORS_FILE)
     return bool(read_ahead(str(path), written.sha256, written.size))
 
 

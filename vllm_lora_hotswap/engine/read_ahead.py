@@ -15,11 +15,11 @@ the sha256 the notice claims, and staging uses it only if the committed
 ``READY`` records that same sha256 for the weight file: the bytes are then
 exactly those of the committed file, as if read from it. Anything else (a
 forged or stale notice, a file changed or gone, a commit that never comes)
-leaves staging reading the committed file as before; a read ahead nobody took
-is dropped for a newer one. The file is opened without following a symlink
+leaves staging reading the committed file as before, and costs each worker
+one read and hash of the named file. The file is opened without following a symlink
 and read only if it is a regular file of the announced size, up to
-:data:`MAX_BYTES`; at most :data:`MAX_ENTRIES` of :data:`MAX_BYTES` in all are
-held, none longer than :data:`MAX_AGE_S`.
+:data:`MAX_BYTES`; at most :data:`MAX_ENTRIES` reads ahead of :data:`MAX_BYTES` in
+all are held, and one not taken within :data:`MAX_AGE_S` is dropped.
 """
 
 from __future__ import annotations
@@ -49,62 +49,99 @@ class _Entry:
 
 
 class ReadsAhead:
-    """A worker's reads ahead, by sha256: :meth:`start` from a notice, :meth:`take` at staging."""
+    """A worker's reads ahead, by sha256: :meth:`start` from a notice, :meth:`take` at staging.
+
+    Memory: the bytes of reads still running (wherever their entry went) and of reads done
+    and not yet taken count against :data:`MAX_BYTES`, and :data:`MAX_ENTRIES` bounds the
+    entries. Only a read that is done makes room (the oldest first), and a sweeper drops
+    those not taken within :data:`MAX_AGE_S`, so memory held for a commit that never came
+    is freed without a next notice.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[str, _Entry] = {}  # by sha256, oldest first
+        self._entries: dict[str, _Entry] = {}  # by sha256, oldest first; guarded by _lock
+        self._running_bytes = 0  # of reads not yet done; guarded by _lock
+        self._sweeper: threading.Thread | None = None  # runs while entries exist; guarded by _lock
         self.started = 0
         self.taken = 0  # stages that used a read ahead instead of reading the file
+        self.discarded = 0  # reads that failed, or whose bytes were not the announced ones
 
     def start(self, path: str, sha256: str, size: int) -> bool:
         """Read ``path`` (``size`` bytes, hashing to ``sha256``) in a thread; False when not
-        (already read or being read, or no room: finished reads make room, oldest first, but
-        reads still running never do, so a flood of notices holds at most :data:`MAX_BYTES`)."""
+        (already read or being read, or no room that a finished read could make)."""
         if not 0 < size <= MAX_BYTES:
             return False
         entry = _Entry(time.monotonic(), size, Future())
         with self._lock:
-            for stale in [key for key, e in self._entries.items() if entry.started - e.started > MAX_AGE_S]:
-                del self._entries[stale]
+            self._drop_stale(entry.started)
             if sha256 in self._entries:
                 return False
-            while len(self._entries) >= MAX_ENTRIES or sum(e.size for e in self._entries.values()) + size > MAX_BYTES:
-                finished = next((key for key, e in self._entries.items() if e.data.done()), None)
-                if finished is None:
+            while len(self._entries) >= MAX_ENTRIES or self._held() + size > MAX_BYTES:
+                done = next((key for key, e in self._entries.items() if e.data.done()), None)
+                if done is None:
                     return False
-                del self._entries[finished]
+                del self._entries[done]
+            if self._held() + size > MAX_BYTES:  # reads dropped or taken still running
+                return False
             self._entries[sha256] = entry
+            self._running_bytes += size
             self.started += 1
-        threading.Thread(
-            target=self._read, args=(path, sha256, size, entry.data), name="hotswap-read-ahead", daemon=True
-        ).start()
+            if self._sweeper is None:
+                self._sweeper = threading.Thread(target=self._sweep, name="hotswap-read-ahead-sweep", daemon=True)
+                self._sweeper.start()
+        threading.Thread(target=self._read, args=(path, sha256, entry), name="hotswap-read-ahead", daemon=True).start()
         return True
 
     def take(self, sha256: str) -> bytearray | None:
         """The bytes read ahead that hash to ``sha256`` (waiting for a read still running), or None;
         each read ahead is taken once."""
         with self._lock:
+            self._drop_stale(time.monotonic())
             entry = self._entries.pop(sha256, None)
         if entry is None:
             return None
         try:
             data = entry.data.result(TAKE_PATIENCE_S)
-        except FutureTimeout:
+        except FutureTimeout:  # a stuck read: staging reads the committed file instead
             return None
         if data is not None:
             with self._lock:
                 self.taken += 1
         return data
 
-    @staticmethod
-    def _read(path: str, sha256: str, size: int, future: Future[bytearray | None]) -> None:
+    def _held(self) -> int:
+        return self._running_bytes + sum(e.size for e in self._entries.values() if e.data.done())
+
+    def _drop_stale(self, now: float) -> None:
+        """Drop reads done and not taken within MAX_AGE_S (a running one is counted until it ends)."""
+        for key in [k for k, e in self._entries.items() if e.data.done() and now - e.started > MAX_AGE_S]:
+            del self._entries[key]
+
+    def _sweep(self) -> None:
+        while True:
+            time.sleep(max(MAX_AGE_S / 4, 0.05))
+            with self._lock:
+                self._drop_stale(time.monotonic())
+                if not self._entries:
+                    self._sweeper = None
+                    return
+
+    def _read(self, path: str, sha256: str, entry: _Entry) -> None:
+        data = None
         try:
-            data = read_regular_file(path, size)
-            future.set_result(data if data is not None and hashlib.sha256(data).hexdigest() == sha256 else None)
+            data = read_regular_file(path, entry.size)
+            if data is not None and hashlib.sha256(data).hexdigest() != sha256:
+                data = None
+            if data is None:
+                logger.debug("hot-swap: read ahead of %s: not the announced file; staging reads the commit", path)
         except Exception as exc:  # noqa: BLE001 - a read ahead is only a hint: staging reads the file
-            logger.debug("hot-swap: read ahead of %s failed: %s", path, exc)
-            future.set_result(None)
+            logger.debug("hot-swap: read ahead of %s failed (%s); staging reads the commit", path, exc)
+        finally:
+            with self._lock:
+                self._running_bytes -= entry.size
+                self.discarded += data is None
+                entry.data.set_result(data)
 
 
 def read_regular_file(path: str, size: int) -> bytearray | None:

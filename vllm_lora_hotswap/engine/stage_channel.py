@@ -128,12 +128,14 @@ class ServerChannel:
         """Ask every worker to read ``path`` ahead of its commit (:mod:`.read_ahead`); False if one
         could not be reached (it then reads at staging, as without)."""
         message = json.dumps({"read_ahead": [[path, sha256, size]]}).encode()
-        try:
-            for worker in self.workers:
+        sent = True
+        for worker in self.workers:
+            try:
                 self._sock.sendto(message, worker)
-        except OSError:
-            return False
-        return True
+            except OSError as exc:  # that worker reads at staging; the others still read ahead
+                logger.debug("hot-swap: read ahead to worker %s not sent (%s)", worker, exc)
+                sent = False
+        return sent
 
     def stage(self, items: Sequence[list[Any]]) -> bool:
         """Send ``[lora_id, name, path]`` items to every worker; False if one could not be reached."""

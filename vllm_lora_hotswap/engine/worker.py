@@ -37,6 +37,7 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
 
 from ..store.records import STAGE_PHASES
+from . import single_read
 from .device_slots import DeviceSlotReservation, SlotWriter
 from .read_ahead import READS_AHEAD
 from .single_read import SingleRead
@@ -135,9 +136,9 @@ class WorkerHotSwap:
         """Bind this worker's end of the API server's stage channel; its socket path (None: RPCs only)."""
         try:
             if self.channel is None or str(self.channel.path.parent) != directory:
-                self.channel = WorkerChannel(
-                    directory, self.label, self.stage, self.install_off_step, READS_AHEAD.start
-                )
+                # Without vLLM's loader fed from memory, staging reads the file itself: no read ahead.
+                read_ahead = READS_AHEAD.start if single_read.INSTALLED else None
+                self.channel = WorkerChannel(directory, self.label, self.stage, self.install_off_step, read_ahead)
         except OSError as exc:
             logger.warning("hot-swap: worker %s cannot bind the stage channel (%s); staging by RPC", self.label, exc)
             return None
@@ -389,6 +390,7 @@ class WorkerHotSwap:
             "single_reads": self.single_reads,  # stages that read their weight file once
             "reads_ahead": READS_AHEAD.started,  # weight files read ahead of their commit, on notice
             "reads_ahead_taken": READS_AHEAD.taken,  # stages that started from such a read
+            "reads_ahead_discarded": READS_AHEAD.discarded,  # failed, or not the announced bytes
             "slot_writes": self.slots.writes,  # adapters written into a slot while staging
             "step_copies": self.step_copies,  # installs that copied in the step instead
             "slots_lost": self.slots.lost,  # reserved slots vLLM took back for a step

@@ -91,10 +91,6 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
-
-
 def copy_and_hash(src: Path, dst: Path) -> tuple[int, str]:
     """Copy ``src`` to the new file ``dst`` (fsynced); return its size and sha256."""
     digest = hashlib.sha256()

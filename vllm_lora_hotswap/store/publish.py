@@ -133,8 +133,8 @@ def _rename_into_place(copied: CopiedVersion, clock: Callable[[], datetime], new
         }
         for name in (METADATA_FILE, READY_FILE):
             (staging / name).unlink(missing_ok=True)
-        # Written in place, not atomically: nobody reads the staging directory, and its one
-        # fsync below makes both names durable before the rename publishes them.
+        # Written in place, not atomically: nobody reads these two in the staging directory,
+        # and its one fsync below makes both names durable before the rename publishes them.
         encoded = (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode()
         write_new_file(staging / METADATA_FILE, encoded)
         digests[METADATA_FILE] = FileDigest(len(encoded), hashlib.sha256(encoded).hexdigest())

@@ -26,7 +26,9 @@ Durability, step by step (what a crash at each point can lose; docs/publishing.m
 
 1. the writer's files land in ``<adapter>/.staging/<id>/``, unsynced (the weight
    file of :meth:`StagedVersion.write_weights` is being synced): a crash loses the version;
-   readers never look there; ``gc`` removes it after its grace;
+   nothing is served from there (an engine told of the weight file may read it
+   ahead, and uses it only if the committed ``READY`` has its sha256); ``gc``
+   removes it after its grace;
 2. commit: every file checked, hashed, made 0644 and fsynced, then
    ``metadata.json`` and ``READY`` written and fsynced, and the staging
    directory fsynced: still invisible, so a crash still loses only this version;
@@ -79,17 +81,21 @@ _WRITE_IN_THREAD_BYTES = 1 << 20
 @dataclass(frozen=True)
 class _WrittenWeights:
     """What :meth:`StagedVersion.write_weights` wrote: the file's digest and its tensors' specs,
-    and the thread that fsyncs the file (with the list its error goes to)."""
+    and the thread that fsyncs the file (with the list its error goes to; None: a small file,
+    written inline and fsynced by :meth:`synced`)."""
 
+    path: Path
     digest: FileDigest
     specs: dict[str, TensorSpec]
-    sync: threading.Thread
+    sync: threading.Thread | None
     sync_errors: list[OSError]
 
     def synced(self) -> None:
-        """Wait for the file's fsync; raise its error."""
-        if self.sync.ident is not None:
-            self.sync.join()
+        """Wait for the file's fsync (or make it); raise its error."""
+        if self.sync is None:
+            _fsync(self.path)
+            return
+        self.sync.join()
         if self.sync_errors:
             raise self.sync_errors[0]
 
@@ -155,7 +161,8 @@ class StagedVersion:
         """Write ``tensors`` as this version's ``adapter_model.safetensors`` (with safetensors'
         ``metadata``), straight from their memory, while this thread hashes the same bytes for
         ``READY`` and checks their floats for NaN/inf; the file's fsync goes on in the background
-        after this returns, and the commit waits for it instead of reading the file back. The
+        after this returns (a file under 1 MiB is fsynced by the commit), and the commit waits
+        for it instead of reading the file back. The
         buffers must not change until this returns. Raises :class:`InvalidCheckpointError` for
         NaN/inf, ValueError for a tensor whose size is not its shape's, :class:`StoreError` if
         the write fails; abort the version then (a ``with`` block does).
@@ -171,28 +178,31 @@ class StagedVersion:
         path = self.path / SAFETENSORS_FILE
         parts = [header, *(view for _, view in buffers)]
         size = sum(len(part) for part in parts)
-        errors: list[OSError] = []  # the write's (this call raises it)
+        errors: list[BaseException] = []  # the write's (this call raises it)
         sync_errors: list[OSError] = []  # the fsync's (the commit raises it)
         written = threading.Event()
+        in_thread = size >= _WRITE_IN_THREAD_BYTES  # a small file is written before a thread would start
 
         def write() -> None:
             try:
                 write_new_file(path, *parts, sync=False)
-            except OSError as exc:
+            except BaseException as exc:  # noqa: BLE001 - raised by write_weights, on the caller's thread
                 errors.append(exc)
                 return
             finally:
                 written.set()  # the caller's buffers are free from here
-            try:  # then synced, beside the hash, the config's save and the commit's start
+            if not in_thread:
+                return  # the commit fsyncs it (off the training thread, for the callback)
+            try:  # synced now, beside the hash, the config's save and the commit's start
                 _fsync(path)
             except OSError as exc:
                 sync_errors.append(exc)
 
         writer = threading.Thread(target=write, name="hotswap-write", daemon=True)
-        if size < _WRITE_IN_THREAD_BYTES:
-            writer.run()  # a small file: written and synced before a thread would have started
-        else:
+        if in_thread:
             writer.start()
+        else:
+            writer.run()
         try:
             digest = hashlib.sha256(header)
             for name, view in buffers:
@@ -202,8 +212,11 @@ class StagedVersion:
         finally:
             written.wait()
         if errors:
-            raise StoreError(f"writing {path} failed: {errors[0].strerror or errors[0]}") from errors[0]
-        self._written = _WrittenWeights(FileDigest(size, digest.hexdigest()), specs, writer, sync_errors)
+            reason = getattr(errors[0], "strerror", None) or errors[0]
+            raise StoreError(f"writing {path} failed: {reason}") from errors[0]
+        self._written = _WrittenWeights(
+            path, FileDigest(size, digest.hexdigest()), specs, writer if in_thread else None, sync_errors
+        )
         self.timings["write+hash"] = time.perf_counter() - started
 
     def commit(self, metadata: Mapping[str, Any] | None = None) -> str:
