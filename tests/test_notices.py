@@ -219,8 +219,9 @@ def test_the_wait_route_answers_when_the_version_is_served(routes, store: Checkp
 class FakeEngineServer:
     """An HTTP server on 127.0.0.1 answering the routes a publisher and a rollout use."""
 
-    def __init__(self, *, wait_route: bool = True):
+    def __init__(self, *, wait_route: bool = True, refuse_written: bool = False):
         self.notices: list[tuple[dict[str, Any], str | None]] = []
+        self.refuse_written = refuse_written  # as an older plugin, whose notice model forbids "written"
         self.requests: list[str] = []
         self.served: str | None = None
         self.probing: str | None = None  # a version open to pinned samples while its probe runs (it fails)
@@ -254,6 +255,11 @@ class FakeEngineServer:
                     self._answer(200, {"samples": samples})
                     return
                 owner.notices.append((body, self.headers.get("Authorization")))
+                if owner.refuse_written and "written" in body:
+                    self._answer(
+                        422, {"detail": [{"msg": "Extra inputs are not permitted", "loc": ["body", "written"]}]}
+                    )
+                    return
                 self._answer(202, {"accepted": True})
 
             def do_GET(self) -> None:  # noqa: N802
@@ -338,6 +344,33 @@ def test_the_callback_notifies_its_engines_of_each_save_and_each_commit(
     assert (written["written"]["sha256"], written["written"]["size"]) == (weights["sha256"], weights["size"])
     assert len(written["written"]["staging"]) == 32
     assert committed == {"adapter": "policy", "version": publication.version}
+
+
+def test_an_engine_that_refuses_written_notices_still_gets_every_commit(
+    tmp_path: Path, toy_model: Path, fake_engines
+) -> None:
+    """An engine without reads ahead (an older plugin answers 422) costs the publisher nothing: the
+    publications commit, each commit is notified, and written notices to it stop after its first
+    refusal."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, TrainerState
+
+    older = fake_engines(refuse_written=True)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(toy_model, dtype=torch.float32),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    hotswap = HotSwapCallback(tmp_path / "store", "policy", on_improvement=False, every_n_steps=1, engines=[older.url])
+    for step in (1, 2, 3):
+        hotswap.publish(TrainerState(global_step=step), model)
+        publication = hotswap.publications[-1]
+        assert hotswap.wait_for_commit(publication, 60) and publication.version is not None, publication.error
+        wait_until(lambda v=publication.version: any(b.get("version") == v for b, _ in older.notices), "its notice")
+    assert not hotswap.errors
+    kinds = ["written" if "written" in body else body["version"] for body, _ in older.notices]
+    versions = [p.version for p in hotswap.publications]
+    assert kinds == ["written", *versions]  # refused once, then only the commits' notices
 
 
 def rollout_for(tmp_path: Path, urls: list[str], version: str) -> FleetRollout:
