@@ -33,6 +33,7 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import BinaryIO
 
 logger = logging.getLogger("vllm.lora_hotswap")
 MAX_BYTES = 4 << 30  # all reads ahead held at once, in bytes (a larger file is read at staging)
@@ -152,14 +153,21 @@ def read_regular_file(path: str, size: int) -> bytearray | None:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size != size:
             return None
-        data = bytearray(size)
-        view, done = memoryview(data), 0
-        while done < size:
-            count = reader.readinto(view[done:])
-            if not count:
-                return None  # shrank while read
-            done += count
-    return data
+        data, done = read_into_new_buffer(reader, size)
+    return data if done == size else None  # else it shrank while read
+
+
+def read_into_new_buffer(reader: BinaryIO, size: int) -> tuple[bytearray, int]:
+    """Up to ``size`` bytes of ``reader`` (unbuffered) into one new writable buffer, and how many
+    came (fewer at the end of the file)."""
+    data = bytearray(size)
+    view, done = memoryview(data), 0
+    while done < size:
+        count = reader.readinto(view[done:])
+        if not count:
+            break
+        done += count
+    return data, done
 
 
 READS_AHEAD = ReadsAhead()  # this worker process's

@@ -28,7 +28,6 @@ import hashlib
 import logging
 import os
 import threading
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from ..store.checkpoint import (
     verify_manifest,
 )
 from ..store.errors import InvalidCheckpointError
-from .read_ahead import READS_AHEAD
+from .read_ahead import READS_AHEAD, read_into_new_buffer
 
 logger = logging.getLogger("vllm.lora_hotswap")
 _local = threading.local()  # .served: (real path of a weight file, its tensors) for this thread's load
@@ -115,8 +114,7 @@ class SingleRead:
         self.from_memory = False  # vLLM's loader took the tensors from our bytes
         self.read_ahead = False  # those bytes were read ahead of the commit (:mod:`.read_ahead`)
         self._expected = None
-        self._digest: Future[str] | None = None
-        self._hashed_first = False
+        self._digest: str | None = None  # sha256 of the bytes read (None: nothing to verify here)
 
     def __enter__(self) -> SingleRead:
         ready = self.directory / READY_FILE
@@ -131,12 +129,11 @@ class SingleRead:
             return self  # a .bin: validation hashed it and checked what it holds
         if not INSTALLED:
             verify_manifest(self.directory, manifest)  # hashed now; vLLM then reads the file itself
-            self._hashed_first = True
             return self
         expected = self._expected
         ahead = None if expected is None else READS_AHEAD.take(expected.sha256)
         if ahead is not None:  # read while the publisher committed, and hashed to READY's sha256
-            data, self.read_ahead, self._digest = ahead, True, _settled(expected.sha256)
+            data, self.read_ahead, self._digest = ahead, True, expected.sha256
         else:
             data = _read_whole(weights)
             if expected is not None:
@@ -146,7 +143,7 @@ class SingleRead:
                     )
                 # Hashed before vLLM's loader sees the bytes: its tensors are views of them that it
                 # scales in place, so a hash running beside the load could read scaled bytes.
-                self._digest = _hashed(data)
+                self._digest = hashlib.sha256(data).hexdigest()
         try:
             specs = parse_safetensors_header(data, weights)  # validation checked it against the config
         except InvalidCheckpointError:
@@ -166,7 +163,7 @@ class SingleRead:
         """Raise unless the bytes read hash to READY's sha256 (a no-op for an empty READY)."""
         if self._digest is None or self._expected is None:
             return
-        sha = self._digest.result()
+        sha = self._digest
         if sha != self._expected.sha256:
             raise InvalidCheckpointError(
                 f"{self.weights}: checksum mismatch (sha256 {sha[:12]}…, READY says {self._expected.sha256[:12]}…)"
@@ -177,27 +174,10 @@ def _read_whole(path: Path) -> bytearray:
     """The file's bytes, in one buffer (writable: tensors are views of it, and vLLM scales them in place)."""
     with open(path, "rb", buffering=0) as reader:
         size = os.fstat(reader.fileno()).st_size
-        data = bytearray(size)
-        view, done = memoryview(data), 0
-        while done < size:
-            count = reader.readinto(view[done:])
-            if not count:
-                break
-            done += count
+        data, done = read_into_new_buffer(reader, size)
         if reader.read(1):
             raise InvalidCheckpointError(f"{path}: grew while it was read (written to after READY?)")
     return data if done == size else data[:done]
-
-
-def _settled(sha256: str) -> Future[str]:
-    """A digest as a settled future (:meth:`SingleRead.verify` reads it)."""
-    future: Future[str] = Future()
-    future.set_result(sha256)
-    return future
-
-
-def _hashed(data: bytearray) -> Future[str]:
-    return _settled(hashlib.sha256(data).hexdigest())
 
 
 def _tensors(data: bytearray, specs: dict[str, TensorSpec]) -> dict[str, torch.Tensor]:
