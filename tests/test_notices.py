@@ -219,9 +219,12 @@ def test_the_wait_route_answers_when_the_version_is_served(routes, store: Checkp
 class FakeEngineServer:
     """An HTTP server on 127.0.0.1 answering the routes a publisher and a rollout use."""
 
-    def __init__(self, *, wait_route: bool = True, refuse_written: bool = False):
+    def __init__(self, *, wait_route: bool = True, refuse_written: bool = False, hold_written: bool = False):
         self.notices: list[tuple[dict[str, Any], str | None]] = []
         self.refuse_written = refuse_written  # as an older plugin, whose notice model forbids "written"
+        self.written_released = threading.Event()  # a slow engine: written notices answered once set
+        if not hold_written:
+            self.written_released.set()
         self.requests: list[str] = []
         self.served: str | None = None
         self.probing: str | None = None  # a version open to pinned samples while its probe runs (it fails)
@@ -255,6 +258,8 @@ class FakeEngineServer:
                     self._answer(200, {"samples": samples})
                     return
                 owner.notices.append((body, self.headers.get("Authorization")))
+                if "written" in body:
+                    owner.written_released.wait(30)
                 if owner.refuse_written and "written" in body:
                     self._answer(
                         422, {"detail": [{"msg": "Extra inputs are not permitted", "loc": ["body", "written"]}]}
@@ -290,6 +295,7 @@ class FakeEngineServer:
             self.changed.notify_all()
 
     def close(self) -> None:
+        self.written_released.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -344,6 +350,22 @@ def test_the_callback_notifies_its_engines_of_each_save_and_each_commit(
     assert (written["written"]["sha256"], written["written"]["size"]) == (weights["sha256"], weights["size"])
     assert len(written["written"]["staging"]) == 32
     assert committed == {"adapter": "policy", "version": publication.version}
+
+
+def test_a_slow_answer_to_a_written_notice_never_delays_the_commits_notice(fake_engines) -> None:
+    """The engine holds its answer to the written notice; the commit's notice, sent after it,
+    is still sent and answered meanwhile (it does not queue behind the written one)."""
+    engine = fake_engines(hold_written=True)
+    notifier = CommitNotifier([engine.url], timeout=30.0)
+    staged = SimpleNamespace(path=Path("0" * 32), weights_digest=SimpleNamespace(sha256="a" * 64, size=10))
+    [written] = notifier.notify_written("policy", staged)
+    [committed] = notifier.notify("policy", "2025-01-01T00-00-00Z")
+    assert committed.result(10) is True
+    assert not written.done()  # still held by the engine
+    engine.written_released.set()
+    assert written.result(10) is True
+    assert [("written" in body) for body, _ in engine.notices] == [True, False]
+    notifier.close()
 
 
 def test_an_engine_that_refuses_written_notices_still_gets_every_commit(

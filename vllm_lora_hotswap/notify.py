@@ -65,7 +65,8 @@ class CommitNotifier:
         self._no_read_ahead: set[str] = set()  # URLs that refused a written notice (no reads ahead there)
         self._lock = threading.Lock()
         self._http: httpx.Client | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        # Two pools: a written notice held up by a slow engine never delays a commit's notice.
+        self._pools: dict[bool, ThreadPoolExecutor] = {}  # written? -> its senders
         self.add(urls, api_key=api_key)
 
     def add(self, urls: Iterable[str], *, api_key: str | None = None) -> None:
@@ -106,18 +107,20 @@ class CommitNotifier:
         written = "written" in body
         try:
             with self._lock:
-                # A written notice is only a head start: none to an engine that is failing (it
-                # would queue ahead of the commit's notice) or that cannot read ahead.
+                # A written notice is only a head start: none to an engine that is failing (the
+                # commit's notice finds out when it is back) or that cannot read ahead.
                 skip = (self._failing | self._no_read_ahead) if written else set()
                 targets = [(url, headers) for url, headers in self._targets.items() if url not in skip]
                 if not targets:
                     return []
-                if self._pool is None or self._http is None:
+                if self._http is None:
                     self._http = httpx.Client(timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 1.0)))
-                    self._pool = ThreadPoolExecutor(
-                        min(MAX_SENDERS, max(1, len(self._targets))), thread_name_prefix="hotswap-notice"
+                if written not in self._pools:
+                    self._pools[written] = ThreadPoolExecutor(
+                        min(MAX_SENDERS, max(1, len(self._targets))),
+                        thread_name_prefix="hotswap-written-notice" if written else "hotswap-notice",
                     )
-                pool, http = self._pool, self._http
+                pool, http = self._pools[written], self._http
             return [pool.submit(self._send, http, url, headers, body) for url, headers in targets]
         except Exception as exc:  # noqa: BLE001 - a notice is best effort: never raised into training
             logger.warning("hot-swap: notices for %s not sent (%s: %s)", body["adapter"], type(exc).__name__, exc)
@@ -160,8 +163,8 @@ class CommitNotifier:
 
     def close(self) -> None:
         with self._lock:
-            pool, http, self._pool, self._http = self._pool, self._http, None, None
-        if pool is not None:
+            pools, http, self._pools, self._http = list(self._pools.values()), self._http, {}, None
+        for pool in pools:
             pool.shutdown(wait=True)
         if http is not None:
             http.close()
