@@ -145,7 +145,13 @@ def ours(model: Any, servers: list[Server], store: CheckpointStore, adapter: str
             engine_phases.append(max(served, key=lambda e: e["at"])["timings"])
             yield
     notifier.close()
-    return {**_summary(seconds), "trainer_phases_p50": _medians(trainer_phases), "phases_p50": _medians(engine_phases)}
+    return {
+        **_summary(seconds),
+        "trainer_phases_p50": _medians(trainer_phases),
+        "phases_p50": _medians(engine_phases),
+        # Steps whose last engine adopted the adapter its read ahead built before the commit.
+        "built_ahead_steps": sum("built_ahead" in phases for phases in engine_phases),
+    }
 
 
 def _updated_event(server: Server, adapter: str, version: str) -> dict[str, Any]:
@@ -163,7 +169,10 @@ def _updated_event(server: Server, adapter: str, version: str) -> dict[str, Any]
 
 
 def _medians(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {phase: statistics.median(row.get(phase, 0.0) for row in rows) for phase in rows[0]}
+    """Each phase's median over the steps that have it (``built_ahead`` only where the stage
+    adopted an adapter built ahead of its commit), in the order they first appear."""
+    phases = dict.fromkeys(phase for row in rows for phase in row)
+    return {phase: statistics.median(row[phase] for row in rows if phase in row) for phase in phases}
 
 
 def async_grpo(model: Any, server: Server, directory: Path, steps: int) -> PathSteps:
@@ -331,6 +340,13 @@ def write(results: dict[str, Any], out: Path) -> Path:
         f"{sync['ours_vllm_spin']['p50'] / trl:.2f} on 2 engines with vLLM's own idle spin",
     ]
     lines += ["", *_phase_table(sync)]
+    adopted = ", ".join(
+        f"{label} {sync[key]['built_ahead_steps']} of {results['steps']}"
+        for key, label in (("ours", "2 engines"), ("ours_one_engine", "1 engine"), ("ours_vllm_spin", "vLLM's spin"))
+        if "built_ahead_steps" in sync[key]
+    )
+    if adopted:
+        lines += ["", f"Steps whose last engine adopted the adapter its read ahead built before the commit: {adopted}"]
     trl_phases = ", ".join(
         f"{phase} {1000 * value:.1f} ms" for phase, value in sync["trl_async_load_lora"]["phases_p50"].items()
     )
@@ -351,7 +367,7 @@ def write(results: dict[str, Any], out: Path) -> Path:
 
 # The parts of the stage the workers report (a phase without a label here fails at import).
 _STAGE_LABELS = {
-    "stage_read": "read the weight file and hash it against READY",
+    "stage_read": "read the weight file and hash it against READY, or wait for the read ahead",
     "stage_load": "vLLM's loader builds the adapter from those bytes",
     "stage_check": "NaN/inf and shape checks, q/k/v packing, scaling",
     "stage_slot": "copy into a free LoRA slot",
@@ -370,6 +386,7 @@ PHASE_ROWS = (
     ("engine", "validate", "engine: validate (READY, config, header)"),
     ("engine", "stage", "engine: stage, of which:"),
     *(("engine", phase, "\u2003" + _STAGE_LABELS[phase]) for phase in STAGE_PHASES),
+    ("engine", "built_ahead", "\u2003(off the path: built and written into a slot ahead of the commit)"),
     ("engine", "install", "engine: install (the slot flipped in)"),
     ("engine", "engine_stall", "\u2003of which the engine loop was held"),
     ("engine", "probe", "engine: probe (the first token of the first batch)"),

@@ -34,3 +34,10 @@ def test_the_phase_table_has_a_row_per_phase_and_a_dash_where_one_was_not_measur
     stage = next(row for row in rows if "stage, of which" in row)
     assert stage.endswith("| 20.0 | 20.0 | – |")
     assert sum(row.endswith("| – | – | – |") for row in rows) == len(PHASE_ROWS) - 3
+
+
+def test_a_phase_only_some_steps_have_is_the_median_of_those_steps() -> None:
+    from benchmarks.policy_sync import _medians
+
+    rows = [{"stage": 0.03}, {"stage": 0.01, "built_ahead": 0.02}, {"stage": 0.02, "built_ahead": 0.04}]
+    assert _medians(rows) == {"stage": 0.02, "built_ahead": 0.03}

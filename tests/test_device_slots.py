@@ -360,7 +360,7 @@ def test_an_install_off_the_step_waits_for_a_step_start_that_holds_the_slot_lock
 def test_the_finite_check_agrees_with_the_element_wise_one(values: list[float], dtype: torch.dtype) -> None:
     """Staging's one-reduction check of LoRA weights gives isfinite().all()'s answer for any values,
     overflowing sums of finite ones included."""
-    from vllm_lora_hotswap.engine.worker import all_finite
+    from vllm_lora_hotswap.engine.adapter_checks import all_finite
 
     tensor = torch.tensor(values, dtype=torch.float32).to(dtype)
     assert all_finite(tensor) == bool(torch.isfinite(tensor).all())

@@ -9,6 +9,7 @@ engine has an ``--api-key``, which both new routes require.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,35 +110,60 @@ def test_a_written_notice_lets_the_workers_read_the_weights_while_the_commit_run
     quiet_engine, make_lora, reference
 ) -> None:
     """The publisher's first notice (weights written, before the commit) has the worker read the
-    file from the staging directory; staging then takes those bytes, since the committed READY
-    records their sha256, and the version serves what HF + PEFT greedy gives for it."""
+    file from the staging directory and build the adapter into a free slot; staging then adopts
+    it, since the committed READY records the sha256 of both files it was built from, and the
+    version serves what HF + PEFT greedy gives for it. A config changed after the notice, and a
+    forged notice, make staging build from the committed files."""
     from safetensors.torch import load_file
 
     from vllm_lora_hotswap.store.safetensors_layout import TensorBytes
+    from vllm_lora_hotswap.store.staged import StagedVersion
 
     server, store = quiet_engine
 
-    def counters() -> tuple[int, int]:
+    def counters() -> tuple[int, ...]:
         workers = server.client.get("/v1/lora/workers").json()["workers"]
-        return sum(w["reads_ahead"] for w in workers), sum(w["reads_ahead_taken"] for w in workers)
+        keys = ("reads_ahead", "reads_ahead_taken", "built_ahead", "prepared_ahead", "slot_writes")
+        return tuple(sum(w[key] for w in workers) for key in keys)
 
-    source = make_lora(4)
-    tensors = load_file(source / "adapter_model.safetensors")
+    def written(source: Path) -> StagedVersion:
+        """``source`` saved into a staged version as HotSwapCallback saves: weights, then config."""
+        tensors = load_file(source / "adapter_model.safetensors")
+        staged = store.open_version(ADAPTER)
+        staged.write_weights(
+            {k: TensorBytes("F32", tuple(t.shape), t.numpy()) for k, t in tensors.items()}, {"format": "pt"}
+        )
+        (staged.path / "adapter_config.json").write_bytes((source / "adapter_config.json").read_bytes())
+        return staged
+
     notifier = CommitNotifier([server.url], api_key=API_KEY)
     before = counters()
-    staged = store.open_version(ADAPTER)
-    staged.write_weights(
-        {k: TensorBytes("F32", tuple(t.shape), t.numpy()) for k, t in tensors.items()}, {"format": "pt"}
-    )
-    (staged.path / "adapter_config.json").write_bytes((source / "adapter_config.json").read_bytes())
+    staged = written(make_lora(4))
     assert [f.result(30) for f in notifier.notify_written(ADAPTER, staged)] == [True]
     server.wait_until(lambda: counters()[0] == before[0] + 1, 30, "the read ahead to start")
     version = staged.commit()
     assert [f.result(30) for f in notifier.notify(ADAPTER, version)] == [True]
     assert wait_served(server, version, 60)["reached"], server.log_tail(30)
-    assert counters() == (before[0] + 1, before[1] + 1)  # staged from the bytes read ahead
+    # Built and written into a slot from the bytes read ahead; the stage adopted it (no second write).
+    assert counters() == (before[0] + 1, before[1] + 1, before[2] + 1, before[3] + 1, before[4] + 1)
     model, ids = server.tokens(ADAPTER, "hello")
     assert (model, ids) == (f"{ADAPTER}@{version}", reference(store.version_dir(ADAPTER, version), "hello"))
+
+    # The config rewritten after the notice (another scaling): what was built ahead is not the
+    # committed adapter, so staging builds it again from the committed files.
+    before = counters()
+    staged = written(make_lora(6))
+    assert [f.result(30) for f in notifier.notify_written(ADAPTER, staged)] == [True]
+    server.wait_until(lambda: counters()[2] == before[2] + 1, 30, "the adapter to be built ahead")
+    config = json.loads((staged.path / "adapter_config.json").read_text())
+    config["lora_alpha"] = config["lora_alpha"] * 4
+    (staged.path / "adapter_config.json").write_text(json.dumps(config))
+    version = staged.commit()
+    notifier.notify(ADAPTER, version)
+    assert wait_served(server, version, 60)["reached"], server.log_tail(30)
+    assert counters()[1:4] == (before[1] + 1, before[2] + 1, before[3])  # taken, built, not adopted
+    assert server.tokens(ADAPTER, "hello")[1] == reference(store.version_dir(ADAPTER, version), "hello")
+    before = counters()
 
     # A forged written notice (a sha256 the file does not have) is read and dropped: the next
     # version is staged from its committed file, and served.
@@ -151,6 +177,6 @@ def test_a_written_notice_lets_the_workers_read_the_weights_while_the_commit_run
     version = staged.commit()
     notifier.notify(ADAPTER, version)
     assert wait_served(server, version, 60)["reached"], server.log_tail(30)
-    assert counters() == (before[0] + 2, before[1] + 1)
+    assert counters()[:4] == (before[0] + 1, before[1], before[2], before[3])
     assert server.tokens(ADAPTER, "hello")[1] == reference(store.version_dir(ADAPTER, version), "hello")
     notifier.close()

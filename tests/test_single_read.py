@@ -237,7 +237,7 @@ def test_a_read_ahead_reads_only_a_regular_file_of_the_announced_size(tmp_path: 
     # Room: at most MAX_ENTRIES held; a finished read makes room (the oldest first)...
     fill("0123"[:MAX_ENTRIES])
     settle()
-    monkeypatch.setattr(read_ahead, "read_regular_file", lambda *_: time.sleep(0.5))  # reads that take a while
+    monkeypatch.setattr(read_ahead, "read_regular_file", lambda *_, **__: time.sleep(0.5))  # reads that take a while
     fill("5")
     assert "0" * 64 not in reads._entries and len(reads._entries) == MAX_ENTRIES
     # ...but a read still running never does: a flood of notices waits for none.

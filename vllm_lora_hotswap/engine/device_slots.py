@@ -102,15 +102,14 @@ class SlotWriter:
         self.lost = 0  # reservations vLLM's LRU took back
 
     # -- on the staging thread ---------------------------------------------------------
-    def reserve(self) -> DeviceSlotReservation | None:
-        """A free slot, else the slot of the least recently used adapter that the running
-        batch does not use; None when the batch uses every slot (the install then copies
-        in the step)."""
+    def reserve(self, *, evict: bool = True) -> DeviceSlotReservation | None:
+        """A free slot, else (``evict``) the slot of the least recently used adapter that the
+        running batch does not use; None when there is none (the install then copies in the step)."""
         manager = self.manager
         with self.lock:
             index = next((i for i, held in enumerate(manager.lora_index_to_id) if held is None), None)
             if index is None:
-                idle = self._least_recently_used_idle()
+                idle = self._least_recently_used_idle() if evict else None
                 if idle is None:
                     return None
                 manager.deactivate_adapter(idle)  # vLLM copies it back in if a request needs it again

@@ -20,6 +20,12 @@ one read and hash of the named file. The file is opened without following a syml
 and read only if it is a regular file of the announced size, up to
 :data:`MAX_BYTES`; at most :data:`MAX_ENTRIES` reads ahead of :data:`MAX_BYTES` in
 all are held, and one not taken within :data:`MAX_AGE_S` is dropped.
+
+A worker can go further than the bytes (``start(..., prepare=)``): it builds
+the adapter from them and writes it into a free LoRA slot
+(:mod:`.prepare_ahead`), and the entry holds that instead. The trust rule is the
+same: staging adopts it only if ``READY`` records both the weights' and the
+config's sha256 it was built from.
 """
 
 from __future__ import annotations
@@ -30,10 +36,11 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 logger = logging.getLogger("vllm.lora_hotswap")
 MAX_BYTES = 4 << 30  # all reads ahead held at once, in bytes (a larger file is read at staging)
@@ -42,11 +49,34 @@ MAX_AGE_S = 120.0  # one not taken by then (its commit failed, or never came) is
 TAKE_PATIENCE_S = 30.0  # a stage waits this long at most for a read ahead still running
 
 
+class Prepared(Protocol):
+    """What a ``prepare`` hook makes of the bytes read ahead (:class:`.prepare_ahead.PreparedAdapter`)."""
+
+    config_sha256: str  # of the adapter_config.json it was built with
+
+    def discard(self) -> None:
+        """Free what it holds (a LoRA slot): it will not be taken."""
+
+
+# The weight file's path, its directory (an open descriptor: valid after the commit renames the
+# directory, and only until the hook returns), and its bytes.
+Prepare = Callable[[str, int, bytearray], Prepared | None]
+
+
 @dataclass(frozen=True)
 class _Entry:
     started: float  # time.monotonic()
     size: int
-    data: Future[bytearray | None]  # the bytes, once read and hashed to the sha256; None if not
+    # The bytes, once read and hashed to the sha256 (or what ``prepare`` made of them); None if not.
+    data: Future[bytearray | Prepared | None]
+
+
+def _discard(entries: list[_Entry]) -> None:
+    """Free what dropped entries hold (called without the lock: a slot's release takes another)."""
+    for entry in entries:
+        held = entry.data.result() if entry.data.done() else None
+        if held is not None and not isinstance(held, bytearray):
+            held.discard()
 
 
 class ReadsAhead:
@@ -68,43 +98,52 @@ class ReadsAhead:
         self.taken = 0  # stages that used a read ahead instead of reading the file
         self.discarded = 0  # reads that failed, or whose bytes were not the announced ones
 
-    def start(self, path: str, sha256: str, size: int) -> bool:
-        """Read ``path`` (``size`` bytes, hashing to ``sha256``) in a thread; False when not
+    def start(self, path: str, sha256: str, size: int, prepare: Prepare | None = None) -> bool:
+        """Read ``path`` (``size`` bytes, hashing to ``sha256``) in a thread, then hand the bytes
+        to ``prepare`` if given (the entry holds what it returns); False when not started
         (already read or being read, or no room that a finished read could make)."""
         if not 0 < size <= MAX_BYTES:
             return False
         entry = _Entry(time.monotonic(), size, Future())
-        with self._lock:
-            self._drop_stale(entry.started)
-            if sha256 in self._entries:
-                return False
-            while len(self._entries) >= MAX_ENTRIES or self._held() + size > MAX_BYTES:
-                done = next((key for key, e in self._entries.items() if e.data.done()), None)
-                if done is None:
+        dropped: list[_Entry] = []
+        try:
+            with self._lock:
+                dropped += self._drop_stale(entry.started)
+                if sha256 in self._entries:
                     return False
-                del self._entries[done]
-            if self._held() + size > MAX_BYTES:  # reads dropped or taken still running
-                return False
-            self._entries[sha256] = entry
-            self._running_bytes += size
-            self.started += 1
-            if self._sweeper is None:
-                self._sweeper = threading.Thread(target=self._sweep, name="hotswap-read-ahead-sweep", daemon=True)
-                self._sweeper.start()
-        threading.Thread(target=self._read, args=(path, sha256, entry), name="hotswap-read-ahead", daemon=True).start()
+                while len(self._entries) >= MAX_ENTRIES or self._held() + size > MAX_BYTES:
+                    done = next((key for key, e in self._entries.items() if e.data.done()), None)
+                    if done is None:
+                        return False
+                    dropped.append(self._entries.pop(done))
+                if self._held() + size > MAX_BYTES:  # reads dropped or taken still running
+                    return False
+                self._entries[sha256] = entry
+                self._running_bytes += size
+                self.started += 1
+                if self._sweeper is None:
+                    self._sweeper = threading.Thread(target=self._sweep, name="hotswap-read-ahead-sweep", daemon=True)
+                    self._sweeper.start()
+        finally:
+            _discard(dropped)
+        threading.Thread(
+            target=self._read, args=(path, sha256, entry, prepare), name="hotswap-read-ahead", daemon=True
+        ).start()
         return True
 
-    def take(self, sha256: str) -> bytearray | None:
-        """The bytes read ahead that hash to ``sha256`` (waiting for a read still running), or None;
-        each read ahead is taken once."""
+    def take(self, sha256: str) -> bytearray | Prepared | None:
+        """The bytes read ahead that hash to ``sha256``, or what ``prepare`` made of them
+        (waiting for a read still running), or None; each read ahead is taken once."""
         with self._lock:
-            self._drop_stale(time.monotonic())
+            dropped = self._drop_stale(time.monotonic())
             entry = self._entries.pop(sha256, None)
+        _discard(dropped)
         if entry is None:
             return None
         try:
             data = entry.data.result(TAKE_PATIENCE_S)
         except FutureTimeout:  # a stuck read: staging reads the committed file instead
+            entry.data.add_done_callback(lambda _: _discard([entry]))  # what it prepares is never taken
             return None
         if data is not None:
             with self._lock:
@@ -114,41 +153,55 @@ class ReadsAhead:
     def _held(self) -> int:
         return self._running_bytes + sum(e.size for e in self._entries.values() if e.data.done())
 
-    def _drop_stale(self, now: float) -> None:
-        """Drop reads done and not taken within MAX_AGE_S (a running one is counted until it ends)."""
-        for key in [k for k, e in self._entries.items() if e.data.done() and now - e.started > MAX_AGE_S]:
-            del self._entries[key]
+    def _drop_stale(self, now: float) -> list[_Entry]:
+        """Drop reads done and not taken within MAX_AGE_S (a running one is counted until it ends);
+        the caller discards what they hold once it has let go of the lock."""
+        stale = [k for k, e in self._entries.items() if e.data.done() and now - e.started > MAX_AGE_S]
+        return [self._entries.pop(key) for key in stale]
 
     def _sweep(self) -> None:
         while True:
             time.sleep(max(MAX_AGE_S / 4, 0.05))
             with self._lock:
-                self._drop_stale(time.monotonic())
-                if not self._entries:
+                dropped = self._drop_stale(time.monotonic())
+                finished = not self._entries
+                if finished:
                     self._sweeper = None
-                    return
+            _discard(dropped)
+            if finished:
+                return
 
-    def _read(self, path: str, sha256: str, entry: _Entry) -> None:
-        data = None
+    def _read(self, path: str, sha256: str, entry: _Entry, prepare: Prepare | None) -> None:
+        data: bytearray | Prepared | None = None
+        directory = None
         try:
-            data = read_regular_file(path, entry.size)
+            # The directory first: the publisher's commit may rename it any moment now.
+            directory = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            data = read_regular_file(os.path.basename(path), entry.size, dir_fd=directory)
             if data is not None and hashlib.sha256(data).hexdigest() != sha256:
                 data = None
             if data is None:
                 logger.debug("hot-swap: read ahead of %s: not the announced file; staging reads the commit", path)
+            elif prepare is not None:
+                # None when it could not: the bytes may be half-scaled by then, so staging reads the commit.
+                data = prepare(path, directory, data)
         except Exception as exc:  # noqa: BLE001 - a read ahead is only a hint: staging reads the file
+            data = None
             logger.debug("hot-swap: read ahead of %s failed (%s); staging reads the commit", path, exc)
         finally:
+            if directory is not None:
+                os.close(directory)
             with self._lock:
                 self._running_bytes -= entry.size
                 self.discarded += data is None
                 entry.data.set_result(data)
 
 
-def read_regular_file(path: str, size: int) -> bytearray | None:
-    """The ``size`` bytes of the regular file ``path`` (no symlink followed at the end, never
-    blocking on a FIFO or device), or None when it is something else or of another size."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+def read_regular_file(path: str, size: int, *, dir_fd: int | None = None) -> bytearray | None:
+    """The ``size`` bytes of the regular file ``path`` (relative to ``dir_fd`` if given; no
+    symlink followed at the end, never blocking on a FIFO or device), or None when it is
+    something else or of another size."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     with os.fdopen(fd, "rb", buffering=0) as reader:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size != size:

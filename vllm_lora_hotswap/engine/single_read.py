@@ -11,6 +11,10 @@ the file again. The config is read by validation and by vLLM's loader, once
 each, as before. The digest still gates the install: :meth:`SingleRead.verify`
 runs before the adapter is written into a slot or reported ready, and a
 mismatch fails the stage ("checksum mismatch"), which refuses the version.
+After a publisher's written notice the bytes may have been read ahead, and the
+adapter built from them ahead (:mod:`.read_ahead`, :mod:`.prepare_ahead`): the
+stage takes them only if READY records their sha256 (and, for an adapter built
+ahead, its config's), and :attr:`SingleRead.prepared` then holds the adapter.
 
 How vLLM's loader gets the bytes: ``vllm.lora.lora_model`` opens the file with
 ``safetensors.safe_open``; that module's ``safetensors`` name is replaced by a
@@ -28,12 +32,15 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..store.checkpoint import (
+    CONFIG_FILE,
     READY_FILE,
     SAFETENSORS_FILE,
     TORCH_DTYPE_NAMES,
@@ -45,6 +52,9 @@ from ..store.checkpoint import (
 )
 from ..store.errors import InvalidCheckpointError
 from .read_ahead import READS_AHEAD, read_into_new_buffer
+
+if TYPE_CHECKING:
+    from .prepare_ahead import PreparedAdapter
 
 logger = logging.getLogger("vllm.lora_hotswap")
 _local = threading.local()  # .served: (real path of a weight file, its tensors) for this thread's load
@@ -113,6 +123,9 @@ class SingleRead:
         self.directory = Path(directory)
         self.from_memory = False  # vLLM's loader took the tensors from our bytes
         self.read_ahead = False  # those bytes were read ahead of the commit (:mod:`.read_ahead`)
+        # The adapter built from them ahead (:mod:`.prepare_ahead`): no load at all, READY's
+        # sha256 of both files it was built from matched.
+        self.prepared: PreparedAdapter | None = None
         self._expected = None
         self._digest: str | None = None  # sha256 of the bytes read (None: nothing to verify here)
 
@@ -132,6 +145,14 @@ class SingleRead:
             return self
         expected = self._expected
         ahead = None if expected is None else READS_AHEAD.take(expected.sha256)
+        if ahead is not None and not isinstance(ahead, bytearray):  # built and put in a slot ahead
+            config = manifest.files.get(CONFIG_FILE)
+            if config is not None and config.sha256 == ahead.config_sha256:  # all that vLLM's loader read
+                self.prepared = ahead  # type: ignore[assignment] # the only hook that prepares: prepare_ahead's
+                self.read_ahead, self._digest = True, expected.sha256
+                return self
+            ahead.discard()  # built with another config than the one committed: build again
+            ahead = None
         if ahead is not None:  # read while the publisher committed, and hashed to READY's sha256
             data, self.read_ahead, self._digest = ahead, True, expected.sha256
         else:
@@ -153,8 +174,11 @@ class SingleRead:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        # True only if vLLM's loader opened the file through the proxy: it then read no disk.
-        self.from_memory = getattr(_local, "served", None) is not None and getattr(_local, "hit", False)
+        # True only if vLLM's loader opened the file through the proxy (it then read no disk), or
+        # built the adapter from the bytes read ahead.
+        self.from_memory = self.prepared is not None or (
+            getattr(_local, "served", None) is not None and getattr(_local, "hit", False)
+        )
         _local.served, _local.hit = None, False
         if kind is not None and self._digest is not None:
             self.verify()  # the same: a checksum mismatch explains a failed load best
@@ -168,6 +192,22 @@ class SingleRead:
             raise InvalidCheckpointError(
                 f"{self.weights}: checksum mismatch (sha256 {sha[:12]}…, READY says {self._expected.sha256[:12]}…)"
             )
+
+
+@contextmanager
+def served_from_memory(weights: Path, data: bytearray) -> Iterator[None]:
+    """Inside this block, on this thread, vLLM's loader gets the tensors of ``weights`` (a
+    safetensors path, which need not hold them) from ``data``: views of it, which it may scale."""
+    if not INSTALLED:
+        raise RuntimeError("vLLM's loader cannot be fed from memory here (no safetensors.safe_open to serve)")
+    _local.served, _local.hit = (
+        (os.path.realpath(weights), _tensors(data, parse_safetensors_header(data, weights))),
+        False,
+    )
+    try:
+        yield
+    finally:
+        _local.served, _local.hit = None, False
 
 
 def _read_whole(path: Path) -> bytearray:

@@ -6,7 +6,9 @@ socket (or, without one, the ``hotswap_stage`` RPC): a thread reads the
 weights once (:mod:`.single_read`: hashed against READY from the same bytes
 vLLM's loader builds the adapter from), checks them, and writes them into a free LoRA slot
 (:mod:`.device_slots`), all while the engine runs; it reports back on the
-channel. The install of a new slot id comes on the channel too and only
+channel. After a publisher's written notice that work is mostly done before the
+commit: the read ahead built the adapter into a free slot (:mod:`.prepare_ahead`)
+and staging adopts it once ``READY`` matches both files it was built from. The install of a new slot id comes on the channel too and only
 flips the slot's mapping, also while the engine runs: no request maps to
 that id before the install answers. The other methods (and installs that
 need more than a flip) reach the worker through ``collective_rpc("hotswap_*")``,
@@ -32,13 +34,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
 
 from ..store.records import STAGE_PHASES
 from . import single_read
+from .adapter_checks import checked_for_slots
 from .device_slots import DeviceSlotReservation, SlotWriter
+from .prepare_ahead import AdapterPreparer, PreparedAdapter
 from .read_ahead import READS_AHEAD
 from .single_read import SingleRead
 from .stage_channel import WorkerChannel
@@ -46,14 +49,6 @@ from .stage_channel import WorkerChannel
 logger = logging.getLogger("vllm.lora_hotswap")
 _original_load_adapter = WorkerLoRAManager._load_adapter
 _by_manager: weakref.WeakKeyDictionary[Any, WorkerHotSwap] = weakref.WeakKeyDictionary()
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` holds no NaN or inf. A NaN or inf in it makes its sum NaN or inf, so a
-    finite sum settles it in one reduction (a fifth of the element-wise check's time on a
-    staging's worth of LoRA tensors); only a sum that is not finite (a bad value, or an
-    overflow of finite ones) is checked element by element."""
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def _load_adapter(manager: WorkerLoRAManager, lora_request: LoRARequest):
@@ -127,6 +122,12 @@ class WorkerHotSwap:
         self.single_reads = 0  # stages whose weights vLLM built from the one read that was hashed
         self._lock = threading.Lock()  # guards staging and the entries' states
         self.slots = SlotWriter(self.manager)
+        self.preparer = AdapterPreparer(
+            functools.partial(_original_load_adapter, self.worker_manager),
+            lambda lora: checked_for_slots(self.manager, lora),
+            self.slots,
+        )
+        self.prepared_ahead = 0  # stages that adopted an adapter built and put in a slot ahead of its commit
         _by_manager[self.worker_manager] = self
         self.channel: WorkerChannel | None = None
         parallel = worker.vllm_config.parallel_config
@@ -137,7 +138,9 @@ class WorkerHotSwap:
         try:
             if self.channel is None or str(self.channel.path.parent) != directory:
                 # Without vLLM's loader fed from memory, staging reads the file itself: no read ahead.
-                read_ahead = READS_AHEAD.start if single_read.INSTALLED else None
+                read_ahead = (
+                    functools.partial(READS_AHEAD.start, prepare=self.preparer) if single_read.INSTALLED else None
+                )
                 self.channel = WorkerChannel(directory, self.label, self.stage, self.install_off_step, read_ahead)
         except OSError as exc:
             logger.warning("hot-swap: worker %s cannot bind the stage channel (%s); staging by RPC", self.label, exc)
@@ -170,24 +173,30 @@ class WorkerHotSwap:
             # it builds the adapter from the one read of the weight file, hashed first.
             with read:
                 marks.append(time.perf_counter())
-                lora = _original_load_adapter(self.worker_manager, request)
+                prepared = read.prepared  # built (and written into a slot) from the bytes read ahead
+                lora = (
+                    prepared.adopt(entry.lora_id) if prepared else _original_load_adapter(self.worker_manager, request)
+                )
             marks.append(time.perf_counter())
             self.single_reads += read.from_memory
-            self._check_finite(lora)
-            self._check_fits(lora)
-            # Pack q/k/v (etc.) and fold in the scaling now, off the loop.
-            self.manager._create_merged_loras_inplace(lora)
-            nbytes = sum(_nbytes(w.lora_a) + _nbytes(w.lora_b) for w in lora.loras.values())
+            self.prepared_ahead += prepared is not None
+            nbytes = prepared.nbytes if prepared else checked_for_slots(self.manager, lora)
             read.verify()  # the bytes it was built from are the ones READY hashed: only then a slot
             marks.append(time.perf_counter())
-            slot = self.slots.reserve()
-            if slot is not None and not self.slots.write(slot, lora):
-                slot = None  # vLLM needed the slot meanwhile: the install copies in the step
+            slot = self._slot_of(prepared)
+            if slot is None:
+                slot = self.slots.reserve()
+                if slot is not None and not self.slots.write(slot, lora):
+                    slot = None  # vLLM needed the slot meanwhile: the install copies in the step
             marks.append(time.perf_counter())
             entry.timings = {phase: end - start for phase, start, end in zip(STAGE_PHASES, marks, marks[1:])}
+            if prepared:
+                entry.timings["built_ahead"] = prepared.seconds  # off the critical path, before the stage
         except BaseException as exc:  # noqa: BLE001 - reported to the controller, never raised here
             if slot is not None:
                 self.slots.release(slot)
+            if read.prepared is not None:
+                read.prepared.discard()  # its slot, unless it was taken above
             error: BaseException = exc
             try:
                 read.verify()  # a torn or replaced file explains any failure best
@@ -228,38 +237,16 @@ class WorkerHotSwap:
         entry = self.staging.get((lora_id, path))
         return entry.status() if entry is not None else _Staged(lora_id, name, path).status()  # removed meanwhile
 
-    @staticmethod
-    def _check_finite(lora: Any) -> None:
-        for module, weights in lora.loras.items():
-            for tensor in (weights.lora_a, weights.lora_b):
-                if tensor is not None and not all_finite(tensor):
-                    raise ValueError(f"LoRA weights of {module} hold NaN or inf")
-
-    def _check_fits(self, lora: Any) -> None:
-        """Shapes against the model's layers, so an adapter for another base model
-        is refused here instead of being copied half into a slot."""
-        manager = self.manager
-        packed = {sub: (name, i) for name, subs in manager.packed_modules.items() for i, sub in enumerate(subs)}
-        for module_name, weights in lora.loras.items():
-            target, index = packed.get(module_name, (module_name, None))
-            layer = getattr(manager.modules.get(target), "base_layer", None)
-            if layer is None or weights.lora_a is None or weights.lora_b is None:
-                continue
-            in_size = getattr(layer, "input_size", None)
-            if isinstance(in_size, int) and weights.lora_a.shape[-1] != in_size:
-                raise ValueError(
-                    f"{module_name}: lora_A takes {weights.lora_a.shape[-1]} inputs, the model's layer {in_size} "
-                    "(adapter made for a different base model?)"
-                )
-            sizes = (
-                getattr(layer, "output_sizes", None) if index is not None else [getattr(layer, "output_size", None)]
-            )
-            if getattr(layer, "num_kv_head_replicas", 1) == 1 and sizes and isinstance(sizes[index or 0], int):
-                if weights.lora_b.shape[0] != sizes[index or 0]:
-                    raise ValueError(
-                        f"{module_name}: lora_B gives {weights.lora_b.shape[0]} outputs, the model's layer "
-                        f"{sizes[index or 0]} (adapter made for a different base model?)"
-                    )
+    def _slot_of(self, prepared: PreparedAdapter | None) -> DeviceSlotReservation | None:
+        """The slot an adapter built ahead was written into, if vLLM did not take it since."""
+        slot = prepared.take_slot() if prepared else None
+        if slot is None:
+            return None
+        with self.slots.lock:
+            if self.slots.claimable(slot):
+                return slot
+        self.slots.release(slot)
+        return None
 
     # -- between steps (collective RPCs) -----------------------------------------------
     def install_many(self, items: list[list[Any]]) -> dict[str, Any]:
@@ -391,16 +378,12 @@ class WorkerHotSwap:
             "reads_ahead": READS_AHEAD.started,  # weight files read ahead of their commit, on notice
             "reads_ahead_taken": READS_AHEAD.taken,  # stages that started from such a read
             "reads_ahead_discarded": READS_AHEAD.discarded,  # failed, or not the announced bytes
+            "built_ahead": self.preparer.built,  # adapters built (and put in a free slot) from reads ahead
+            "prepared_ahead": self.prepared_ahead,  # stages that adopted one (no load, no checks)
             "slot_writes": self.slots.writes,  # adapters written into a slot while staging
             "step_copies": self.step_copies,  # installs that copied in the step instead
             "slots_lost": self.slots.lost,  # reserved slots vLLM took back for a step
         }
-
-
-def _nbytes(tensor: Any) -> int:
-    if isinstance(tensor, list):
-        return sum(_nbytes(t) for t in tensor)
-    return tensor.numel() * tensor.element_size() if tensor is not None else 0
 
 
 def hotswap_of(worker: Any) -> WorkerHotSwap:
