@@ -101,10 +101,13 @@ def first_token(server: Server, model: str) -> None:
     server.http.post("/v1/completions", json=body).raise_for_status()
 
 
-def ours(model: Any, servers: list[Server], store: CheckpointStore, adapter: str, steps: int) -> PathSteps:
+def ours(
+    model: Any, servers: list[Server], store: CheckpointStore, adapter: str, steps: int, *, durable: bool = True
+) -> PathSteps:
     """Publish (save into staging, commit, notify) → a first token of ``adapter@version`` on
     every server, one step per ``next``; returns the trainer's phases and the last engine's
-    swap phases of each step."""
+    swap phases of each step. ``durable``: the publications' (False: no fsync, as
+    ``HotSwapCallback(durable=False)``)."""
     from trl_callbacks.adapter_files import save_adapter
     from vllm_lora_hotswap.notify import WAIT_PATH, CommitNotifier
 
@@ -122,7 +125,7 @@ def ours(model: Any, servers: list[Server], store: CheckpointStore, adapter: str
         for _ in range(steps):
             _step(model, generator)
             started = time.perf_counter()
-            staged = store.open_version(adapter)
+            staged = store.open_version(adapter, durable=durable)
             save_adapter(model, staged)  # HotSwapCallback's save
             notifier.notify_written(adapter, staged)  # and its notice: the engines read ahead
             saved = time.perf_counter()
@@ -327,10 +330,14 @@ def write(results: dict[str, Any], out: Path) -> Path:
         ("ours", "ours: adapter through the store", 2),
         ("ours_vllm_spin", "ours, engines with vLLM's own idle spin (1 s)", 2),
         ("ours_one_engine", "ours: adapter through the store", 1),
+        ("ours_not_durable", "ours, `durable=False` (no fsync)", 2),
+        ("ours_one_engine_not_durable", "ours, `durable=False` (no fsync)", 1),
         ("trl_async_load_lora", "TRL AsyncGRPOTrainer: /v1/load_lora_adapter", 1),
         ("trl_merged_gloo", "TRL GRPOTrainer: merge + full-weight push (gloo, as NCCL cannot run here)", 1),
     )
     for key, label, engines in rows:
+        if key not in sync:
+            continue
         lines.append(f"| {label} | {engines} | {sync[key]['p50']:.3f} s | {sync[key]['max']:.3f} s |")
     trl = sync["trl_async_load_lora"]["p50"]
     two, one = sync["ours"]["p50"] / trl, sync["ours_one_engine"]["p50"] / trl
@@ -339,6 +346,11 @@ def write(results: dict[str, Any], out: Path) -> Path:
         f"Ours ÷ TRL AsyncGRPO (p50): {two:.2f} on 2 engines (target ≤ 1.0), {one:.2f} on 1 engine (target ≤ 0.8); "
         f"{sync['ours_vllm_spin']['p50'] / trl:.2f} on 2 engines with vLLM's own idle spin",
     ]
+    if "ours_not_durable" in sync:
+        lines[-1] += (
+            f"; with `durable=False` {sync['ours_not_durable']['p50'] / trl:.2f} on 2 engines, "
+            f"{sync['ours_one_engine_not_durable']['p50'] / trl:.2f} on 1"
+        )
     lines += ["", *_phase_table(sync)]
     adopted = ", ".join(
         f"{label} {sync[key]['built_ahead_steps']} of {results['steps']}"
@@ -395,7 +407,16 @@ PHASE_ROWS = (
 
 
 def _phase_table(sync: dict[str, Any]) -> list[str]:
-    columns = (("ours", "2 engines"), ("ours_one_engine", "1 engine"), ("ours_vllm_spin", "2 engines, vLLM's spin"))
+    columns = tuple(
+        (key, label)
+        for key, label in (
+            ("ours", "2 engines"),
+            ("ours_one_engine", "1 engine"),
+            ("ours_one_engine_not_durable", "1 engine, durable=False"),
+            ("ours_vllm_spin", "2 engines, vLLM's spin"),
+        )
+        if key in sync
+    )
     lines = [
         "Where a step of ours goes (p50 of each phase, ms; the engine's phases are the last engine's to serve):",
         "",
@@ -472,6 +493,8 @@ def run(out: Path, cache: Path = CACHE, *, quick: bool = False) -> Path:
             {
                 "ours": ours(model, [first, second], store, ADAPTER, steps),
                 "ours_one_engine": ours(model, [first], store, SOLO, steps),
+                "ours_not_durable": ours(model, [first, second], store, ADAPTER, steps, durable=False),
+                "ours_one_engine_not_durable": ours(model, [first], store, SOLO, steps, durable=False),
                 "trl_async_load_lora": async_grpo(model, first, tmp / "async-adapters", steps),
             }
         )

@@ -178,20 +178,25 @@ def test_publisher_killed_at_random_points_never_leaves_a_partial_ready_version(
     assert report.abandoned and not list(staging.iterdir())
 
 
-@pytest.mark.parametrize("from_memory", [True, False], ids=["write_weights", "save_file"])
+@pytest.mark.parametrize(
+    ("from_memory", "durable"),
+    [(True, True), (False, True), (True, False)],
+    ids=["write_weights", "save_file", "write_weights-not-durable"],
+)
 def test_publisher_in_place_killed_before_each_step_never_leaves_a_torn_or_half_visible_version(
-    store: CheckpointStore, tmp_path: Path, from_memory: bool
+    store: CheckpointStore, tmp_path: Path, from_memory: bool, durable: bool
 ) -> None:
     """A publish straight into the store (``open_version``; the weights through ``write_weights``
-    as ``HotSwapCallback`` saves them, or saved into the staging directory) SIGKILLed just
-    before each of its file-system calls in turn: after each kill every version directory is
-    a whole READY version, LATEST names one, and the only leftovers are in ``.staging``,
-    which gc removes."""
+    as ``HotSwapCallback`` saves them, or saved into the staging directory; with every fsync or,
+    ``durable=False``, none) SIGKILLed just before each of its file-system calls in turn: after
+    each kill every version directory is a whole READY version, LATEST names one, and the only
+    leftovers are in ``.staging``, which gc removes."""
     source = write_lora(tmp_path / "src", rank=16, hidden=512, layers=8)
     assert (source / "adapter_model.safetensors").stat().st_size > _WRITE_IN_THREAD_BYTES  # written by a thread
     adapter_dir = store.adapter_dir("lora1")
     committed = []  # per kill: whether its version was committed before it
-    for step, steps in kill_at_every_step(store, source, from_memory=from_memory):  # noqa: B007 - steps is read after the loop
+    kills = kill_at_every_step(store, source, from_memory=from_memory, durable=durable)
+    for step, steps in kills:  # noqa: B007 - steps is read after the loop
         names = sorted(p.name for p in adapter_dir.iterdir() if not p.name.startswith(".") and p.is_dir())
         assert names == store.versions("lora1"), f"killed before step {step}: a version directory without READY"
         for version in names:
@@ -205,6 +210,25 @@ def test_publisher_in_place_killed_before_each_step_never_leaves_a_torn_or_half_
     assert any(staging.iterdir()), "no kill left a partial write"
     store.gc(grace=0)
     assert not list(staging.iterdir())
+
+
+def test_a_version_published_without_durability_makes_no_fsync_and_is_the_same_version(
+    store: CheckpointStore, lora: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(lora / "adapter_model.safetensors")
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    for durable in (True, False):
+        synced.clear()
+        with store.open_version("lora1", durable=durable) as staged:
+            staged.write_weights({k: TensorBytes("F32", tuple(t.shape), t.numpy()) for k, t in tensors.items()})
+            (staged.path / "adapter_config.json").write_bytes((lora / "adapter_config.json").read_bytes())
+        assert bool(synced) == durable, f"durable={durable}: {len(synced)} fsyncs"
+        info = store.validate("lora1", staged.version)  # the same whole READY version either way
+        assert store.active_version("lora1") == staged.version == info.version
 
 
 def test_open_version_commits_on_a_clean_exit_and_publishes_nothing_on_an_exception(

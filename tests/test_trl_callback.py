@@ -333,6 +333,7 @@ def test_unknown_metric_raises_on_the_first_log_of_its_kind(tmp_path: Path, peft
         ({"keep": 1.5}, "keep must be a positive integer or None, got 1.5"),
         ({"metric": ""}, "metric must be a non-empty metric name, got ''"),
         ({"on_improvement": "yes"}, "on_improvement must be True or False, got 'yes'"),
+        ({"durable": "no"}, "durable must be True or False, got 'no'"),
         ({"on_improvement": False}, "nothing would be published"),
         ({"metadata": {"version": 3}}, r"metadata keys \['version'\] are reserved"),
         ({"metadata": {"reward": 3}}, r"metadata keys \['reward'\] are reserved"),

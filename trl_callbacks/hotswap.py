@@ -136,6 +136,12 @@ class HotSwapCallback(TrainerCallback):
             off the training thread. `FleetRollout` adds its URLs.
         api_key (`str`, *optional*):
             The `engines`' `--api-key`.
+        durable (`bool`, *optional*, defaults to `True`):
+            Fsync every version before and after it becomes visible, so that it survives a power loss. `False`
+            skips every fsync, for versions published at every RL step (TRL's own adapter path does not sync
+            either): a killed trainer still never leaves a torn or half-visible version, but an OS crash or power
+            loss may lose the last versions, or leave one whose files are short, which every engine refuses
+            (its `READY` sha256 does not match) while serving the version before it.
 
     Example:
 
@@ -172,6 +178,7 @@ class HotSwapCallback(TrainerCallback):
         weight_sync: WeightSyncClient | None = None,
         engines: Sequence[str] | None = None,
         api_key: str | None = None,
+        durable: bool = True,
     ):
         if weight_sync is not None and not callable(getattr(weight_sync, "update_model_weights", None)):
             raise ValueError(f"weight_sync must have an update_model_weights(model) method, got {weight_sync!r}")
@@ -187,7 +194,12 @@ class HotSwapCallback(TrainerCallback):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         if isinstance(min_delta, bool) or not isinstance(min_delta, int | float) or not 0 <= min_delta < math.inf:
             raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
-        for name, flag in (("on_improvement", on_improvement), ("publish_on_train_end", publish_on_train_end)):
+        flags = (
+            ("on_improvement", on_improvement),
+            ("publish_on_train_end", publish_on_train_end),
+            ("durable", durable),
+        )
+        for name, flag in flags:
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         for name, count in (("every_n_steps", every_n_steps), ("keep", keep)):
@@ -206,6 +218,7 @@ class HotSwapCallback(TrainerCallback):
         self.every_n_steps = every_n_steps
         self.publish_on_train_end = publish_on_train_end
         self.keep = keep
+        self.durable = durable
         self.metadata = _check_static_metadata(metadata)
         self.weight_sync = weight_sync
         self.publications: list[Publication] = []
@@ -374,7 +387,7 @@ class HotSwapCallback(TrainerCallback):
                 if not state.is_world_process_zero:
                     return
                 doing = f"publishing {self.adapter} into {self.store.root}"
-                staged = self.store.open_version(self.adapter)
+                staged = self.store.open_version(self.adapter, durable=self.durable)
                 doing = "saving the adapter"
                 save_adapter(model, staged)
             self.notifier.notify_written(self.adapter, staged)  # engines read it while it commits

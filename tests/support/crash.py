@@ -64,11 +64,14 @@ def kill_publishes(store: CheckpointStore, src: Path, trials: int, seed: int = 0
 _STEP_CALLS = ("open", "mkdir", "write", "fsync", "fchmod", "rename", "replace", "unlink", "scandir")
 
 
-def _publish_in_place(root: str, src: str, from_memory: bool, kill_at: int, ready: Any, go: Any, steps: Any) -> None:
+def _publish_in_place(
+    root: str, src: str, from_memory: bool, kill_at: int, ready: Any, go: Any, steps: Any, durable: bool = True
+) -> None:
     """Save ``src``'s checkpoint straight into a staged version and commit it: the weights from
     memory through ``write_weights`` (``from_memory``, as ``HotSwapCallback`` saves) or by
     safetensors' ``save_file`` into its directory, then a JSON config; SIGKILL this process just
-    before its ``kill_at``-th file-system call (0: never; ``steps`` gets the count)."""
+    before its ``kill_at``-th file-system call (0: never; ``steps`` gets the count). ``durable``:
+    the staged version's (False: no fsync at all)."""
     import builtins
     import json
 
@@ -97,7 +100,7 @@ def _publish_in_place(root: str, src: str, from_memory: bool, kill_at: int, read
     save_to = counted(save_file)  # one step: the Rust writer's own calls are not seen
     ready.set()
     go.wait()
-    with store.open_version("lora1", {"kill_at": kill_at}) as staged:
+    with store.open_version("lora1", {"kill_at": kill_at}, durable=durable) as staged:
         if from_memory:  # its writes (in write_weights' thread) are counted one os.write at a time
             staged.write_weights(
                 {k: TensorBytes("F32", tuple(t.shape), t.numpy()) for k, t in tensors.items()}, {"format": "pt"}
@@ -109,7 +112,9 @@ def _publish_in_place(root: str, src: str, from_memory: bool, kill_at: int, read
     steps.value = count
 
 
-def kill_at_every_step(store: CheckpointStore, src: Path, *, from_memory: bool) -> Iterator[tuple[int, int]]:
+def kill_at_every_step(
+    store: CheckpointStore, src: Path, *, from_memory: bool, durable: bool = True
+) -> Iterator[tuple[int, int]]:
     """Publish ``src`` in place (:func:`_publish_in_place`, the weights ``from_memory`` or not) twice, counting the second's file-system calls,
     then once more per call with a SIGKILL just before it: yields ``(step, steps)`` after each
     killed publish ended. Children come from a fork server, as in :func:`kill_publishes`."""
@@ -119,7 +124,8 @@ def kill_at_every_step(store: CheckpointStore, src: Path, *, from_memory: bool) 
     def run(kill_at: int) -> tuple[int, int]:
         ready, go, steps = context.Event(), context.Event(), context.Value("i", 0)
         process = context.Process(
-            target=_publish_in_place, args=(str(store.root), str(src), from_memory, kill_at, ready, go, steps)
+            target=_publish_in_place,
+            args=(str(store.root), str(src), from_memory, kill_at, ready, go, steps, durable),
         )
         process.start()
         ready.wait(60)

@@ -79,16 +79,18 @@ def write_new_file(path: Path, *parts: Any, sync: bool = True) -> int:
     return size
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so readers see the old or the new content, never a mix."""
+def atomic_write(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new content, never a mix;
+    durable (file and directory fsynced) unless ``sync`` is false."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
-        write_new_file(tmp, data)
+        write_new_file(tmp, data, sync=sync)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
 
 
 def copy_and_hash(src: Path, dst: Path) -> tuple[int, str]:

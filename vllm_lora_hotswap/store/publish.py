@@ -66,6 +66,7 @@ class CopiedVersion:
     config: AdapterConfig
     extra: dict[str, Any]
     digests: dict[str, FileDigest]
+    durable: bool = True  # False: no fsync anywhere (StagedVersion's durable=False)
 
 
 def copy_in(
@@ -136,10 +137,12 @@ def _rename_into_place(copied: CopiedVersion, clock: Callable[[], datetime], new
         # Written in place, not atomically: nobody reads these two in the staging directory,
         # and its one fsync below makes both names durable before the rename publishes them.
         encoded = (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode()
-        write_new_file(staging / METADATA_FILE, encoded)
+        durable = copied.durable
+        write_new_file(staging / METADATA_FILE, encoded, sync=durable)
         digests[METADATA_FILE] = FileDigest(len(encoded), hashlib.sha256(encoded).hexdigest())
-        write_new_file(staging / READY_FILE, ReadyManifest(files=digests).to_json())
-        fsync_dir(staging)
+        write_new_file(staging / READY_FILE, ReadyManifest(files=digests).to_json(), sync=durable)
+        if durable:
+            fsync_dir(staging)
         try:
             os.rename(staging, adapter_dir / version)
         except OSError as exc:
@@ -147,8 +150,9 @@ def _rename_into_place(copied: CopiedVersion, clock: Callable[[], datetime], new
                 newest = version
                 continue
             raise
-        fsync_dir(adapter_dir)
-        atomic_write(adapter_dir / LATEST_FILE, version.encode())
+        if durable:
+            fsync_dir(adapter_dir)
+        atomic_write(adapter_dir / LATEST_FILE, version.encode(), sync=durable)
         (adapter_dir / RETIRED_FILE).unlink(missing_ok=True)
         return version
     raise StoreError(f"could not allocate a version name under {adapter_dir}")

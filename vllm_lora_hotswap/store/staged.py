@@ -89,9 +89,12 @@ class _WrittenWeights:
     specs: dict[str, TensorSpec]
     sync: threading.Thread | None
     sync_errors: list[OSError]
+    durable: bool = True  # False: never fsynced
 
     def synced(self) -> None:
         """Wait for the file's fsync (or make it); raise its error."""
+        if not self.durable:
+            return
         if self.sync is None:
             _fsync(self.path)
             return
@@ -118,8 +121,11 @@ class StagedVersion:
         metadata: Mapping[str, Any] | None,
         clock: Callable[[], datetime],
         versions: Callable[[], list[str]],
+        *,
+        durable: bool = True,
     ):
         self.adapter = adapter
+        self.durable = durable
         self.version: str | None = None
         self.timings: dict[str, float] = {}
         self._root, self._adapter_dir, self._clock, self._versions = root, adapter_dir, clock, versions
@@ -191,8 +197,8 @@ class StagedVersion:
                 return
             finally:
                 written.set()  # the caller's buffers are free from here
-            if not in_thread:
-                return  # the commit fsyncs it (off the training thread, for the callback)
+            if not in_thread or not self.durable:
+                return  # the commit fsyncs it (off the training thread, for the callback), if durable
             try:  # synced now, beside the hash, the config's save and the commit's start
                 _fsync(path)
             except OSError as exc:
@@ -215,7 +221,7 @@ class StagedVersion:
             reason = getattr(errors[0], "strerror", None) or errors[0]
             raise StoreError(f"writing {path} failed: {reason}") from errors[0]
         self._written = _WrittenWeights(
-            path, FileDigest(size, digest.hexdigest()), specs, writer if in_thread else None, sync_errors
+            path, FileDigest(size, digest.hexdigest()), specs, writer if in_thread else None, sync_errors, self.durable
         )
         self.timings["write+hash"] = time.perf_counter() - started
 
@@ -229,7 +235,7 @@ class StagedVersion:
         try:
             extra = self._metadata if metadata is None else check_metadata(metadata)
             started = time.perf_counter()
-            config, digests = seal(self.path, self._written)
+            config, digests = seal(self.path, self._written, durable=self.durable)
             sealed = time.perf_counter()
         except OSError as exc:
             self.abort()
@@ -239,7 +245,7 @@ class StagedVersion:
         except BaseException:
             self.abort()
             raise
-        copied = CopiedVersion(self.adapter, self._adapter_dir, self.path, None, config, extra, digests)
+        copied = CopiedVersion(self.adapter, self._adapter_dir, self.path, None, config, extra, digests, self.durable)
         self.version = commit(self._root, copied, self._clock, self._versions)  # removes the staging dir on failure
         self.timings.update({"check+hash+fsync": sealed - started, "commit": time.perf_counter() - sealed})
         return self.version
@@ -250,9 +256,12 @@ class StagedVersion:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def seal(staging: Path, written: _WrittenWeights | None = None) -> tuple[AdapterConfig, dict[str, FileDigest]]:
+def seal(
+    staging: Path, written: _WrittenWeights | None = None, *, durable: bool = True
+) -> tuple[AdapterConfig, dict[str, FileDigest]]:
     """Check the checkpoint written into ``staging`` as :func:`validate_checkpoint_dir` does,
-    hash each file from the same read, and make each 0644 and durable (fsync). ``written``:
+    hash each file from the same read, and make each 0644 and durable (fsync; not with
+    ``durable=False``). ``written``:
     what :meth:`StagedVersion.write_weights` learnt while writing the weight file, which
     stands for reading it (its size on disk is still checked)."""
     weights = find_weight_file(staging)
@@ -269,7 +278,7 @@ def seal(staging: Path, written: _WrittenWeights | None = None) -> tuple[Adapter
     errors: list[OSError] = []
     try:
         try:
-            config_bytes = _read_then_sync(config_path, syncs, errors)
+            config_bytes = _read_then_sync(config_path, syncs, errors, durable=durable)
         except FileNotFoundError:
             raise InvalidCheckpointError(f"{config_path}: missing (a PEFT LoRA needs adapter_config.json)") from None
         config = parse_adapter_config(config_bytes, str(config_path))
@@ -284,7 +293,9 @@ def seal(staging: Path, written: _WrittenWeights | None = None) -> tuple[Adapter
             check_lora_shapes(written.specs, config, str(weights))
             digests[weights.name] = written.digest
         elif weights.name == SAFETENSORS_FILE:
-            data = _read_then_sync(weights, syncs, errors)  # its fsync overlaps the checks and the hash
+            data = _read_then_sync(
+                weights, syncs, errors, durable=durable
+            )  # its fsync overlaps the checks and the hash
             specs = parse_safetensors_header(data, weights)
             check_lora_shapes(specs, config, str(weights))
             check_finite_bytes(data, specs, weights)
@@ -294,7 +305,7 @@ def seal(staging: Path, written: _WrittenWeights | None = None) -> tuple[Adapter
             check_lora_shapes(weight_specs(weights), config, str(weights))
             check_finite(weights)
             digests[weights.name] = FileDigest(*hash_file(weights))
-            _read_then_sync(weights, syncs, errors, keep=False)
+            _read_then_sync(weights, syncs, errors, keep=False, durable=durable)
     finally:
         for thread in syncs:
             thread.join()
@@ -311,17 +322,20 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _read_then_sync(path: Path, syncs: list[threading.Thread], errors: list[OSError], *, keep: bool = True) -> bytes:
+def _read_then_sync(
+    path: Path, syncs: list[threading.Thread], errors: list[OSError], *, keep: bool = True, durable: bool = True
+) -> bytes:
     """The file's bytes (when ``keep``); then it is made 0644 (whatever the writer's umask) and
-    fsynced: by a thread for a large file (appended to ``syncs``; its error to ``errors``), so
-    the fsync overlaps the checks and the hash; inline for a small one, whose fsync is quick and
-    whose thread would wait up to a GIL switch interval (5 ms) to finish."""
+    fsynced (if ``durable``): by a thread for a large file (appended to ``syncs``; its error to
+    ``errors``), so the fsync overlaps the checks and the hash; inline for a small one, whose
+    fsync is quick and whose thread would wait up to a GIL switch interval (5 ms) to finish."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
 
     def sync() -> None:
         try:
             os.fchmod(fd, FILE_MODE)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         except OSError as exc:
             errors.append(exc)
         finally:
@@ -332,7 +346,7 @@ def _read_then_sync(path: Path, syncs: list[threading.Thread], errors: list[OSEr
         if keep:
             with os.fdopen(os.dup(fd), "rb") as reader:
                 data = reader.read()
-        small = os.fstat(fd).st_size < _SYNC_IN_THREAD_BYTES
+        small = not durable or os.fstat(fd).st_size < _SYNC_IN_THREAD_BYTES
     except BaseException:
         os.close(fd)
         raise

@@ -320,15 +320,28 @@ class CheckpointStore:
             raise PartialPublishError(published, errors)
         return published
 
-    def open_version(self, adapter: str, metadata: Mapping[str, Any] | None = None) -> StagedVersion:
+    def open_version(
+        self, adapter: str, metadata: Mapping[str, Any] | None = None, *, durable: bool = True
+    ) -> StagedVersion:
         """A new version of ``adapter`` to write in place, with no second copy: write the PEFT
         LoRA into ``.path``, then commit (see :class:`StagedVersion`)::
 
             with store.open_version("lora1", {"step": 100}) as staged:
                 model.save_pretrained(staged.path)
+
+        ``durable=False`` skips every fsync (for versions published at every RL step): a
+        killed publisher still never leaves a torn or half-visible version, but an OS crash
+        or power loss may lose the last versions, or leave one whose files are short, which
+        every engine refuses (its ``READY`` sha256 does not match); see docs/publishing.md.
         """
         return StagedVersion(
-            self.root, self.adapter_dir(adapter), adapter, metadata, self._clock, lambda: self._version_names(adapter)
+            self.root,
+            self.adapter_dir(adapter),
+            adapter,
+            metadata,
+            self._clock,
+            lambda: self._version_names(adapter),
+            durable=durable,
         )
 
     def _copy_in(
