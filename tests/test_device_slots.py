@@ -122,6 +122,35 @@ def test_without_a_free_slot_the_least_recently_used_idle_adapter_gives_its_slot
     assert slots.reserve() is None  # the batch uses the only adapter left in a slot
 
 
+def test_a_slot_held_ahead_of_a_commit_is_only_a_free_one_and_the_first_given_up() -> None:
+    """A slot for a version not committed yet (engine/prepare_ahead.py) never evicts an adapter;
+    a committed version's stage takes it before evicting an idle adapter, and so does vLLM's LRU
+    in a step; adopted by its own stage, it is an ordinary reservation again."""
+    manager = make_manager(slots=2)
+    slots = SlotWriter(manager)
+    for lora_id in (1, 2, 3):
+        register(manager, make_lora(lora_id, float(lora_id)))
+    manager.activate_adapter(1)
+    held = slots.reserve(ahead=True)
+    assert held is not None and held.ahead and slots.reserve(ahead=True) is None  # no free slot: no eviction
+    assert slots.write(held, make_lora(9, 9.0))
+    stage = slots.reserve()  # a committed version's stage: the slot held ahead goes first, adapter 1 stays
+    assert stage is not None and stage.index == held.index and held.lost
+    assert 1 in manager.lora_index_to_id and consistent(manager)
+    assert not slots.adopt(held)  # its own stage comes too late: it reserves again
+    slots.release(stage)
+    held = slots.reserve(ahead=True)
+    assert held is not None and slots.write(held, make_lora(9, 9.0))
+    manager.activate_adapter(2)  # a step needs a slot: vLLM's LRU takes the held one, though 1 is older
+    assert held.lost and manager.lora_index_to_id == [1, 2] and consistent(manager)
+    manager.deactivate_adapter(2)
+    held = slots.reserve(ahead=True)
+    assert held is not None and slots.write(held, make_lora(9, 9.0)) and slots.adopt(held) and not held.ahead
+    register(manager, make_lora(9, 9.0))
+    assert slots.claim(held, 9, replace=False) and slot_values(manager, held.index) == {9.0}
+    assert consistent(manager)
+
+
 def test_vllm_taking_a_reserved_slot_stops_the_write_and_the_install_copies_instead() -> None:
     manager = make_manager(slots=2)
     slots = SlotWriter(manager)

@@ -47,8 +47,8 @@ class FakeSlots:
     released: list[Any] = field(default_factory=list)
     written: list[Any] = field(default_factory=list)
 
-    def reserve(self, *, evict: bool = True) -> Any:
-        assert not evict  # a version that may never be committed never evicts an adapter
+    def reserve(self, *, ahead: bool = False) -> Any:
+        assert ahead  # a version that may never be committed never evicts an adapter
         if self.free == 0:
             return None
         self.free -= 1
@@ -61,6 +61,8 @@ class FakeSlots:
         return True
 
     def release(self, slot: Any) -> None:
+        # The real release waits for the slot lock, which a step may hold: never under the reads' lock.
+        assert not read_ahead.READS_AHEAD._lock.locked()
         self.released.append(slot)
         self.free += 1
 
@@ -179,11 +181,12 @@ def test_no_free_slot_or_no_config_or_a_failing_build(tmp_path: Path) -> None:
     with SingleRead(directory) as read:
         pass
     assert read.prepared is not None and read.prepared.take_slot() is None and preparer.built == 1
-    # No config in the staging directory yet: nothing built, the bytes are not kept.
+    # No config in the staging directory yet: nothing built, the bytes are kept for staging.
     staged = store.open_version("lora1")
     (staged.path / "adapter_model.safetensors").write_bytes((source / "adapter_model.safetensors").read_bytes())
     sha, preparer = _prepare_ahead(staged, FakeSlots())
-    assert preparer.failed == 1 and read_ahead.READS_AHEAD.take(sha) is None
+    assert preparer.failed == 1
+    assert read_ahead.READS_AHEAD.take(sha) == (source / "adapter_model.safetensors").read_bytes()
     staged.abort()
     # vLLM's loader refuses it (a module this model lacks): nothing built; staging says why.
     bad = write_lora(tmp_path / "bad", modules=("q_proj", "not_a_module"), seed=3)

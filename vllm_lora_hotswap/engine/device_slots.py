@@ -78,6 +78,7 @@ class DeviceSlotReservation:
     key: int  # its entry in lora_index_to_id while reserved
     lost: bool = False  # vLLM's LRU took the slot
     written: bool = False
+    ahead: bool = False  # held for a version not committed yet (prepare_ahead): the first slot to give up
     event: Any = None  # CUDA: recorded after the copy; the install's stream waits on it
     lock: threading.Lock = field(default_factory=threading.Lock)  # held for one module's copy
 
@@ -102,23 +103,36 @@ class SlotWriter:
         self.lost = 0  # reservations vLLM's LRU took back
 
     # -- on the staging thread ---------------------------------------------------------
-    def reserve(self, *, evict: bool = True) -> DeviceSlotReservation | None:
-        """A free slot, else (``evict``) the slot of the least recently used adapter that the
-        running batch does not use; None when there is none (the install then copies in the step)."""
+    def reserve(self, *, ahead: bool = False) -> DeviceSlotReservation | None:
+        """A free slot; else (unless ``ahead``, a slot for a version not committed yet) the slot
+        held for such a version, else that of the least recently used adapter that the running
+        batch does not use; None when there is none (the install then copies in the step).
+        A slot held ahead is also the first that vLLM's own LRU takes for a step."""
         manager = self.manager
         with self.lock:
             index = next((i for i, held in enumerate(manager.lora_index_to_id) if held is None), None)
+            if index is None and not ahead:
+                index = self._take_held_ahead()
             if index is None:
-                idle = self._least_recently_used_idle() if evict else None
+                idle = None if ahead else self._least_recently_used_idle()
                 if idle is None:
                     return None
                 manager.deactivate_adapter(idle)  # vLLM copies it back in if a request needs it again
                 index = manager.lora_index_to_id.index(None)
-            reservation = DeviceSlotReservation(index, next(_reservation_ids))
+            reservation = DeviceSlotReservation(index, next(_reservation_ids), ahead=ahead)
             manager.lora_index_to_id[index] = reservation.key
             self._set_active(reservation.key)
+            if ahead:
+                self._make_least_recent(reservation.key)
             self.reserved[reservation.key] = reservation
             return reservation
+
+    def adopt(self, reservation: DeviceSlotReservation) -> bool:
+        """A slot held ahead now holds a committed version's stage: no longer given up first.
+        False if it was lost meanwhile (the caller releases it and reserves again)."""
+        with self.lock:
+            reservation.ahead = False
+            return self.claimable(reservation)
 
     def write(self, reservation: DeviceSlotReservation, lora: Any) -> bool:
         """Copy ``lora`` (merged, scaled) into the reserved slot; False if vLLM took it meanwhile."""
@@ -212,6 +226,25 @@ class SlotWriter:
             self._drop(reservation)
 
     # -- helpers (lock held) --------------------------------------------------------------
+    def _take_held_ahead(self) -> int | None:
+        """Free the slot of a reservation held ahead (its write stops at the next module); its index."""
+        held = next((r for r in self.reserved.values() if r.ahead), None)
+        if held is None:
+            return None
+        with held.lock:  # waits for a module copy in progress, no longer
+            held.lost = True
+        self.reserved.pop(held.key, None)
+        self._drop(held)
+        self.lost += 1
+        return held.index
+
+    def _make_least_recent(self, key: int) -> None:
+        """Put ``key`` first in line for vLLM's LRU eviction (cachetools' order, which vLLM's own
+        LRUCache uses); where that order is not there, it stays most recent."""
+        order = getattr(self.manager._active_adapters, "_LRUCache__order", None)
+        if order is not None and key in order:
+            order.move_to_end(key, last=False)
+
     def _least_recently_used_idle(self) -> int | None:
         """An adapter in a slot that the step running now does not read: its mapping was set
         at the step's start, under the lock this thread holds."""

@@ -83,15 +83,21 @@ class AdapterPreparer:
         self.built = 0  # adapters built ahead
         self.failed = 0  # reads ahead it could not build from (staging then builds, and says why)
 
-    def __call__(self, weights_path: str, directory: int, data: bytearray) -> PreparedAdapter | None:
+    def __call__(self, weights_path: str, directory: int, data: bytearray) -> PreparedAdapter | bytearray | None:
         """Build from ``data``, the bytes of ``weights_path``, with the config in ``directory``
-        (an open descriptor of the staging directory, which the commit may have renamed since)."""
+        (an open descriptor of the staging directory, which the commit may have renamed since).
+        ``data`` itself when no build could start (no config yet: staging still takes the bytes);
+        None when the build failed, since vLLM's loader may have scaled them in place."""
         start = time.perf_counter()
         try:
             config = _read_config(directory)
-            if config is None:
-                self.failed += 1
-                return None
+        except OSError as exc:
+            config = None
+            logger.debug("hot-swap: no config to build %s ahead of its commit (%s)", weights_path, exc)
+        if config is None:
+            self.failed += 1
+            return data
+        try:
             with tempfile.TemporaryDirectory(prefix="lora-hotswap-ahead-") as private:
                 # The config as hashed (the staging file could change after); an empty stand-in
                 # for the weights that vLLM's loader checks exists, then reads from ``data``.
@@ -105,7 +111,7 @@ class AdapterPreparer:
             self.failed += 1
             logger.debug("hot-swap: building %s ahead of its commit failed (%s)", weights_path, exc)
             return None
-        slot = self._slots.reserve(evict=False)
+        slot = self._slots.reserve(ahead=True)
         try:
             if slot is not None and not self._slots.write(slot, lora):
                 slot = None  # vLLM needed the slot meanwhile

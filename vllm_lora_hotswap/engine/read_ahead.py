@@ -59,16 +59,18 @@ class Prepared(Protocol):
 
 
 # The weight file's path, its directory (an open descriptor: valid after the commit renames the
-# directory, and only until the hook returns), and its bytes.
-Prepare = Callable[[str, int, bytearray], Prepared | None]
+# directory, and only until the hook returns), and its bytes; it returns what it made of them,
+# the bytes themselves untouched (it could not start), or None.
+Prepare = Callable[[str, int, bytearray], Prepared | bytearray | None]
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Entry:
     started: float  # time.monotonic()
     size: int
     # The bytes, once read and hashed to the sha256 (or what ``prepare`` made of them); None if not.
     data: Future[bytearray | Prepared | None]
+    abandoned: bool = False  # a stage gave up waiting for it: discarded once done; guarded by _lock
 
 
 def _discard(entries: list[_Entry]) -> None:
@@ -143,7 +145,11 @@ class ReadsAhead:
         try:
             data = entry.data.result(TAKE_PATIENCE_S)
         except FutureTimeout:  # a stuck read: staging reads the committed file instead
-            entry.data.add_done_callback(lambda _: _discard([entry]))  # what it prepares is never taken
+            with self._lock:  # what it prepares is never taken: discarded here, or by _read once done
+                entry.abandoned = True
+                done = entry.data.done()
+            if done:
+                _discard([entry])
             return None
         if data is not None:
             with self._lock:
@@ -183,7 +189,8 @@ class ReadsAhead:
             if data is None:
                 logger.debug("hot-swap: read ahead of %s: not the announced file; staging reads the commit", path)
             elif prepare is not None:
-                # None when it could not: the bytes may be half-scaled by then, so staging reads the commit.
+                # The bytes back if it could not start; None if it failed later (the bytes may be
+                # half-scaled by then), and staging reads the commit.
                 data = prepare(path, directory, data)
         except Exception as exc:  # noqa: BLE001 - a read ahead is only a hint: staging reads the file
             data = None
@@ -195,6 +202,9 @@ class ReadsAhead:
                 self._running_bytes -= entry.size
                 self.discarded += data is None
                 entry.data.set_result(data)
+                abandoned = entry.abandoned
+            if abandoned:
+                _discard([entry])
 
 
 def read_regular_file(path: str, size: int, *, dir_fd: int | None = None) -> bytearray | None:

@@ -242,9 +242,8 @@ class WorkerHotSwap:
         slot = prepared.take_slot() if prepared else None
         if slot is None:
             return None
-        with self.slots.lock:
-            if self.slots.claimable(slot):
-                return slot
+        if self.slots.adopt(slot):
+            return slot
         self.slots.release(slot)
         return None
 
