@@ -216,3 +216,24 @@ def test_a_commit_that_renames_the_staging_directory_mid_build_is_no_obstacle(tm
     with SingleRead(store.version_dir("lora1", versions[0])) as read:
         pass
     assert read.prepared is not None and read.prepared.take_slot() is slots.reserved[0]
+
+
+def test_a_notice_that_comes_after_the_commit_is_read_from_the_committed_version(tmp_path: Path) -> None:
+    """The commit renamed the staging directory before the worker got to it (the notice was
+    late): the worker reads the newest version whose READY gives the weight file that sha256."""
+    store, slots = CheckpointStore(tmp_path / "store"), FakeSlots()
+    store.publish("lora1", write_lora(tmp_path / "older", seed=1))  # an older version: not the one
+    staged = _staged_with(store, write_lora(tmp_path / "src"))
+    weights = staged.path / "adapter_model.safetensors"
+    sha, size = hashlib.sha256(weights.read_bytes()).hexdigest(), weights.stat().st_size
+    version = staged.commit()
+    preparer = AdapterPreparer(vllm_load, checked, slots)  # type: ignore[arg-type]
+    assert read_ahead.READS_AHEAD.start(str(weights), sha, size, prepare=preparer)
+    read_ahead.READS_AHEAD._entries[sha].data.result(30)
+    assert preparer.built == 1
+    with SingleRead(store.version_dir("lora1", version)) as read:
+        pass
+    assert read.prepared is not None and read.prepared.take_slot() is slots.reserved[0]
+    # A sha256 that no recent version has: nothing read, staging reads the commit.
+    assert read_ahead.READS_AHEAD.start(str(weights), "0" * 64, size, prepare=preparer)
+    assert read_ahead.READS_AHEAD.take("0" * 64) is None and preparer.built == 1

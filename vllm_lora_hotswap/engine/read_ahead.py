@@ -8,7 +8,8 @@ publisher that has just written the weight file (and hashed it,
 :meth:`StagedVersion.write_weights`) can say so at once:
 ``POST /v1/lora/notify`` with ``{"adapter", "written": {"staging", "sha256",
 "size"}}``. Each worker then reads that file from the staging directory and
-hashes it while the commit runs.
+hashes it while the commit runs (from the committed version instead, if the
+commit renamed the staging directory before the notice came).
 
 Trust: none in the notice. A read ahead is kept only if the bytes read hash to
 the sha256 the notice claims, and staging uses it only if the committed
@@ -41,6 +42,9 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
+
+from ..store.checkpoint import READY_FILE, parse_ready
+from ..store.errors import InvalidCheckpointError
 
 logger = logging.getLogger("vllm.lora_hotswap")
 MAX_BYTES = 4 << 30  # all reads ahead held at once, in bytes (a larger file is read at staging)
@@ -182,7 +186,7 @@ class ReadsAhead:
         directory = None
         try:
             # The directory first: the publisher's commit may rename it any moment now.
-            directory = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            directory = _open_staging_or_committed(path, sha256)
             data = read_regular_file(os.path.basename(path), entry.size, dir_fd=directory)
             if data is not None and hashlib.sha256(data).hexdigest() != sha256:
                 data = None
@@ -205,6 +209,34 @@ class ReadsAhead:
                 abandoned = entry.abandoned
             if abandoned:
                 _discard([entry])
+
+
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LOOK_BACK = 4  # newest versions of the adapter searched for a staging directory the commit renamed
+
+
+def _open_staging_or_committed(path: str, sha256: str) -> int:
+    """An open descriptor of the directory of ``path`` (``<adapter>/.staging/<id>/<weights>``),
+    or, when the commit has renamed it already (the notice came late), of the newest version
+    whose ``READY`` gives the weight file that sha256: the same bytes wherever they are read."""
+    staging = os.path.dirname(path)
+    try:
+        return os.open(staging, _DIRECTORY_FLAGS)
+    except FileNotFoundError:
+        adapter_dir = os.path.dirname(os.path.dirname(staging))
+        with os.scandir(adapter_dir) as entries:
+            names = sorted((e.name for e in entries if not e.name.startswith(".")), reverse=True)
+        for name in names[:_LOOK_BACK]:
+            version = os.path.join(adapter_dir, name)
+            try:
+                with open(os.path.join(version, READY_FILE), "rb") as reader:
+                    manifest = parse_ready(reader.read(1 << 20))
+            except (OSError, InvalidCheckpointError):
+                continue
+            digest = manifest.files.get(os.path.basename(path))
+            if digest is not None and digest.sha256 == sha256:
+                return os.open(version, _DIRECTORY_FLAGS)
+        raise
 
 
 def read_regular_file(path: str, size: int, *, dir_fd: int | None = None) -> bytearray | None:
