@@ -139,6 +139,7 @@ def ours(
             trainer_phases.append(
                 {
                     "save": saved - started,
+                    "write+hash": staged.timings["write+hash"],
                     "check+hash+fsync": sealed,
                     "commit": committed - saved - sealed,
                     "notice": noticed - committed,
@@ -387,6 +388,7 @@ _STAGE_LABELS = {
 # Where one step of ours goes, in order: the trainer's phases, then the last engine's swap.
 PHASE_ROWS = (
     ("trainer", "save", "trainer: save the adapter into the store's staging directory, hashed as written"),
+    ("trainer", "write+hash", "\u2003of which the weight file written, hashed and checked for NaN/inf"),
     (
         "trainer",
         "check+hash+fsync",

@@ -227,6 +227,11 @@ def test_a_notice_that_comes_after_the_commit_is_read_from_the_committed_version
     weights = staged.path / "adapter_model.safetensors"
     sha, size = hashlib.sha256(weights.read_bytes()).hexdigest(), weights.stat().st_size
     version = staged.commit()
+    # Three newer versions: the one announced is the fourth newest, behind LATEST and RETIRED
+    # in the listing (which are no versions and take no place in the look-back).
+    for seed in (2, 3, 4):
+        store.publish("lora1", write_lora(tmp_path / f"newer-{seed}", seed=seed))
+    (store.adapter_dir("lora1") / "RETIRED").write_text("")
     preparer = AdapterPreparer(vllm_load, checked, slots)  # type: ignore[arg-type]
     assert read_ahead.READS_AHEAD.start(str(weights), sha, size, prepare=preparer)
     read_ahead.READS_AHEAD._entries[sha].data.result(30)

@@ -1,17 +1,20 @@
 """A store of 200 adapters × 50 versions plus one adapter with 10,000 versions under a
-running engine: the poll stays O(adapters), the engine's decode rate holds, and a
-new version is still served within the poll interval."""
+running engine: the poll stays O(adapters), an idle engine stays idle (no retries, a few
+per cent of one core for the polls), and a new version is still served within the poll
+interval. The polls' cost is asserted in CPU seconds, not as a decode rate: two decode
+rates measured a minute apart on shared cores differ by more than the polls could cost."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import statistics
 import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psutil
 import pytest
 
 from hotswap_devkit.server import VllmServer
@@ -57,14 +60,16 @@ def _fill(store: CheckpointStore, adapter: str, template: Path, count: int, star
     (adapter_dir / "LATEST").write_text(version.name)
 
 
-def _decode_rate(engine: VllmServer, model: str) -> float:
-    """Tokens per second of one 96-token greedy completion, median of three."""
-    rates = []
-    for _ in range(3):
-        start = time.perf_counter()
-        engine.complete(model, PROMPTS[0], max_tokens=96, ignore_eos=True)
-        rates.append(96 / (time.perf_counter() - start))
-    return statistics.median(rates)
+def _cpu_seconds(engine: VllmServer) -> float:
+    """CPU seconds used so far by the engine's processes (API server, engine core, worker)."""
+    assert engine.process is not None
+    root = psutil.Process(engine.process.pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def test_200_adapters_and_10000_versions(scale_engine, make_lora, reference, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,7 +78,6 @@ def test_200_adapters_and_10000_versions(scale_engine, make_lora, reference, mon
     first = store.publish("deep", lora_v1)
     engine.wait_served("deep", first)
     engine.complete("deep", PROMPTS[0], max_tokens=4)  # warm
-    before = _decode_rate(engine, "deep")
 
     template = store.version_dir("deep", first)
     old = datetime(2020, 1, 1, tzinfo=UTC)
@@ -98,8 +102,16 @@ def test_200_adapters_and_10000_versions(scale_engine, make_lora, reference, mon
     assert states == {"serving": 8, "no-slot": ADAPTERS + 1 - 8}, (states, unexpected)
     assert engine.adapters()["deep"]["served_version"] == first
 
-    after = _decode_rate(engine, "deep")
-    assert after >= 0.75 * before, f"decode rate fell from {before:.1f} to {after:.1f} tokens/s"
+    # Idle with 10,200 versions in the store: every poll finds nothing new, no adapter waiting
+    # for a slot is tried again, and the polls cost a few per cent of one core (a quarter of
+    # one is the bound: CPU seconds, which a busy neighbour on the machine barely changes).
+    swaps = {name: a["last_swap"] for name, a in engine.adapters().items()}
+    cpu, start = _cpu_seconds(engine), time.monotonic()
+    time.sleep(10 * POLL_S)
+    share = (_cpu_seconds(engine) - cpu) / (time.monotonic() - start)
+    print(f"idle engine with {ADAPTERS + 1} adapters: {share:.1%} of one core")
+    assert {name: a["last_swap"] for name, a in engine.adapters().items()} == swaps
+    assert share < 0.25, f"the idle engine used {share:.0%} of one core"
 
     second = store.publish("deep", lora_v2)
     engine.wait_served("deep", second, timeout=30)

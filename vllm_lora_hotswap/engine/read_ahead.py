@@ -45,6 +45,7 @@ from typing import BinaryIO, Protocol
 
 from ..store.checkpoint import READY_FILE, parse_ready
 from ..store.errors import InvalidCheckpointError
+from ..store.names import is_version_name
 
 logger = logging.getLogger("vllm.lora_hotswap")
 MAX_BYTES = 4 << 30  # all reads ahead held at once, in bytes (a larger file is read at staging)
@@ -225,7 +226,7 @@ def _open_staging_or_committed(path: str, sha256: str) -> int:
     except FileNotFoundError:
         adapter_dir = os.path.dirname(os.path.dirname(staging))
         with os.scandir(adapter_dir) as entries:
-            names = sorted((e.name for e in entries if not e.name.startswith(".")), reverse=True)
+            names = sorted((e.name for e in entries if is_version_name(e.name)), reverse=True)
         for name in names[:_LOOK_BACK]:
             version = os.path.join(adapter_dir, name)
             try:

@@ -159,10 +159,13 @@ class SwapTransaction:
         # its shapes) gets a validation that leaves it unread: one read per engine, and the
         # digest still gates the install (a mismatch fails the stage).
         read_weights = not (staging and getattr(self.pipeline.engine, "hashes_while_staging", False))
+        started_at = time.time()  # the pipeline starts: detect ends here, validate's own time is its own
         self.info = store.validate(self.adapter, self.version, read_weights=read_weights)
         if self.make_current:  # since the store changed: a publish, or a pin/follow of an older version
+            # File times come from the kernel's coarse clock, which trails the wall clock by a few
+            # milliseconds: detect is an upper bound (docs/operations/observability.md).
             changed_at = max(self.info.ready_at, store.adapter_dir(self.adapter).stat().st_mtime)
-            self.timings["detect"] = max(0.0, time.time() - changed_at)
+            self.timings["detect"] = max(0.0, started_at - changed_at)
         check_compatible(self.info.config, self.pipeline.limits)
 
     def _stage(self) -> None:
