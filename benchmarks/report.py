@@ -237,7 +237,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# vllm-lora-hotswap benchmarks",
         "",
-        f"{'Quick run' if results['quick'] else 'Full run'} of {machine['date']}, {results['wall_seconds'] / 60:.1f} min. "
+        f"{'Quick run' if results['quick'] else 'Full run'} of {machine['date']}"
+        f"{' on commit ' + machine['commit'] if machine.get('commit') else ''}, {results['wall_seconds'] / 60:.1f} min. "
         f"{machine['cpu_model']}, {machine['logical_cores']} cores, {machine['memory_bytes'] / 2**30:.0f} GiB, "
         f"GPU: {machine['gpu'] or 'none'}; torch {machine['torch']}, vLLM {machine['vllm']}, Python {machine['python']}.",
         "Load average (1 min) when each benchmark started: "
