@@ -8,7 +8,10 @@ from the new weights, as the next rollout batch needs:
 
 - **ours, 2 engines and 1 engine**: ``HotSwapCallback``'s path: save the adapter (its config and
   weights, as ``trl_callbacks.adapter_files.save_adapter`` writes them: the weights hashed while
-  they are written) straight into the store's staging directory, commit it, notify the engines (``POST /v1/lora/notify``), wait
+  they are written, the engines told of them before their floats are checked) straight into the
+  store's staging directory, over the spare one made after the step before
+  (``CheckpointStore.prepare_next``; a one-engine path without it runs beside), commit it,
+  notify the engines (``POST /v1/lora/notify``), wait
   on each (``GET /v1/lora/wait?sampling=1``, as ``FleetRollout`` does), then one token from
   ``adapter@version`` through ``/api/v1/sample`` on each: a version still being probed answers
   it beside the probe, once the verdict is in. Trainer phases (save; the commit's check + hash
@@ -102,12 +105,21 @@ def first_token(server: Server, model: str) -> None:
 
 
 def ours(
-    model: Any, servers: list[Server], store: CheckpointStore, adapter: str, steps: int, *, durable: bool = True
+    model: Any,
+    servers: list[Server],
+    store: CheckpointStore,
+    adapter: str,
+    steps: int,
+    *,
+    durable: bool = True,
+    spare: bool = True,
 ) -> PathSteps:
     """Publish (save into staging, commit, notify) → a first token of ``adapter@version`` on
     every server, one step per ``next``; returns the trainer's phases and the last engine's
     swap phases of each step. ``durable``: the publications' (False: no fsync, as
-    ``HotSwapCallback(durable=False)``)."""
+    ``HotSwapCallback(durable=False)``). ``spare``: the next version's staging directory is made
+    ahead after each commit, as the callback does (False: every weight file goes into new pages;
+    give such a path a store of its own, whose ``open_version`` finds no spare)."""
     from trl_callbacks.adapter_files import save_adapter
     from vllm_lora_hotswap.notify import WAIT_PATH, CommitNotifier
 
@@ -125,14 +137,18 @@ def ours(
         for _ in range(steps):
             _step(model, generator)
             started = time.perf_counter()
-            staged = store.open_version(adapter, durable=durable)
-            save_adapter(model, staged)  # HotSwapCallback's save
-            notifier.notify_written(adapter, staged)  # and its notice: the engines read ahead
+            # HotSwapCallback's save, and its notice once the weights are written: the engines read ahead.
+            staged = store.open_version(
+                adapter, durable=durable, on_written=lambda staged: notifier.notify_written(adapter, staged)
+            )
+            save_adapter(model, staged)
             saved = time.perf_counter()
             version = staged.commit()
             committed = time.perf_counter()
             notifier.notify(adapter, version)
             noticed = time.perf_counter()
+            if spare:  # as HotSwapCallback does next
+                store.prepare_next(adapter, staged.weights_digest.size)
             list(pool.map(lambda server, version=version: first_token_of(server, version), servers))
             seconds.append(time.perf_counter() - started)
             sealed = staged.timings["check+hash+fsync"]  # of the commit: the files checked, hashed, synced
@@ -334,6 +350,7 @@ def write(results: dict[str, Any], out: Path) -> Path:
         ("ours_one_engine", "ours: adapter through the store", 1),
         ("ours_not_durable", "ours, `durable=False` (no fsync)", 2),
         ("ours_one_engine_not_durable", "ours, `durable=False` (no fsync)", 1),
+        ("ours_one_engine_no_spare", "ours, no spare staging directory (each weight file into new pages)", 1),
         ("trl_async_load_lora", "TRL AsyncGRPOTrainer: /v1/load_lora_adapter", 1),
         ("trl_merged_gloo", "TRL GRPOTrainer: merge + full-weight push (gloo, as NCCL cannot run here)", 1),
     )
@@ -353,6 +370,8 @@ def write(results: dict[str, Any], out: Path) -> Path:
             f"; with `durable=False` {sync['ours_not_durable']['p50'] / trl:.2f} on 2 engines, "
             f"{sync['ours_one_engine_not_durable']['p50'] / trl:.2f} on 1"
         )
+    if "ours_one_engine_no_spare" in sync:
+        lines[-1] += f"; without the spare staging directory {sync['ours_one_engine_no_spare']['p50'] / trl:.2f} on 1"
     lines += ["", *_phase_table(sync)]
     adopted = ", ".join(
         f"{label} {sync[key]['built_ahead_steps']} of {results['steps']}"
@@ -416,6 +435,7 @@ def _phase_table(sync: dict[str, Any]) -> list[str]:
             ("ours", "2 engines"),
             ("ours_one_engine", "1 engine"),
             ("ours_one_engine_not_durable", "1 engine, durable=False"),
+            ("ours_one_engine_no_spare", "1 engine, no spare"),
             ("ours_vllm_spin", "2 engines, vLLM's spin"),
         )
         if key in sync
@@ -498,6 +518,7 @@ def run(out: Path, cache: Path = CACHE, *, quick: bool = False) -> Path:
                 "ours_one_engine": ours(model, [first], store, SOLO, steps),
                 "ours_not_durable": ours(model, [first, second], store, ADAPTER, steps, durable=False),
                 "ours_one_engine_not_durable": ours(model, [first], store, SOLO, steps, durable=False),
+                "ours_one_engine_no_spare": ours(model, [first], CheckpointStore(root), SOLO, steps, spare=False),
                 "trl_async_load_lora": async_grpo(model, first, tmp / "async-adapters", steps),
             }
         )

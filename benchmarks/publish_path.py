@@ -15,8 +15,10 @@ of the benchmark Llama's shape, the adapter of ``benchmarks.policy_sync``), and 
   directory instead of ``save_pretrained`` (the same two files, no model card);
 - ``lean``: ``save_adapter`` into the staged version itself: ``StagedVersion.write_weights``
   writes the weight file from the tensors' memory while the same bytes are hashed and checked,
-  then fsyncs it in the background, so the commit only waits for that fsync: what
-  ``HotSwapCallback`` does.
+  then fsyncs it in the background, so the commit only waits for that fsync;
+- ``lean-spare``: ``lean``, then ``CheckpointStore.prepare_next`` after each commit, so the next
+  weight file is written over a file of zeros made ahead at idle priority (pages the page cache
+  holds already): what ``HotSwapCallback`` does.
 
 **engine** starts one plugin engine on the tests' tiny Llama (the engine-starting part: run it under
 ``flock /tmp/hotswap-engine.lock``), publishes ``--swaps`` versions of each adapter shape and reports
@@ -89,13 +91,14 @@ def _copy_path(model: Any, store: CheckpointStore, adapter: str) -> dict[str, fl
 
 
 def _direct_path(model: Any, store: CheckpointStore, adapter: str, *, how: str = "peft") -> dict[str, float]:
-    """``how``: "peft" (``save_pretrained``), "file" (``save_adapter`` into the staging directory)
-    or "memory" (``save_adapter`` into the staged version)."""
+    """``how``: "peft" (``save_pretrained``), "file" (``save_adapter`` into the staging directory),
+    "memory" (``save_adapter`` into the staged version) or "spare" ("memory", then the next
+    version's spare staging directory made ahead)."""
     from trl_callbacks.adapter_files import save_adapter
 
     started = time.perf_counter()
     staged = store.open_version(adapter)
-    if how == "memory":
+    if how in ("memory", "spare"):
         save_adapter(model, staged)
     elif how == "file":
         save_adapter(model, staged.path)
@@ -104,6 +107,8 @@ def _direct_path(model: Any, store: CheckpointStore, adapter: str, *, how: str =
     saved = time.perf_counter()
     staged.commit({"bench": True})
     done = time.perf_counter()
+    if how == "spare":
+        store.prepare_next(adapter, staged.weights_digest.size)
     return {
         "save": saved - started,
         "hash+commit": done - saved,
@@ -124,6 +129,7 @@ def trainer(publishes: int) -> dict[str, Any]:
         "direct": _direct_path,
         "lean-file": lambda model, store, adapter: _direct_path(model, store, adapter, how="file"),
         "lean": lambda model, store, adapter: _direct_path(model, store, adapter, how="memory"),
+        "lean-spare": lambda model, store, adapter: _direct_path(model, store, adapter, how="spare"),
     }
     results: dict[str, Any] = {}
     for label, (spec, rank, targets) in shapes.items():

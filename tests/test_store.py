@@ -28,6 +28,7 @@ from vllm_lora_hotswap.store import (
     StoreUnavailableError,
     UnsafePathError,
 )
+from vllm_lora_hotswap.store.checkpoint import FileDigest, parse_ready
 from vllm_lora_hotswap.store.safetensors_layout import TensorBytes
 from vllm_lora_hotswap.store.staged import _WRITE_IN_THREAD_BYTES
 
@@ -179,15 +180,16 @@ def test_publisher_killed_at_random_points_never_leaves_a_partial_ready_version(
 
 
 @pytest.mark.parametrize(
-    ("from_memory", "durable"),
-    [(True, True), (False, True), (True, False)],
-    ids=["write_weights", "save_file", "write_weights-not-durable"],
+    ("from_memory", "durable", "spare"),
+    [(True, True, False), (False, True, False), (True, False, False), (True, True, True)],
+    ids=["write_weights", "save_file", "write_weights-not-durable", "write_weights-over-a-spare"],
 )
 def test_publisher_in_place_killed_before_each_step_never_leaves_a_torn_or_half_visible_version(
-    store: CheckpointStore, tmp_path: Path, from_memory: bool, durable: bool
+    store: CheckpointStore, tmp_path: Path, from_memory: bool, durable: bool, spare: bool
 ) -> None:
     """A publish straight into the store (``open_version``; the weights through ``write_weights``
-    as ``HotSwapCallback`` saves them, or saved into the staging directory; with every fsync or,
+    as ``HotSwapCallback`` saves them, also over a spare staging directory as it does from its
+    second step on, or saved into the staging directory; with every fsync or,
     ``durable=False``, none) SIGKILLed just before each of its file-system calls in turn: after
     each kill every version directory is a whole READY version, LATEST names one, and the only
     leftovers are in ``.staging``, which gc removes."""
@@ -195,7 +197,7 @@ def test_publisher_in_place_killed_before_each_step_never_leaves_a_torn_or_half_
     assert (source / "adapter_model.safetensors").stat().st_size > _WRITE_IN_THREAD_BYTES  # written by a thread
     adapter_dir = store.adapter_dir("lora1")
     committed = []  # per kill: whether its version was committed before it
-    kills = kill_at_every_step(store, source, from_memory=from_memory, durable=durable)
+    kills = kill_at_every_step(store, source, from_memory=from_memory, durable=durable, spare=spare)
     for step, steps in kills:  # noqa: B007 - steps is read after the loop
         names = sorted(p.name for p in adapter_dir.iterdir() if not p.name.startswith(".") and p.is_dir())
         assert names == store.versions("lora1"), f"killed before step {step}: a version directory without READY"
@@ -624,3 +626,41 @@ def test_write_weights_returns_before_its_fsync_and_the_commit_waits_for_it(
     (staged.path / "adapter_config.json").write_bytes((small / "adapter_config.json").read_bytes())
     staged.commit()
     assert synced == ["hotswap-write", threading.current_thread().name]  # by the commit
+
+
+def test_the_written_hook_runs_once_the_weights_are_written_and_hashed_before_the_nan_check(
+    store: CheckpointStore, tmp_path: Path
+) -> None:
+    """``open_version(on_written=...)`` (the callback's written notice) runs when the weight file is
+    whole and hashed, so the engines read it while the floats are checked; a version whose check
+    then fails is still never committed."""
+    import torch
+    from safetensors.torch import load_file
+
+    lora = write_lora(tmp_path / "src", rank=16, hidden=512, layers=8)
+    as_bytes = {
+        k: TensorBytes("F32", tuple(t.shape), t.numpy())
+        for k, t in load_file(lora / "adapter_model.safetensors").items()
+    }
+    seen: list[tuple[int, str, bool]] = []
+
+    def hook(staged: Any) -> None:
+        path = staged.path / "adapter_model.safetensors"
+        digest = staged.weights_digest
+        seen.append((digest.size, digest.sha256, path.stat().st_size == digest.size))
+        raise RuntimeError("a failing hook does not fail the write")
+
+    with store.open_version("lora1", on_written=hook) as staged:
+        staged.write_weights(as_bytes, {"format": "pt"})
+        (staged.path / "adapter_config.json").write_bytes((lora / "adapter_config.json").read_bytes())
+    committed = store.validate("lora1", staged.version)
+    ready = parse_ready((committed.path / "READY").read_bytes())
+    assert len(seen) == 1 and seen[0][2]  # the file was whole when the hook ran
+    assert ready.files["adapter_model.safetensors"] == FileDigest(*seen[0][:2])
+
+    nan = torch.full((16, 512), float("nan"))
+    with pytest.raises(InvalidCheckpointError, match="NaN or inf"):
+        with store.open_version("lora1", on_written=hook) as bad:
+            bad.write_weights({**as_bytes, "x.lora_A.weight": TensorBytes("F32", (16, 512), nan.numpy())})
+    assert len(seen) == 2  # told before the check refused it
+    assert store.versions("lora1") == [staged.version]

@@ -55,14 +55,15 @@ def save_adapter(model: PeftModel, target: str | Path | StagedVersion, adapter_n
     if name not in model.peft_config:
         raise ValueError(f"{name!r} is not an adapter of this model (it has {sorted(model.peft_config)})")
     tensors = _unaliased(_ADAPTER_KEYS.state_dict(model, name))
+    directory = target.path if isinstance(target, StagedVersion) else Path(target)
+    directory.mkdir(parents=True, exist_ok=True)
+    # The config first: an engine told of the weight file (the staged version's on_written hook)
+    # builds the adapter ahead from both files.
+    _saved_config(model, name).save_pretrained(str(directory), auto_mapping_dict=_auto_mapping(model, name))
     if isinstance(target, StagedVersion):
-        directory = target.path
         target.write_weights({key: _tensor_bytes(key, tensor) for key, tensor in tensors.items()}, _FORMAT)
     else:
-        directory = Path(target)
-        directory.mkdir(parents=True, exist_ok=True)
         save_file(tensors, directory / SAFETENSORS_FILE, metadata=_FORMAT)
-    _saved_config(model, name).save_pretrained(str(directory), auto_mapping_dict=_auto_mapping(model, name))
 
 
 class _AdapterKeys:

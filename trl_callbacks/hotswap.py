@@ -96,8 +96,9 @@ class HotSwapCallback(TrainerCallback):
     At each publication the adapter is saved straight into the store's staging directory for a new version (the only
     part the training step waits for, recorded in `publications[i].blocked_seconds`; the bytes are written once, with
     no temporary copy); a single background thread then checks, hashes and fsyncs the files and commits the version
-    atomically, in publication order. Background errors are logged, kept in `errors` and never raised
-    into training; `on_train_end` waits for pending publications.
+    atomically, in publication order, and has the store make the next version's staging directory ahead
+    (`CheckpointStore.prepare_next`: the next save writes into pages the page cache holds). Background errors are
+    logged, kept in `errors` and never raised into training; `on_train_end` waits for pending publications.
 
     Only the main process writes. Under DeepSpeed ZeRO-3 every rank gathers the adapter's parameters before the main
     process saves them (the gathering is not exercised by this project's tests, which run on one CPU process). FSDP
@@ -131,9 +132,9 @@ class HotSwapCallback(TrainerCallback):
         engines (`Sequence[str]`, *optional*):
             Base URLs of engines to notify after each commit (`POST /v1/lora/notify`), so that they read the store at
             once rather than at their next poll: what engines on other nodes of an NFS/CPFS store need (no
-            file-system event crosses nodes). They are also told when the weight file is written, before the
-            commit, and read it meanwhile (used only if the committed `READY` has the same sha256). Best effort,
-            off the training thread. `FleetRollout` adds its URLs.
+            file-system event crosses nodes). They are also told as soon as the weight file is written and
+            hashed, before the commit, and read it meanwhile (used only if the committed `READY` has the same
+            sha256). Best effort, off the training thread. `FleetRollout` adds its URLs.
         api_key (`str`, *optional*):
             The `engines`' `--api-key`.
         durable (`bool`, *optional*, defaults to `True`):
@@ -387,10 +388,11 @@ class HotSwapCallback(TrainerCallback):
                 if not state.is_world_process_zero:
                     return
                 doing = f"publishing {self.adapter} into {self.store.root}"
-                staged = self.store.open_version(self.adapter, durable=self.durable)
+                staged = self.store.open_version(
+                    self.adapter, durable=self.durable, on_written=self._notify_written
+                )  # the engines read the weight file while its floats are checked and it commits
                 doing = "saving the adapter"
                 save_adapter(model, staged)
-            self.notifier.notify_written(self.adapter, staged)  # engines read it while it commits
             metadata = self._metadata(state, reasons, staged.path)
         except Exception as exc:
             if staged is not None:
@@ -401,6 +403,10 @@ class HotSwapCallback(TrainerCallback):
         publication.blocked_seconds = time.perf_counter() - started
         self.publications.append(publication)
         self._submit(publication, staged, metadata)
+
+    def _notify_written(self, staged: StagedVersion) -> None:
+        assert self.adapter is not None  # check_setup
+        self.notifier.notify_written(self.adapter, staged)
 
     def _sync_weights(self, model: Any, publication: Publication, started: float) -> None:
         assert self.weight_sync is not None  # check_setup
@@ -443,6 +449,8 @@ class HotSwapCallback(TrainerCallback):
         try:
             publication.version = staged.commit(metadata)  # on failure the staging directory is gone
             self.notifier.notify(self.adapter, publication.version)  # returns at once; never raises
+            if staged.weights_digest is not None:  # the next save writes into pages already cached
+                self.store.prepare_next(self.adapter, staged.weights_digest.size)
             logger.info(
                 "HotSwapCallback: published %s@%s (step %d, %s=%s, step blocked %.3fs)",
                 self.adapter,

@@ -65,13 +65,22 @@ _STEP_CALLS = ("open", "mkdir", "write", "fsync", "fchmod", "rename", "replace",
 
 
 def _publish_in_place(
-    root: str, src: str, from_memory: bool, kill_at: int, ready: Any, go: Any, steps: Any, durable: bool = True
+    root: str,
+    src: str,
+    from_memory: bool,
+    kill_at: int,
+    ready: Any,
+    go: Any,
+    steps: Any,
+    durable: bool = True,
+    spare: bool = False,
 ) -> None:
     """Save ``src``'s checkpoint straight into a staged version and commit it: the weights from
     memory through ``write_weights`` (``from_memory``, as ``HotSwapCallback`` saves) or by
     safetensors' ``save_file`` into its directory, then a JSON config; SIGKILL this process just
     before its ``kill_at``-th file-system call (0: never; ``steps`` gets the count). ``durable``:
-    the staged version's (False: no fsync at all)."""
+    the staged version's (False: no fsync at all). ``spare``: the version is opened over a
+    spare staging directory made beforehand (``CheckpointStore.prepare_next``)."""
     import builtins
     import json
 
@@ -82,6 +91,11 @@ def _publish_in_place(
     store = CheckpointStore(root)
     tensors = load_file(os.path.join(src, "adapter_model.safetensors"))
     config = json.loads(Path(src, "adapter_config.json").read_text())
+    if spare:  # made (and its zeros written) before the calls are counted, as between two steps
+        store.prepare_next("lora1", os.path.getsize(os.path.join(src, "adapter_model.safetensors")))
+        made = store._spares._spares["lora1"]
+        while not made.complete():
+            time.sleep(0.01)
     count = 0
 
     def counted(function: Any) -> Any:
@@ -101,6 +115,7 @@ def _publish_in_place(
     ready.set()
     go.wait()
     with store.open_version("lora1", {"kill_at": kill_at}, durable=durable) as staged:
+        assert not spare or staged.path == made.directory, "the version was not opened over the spare"
         if from_memory:  # its writes (in write_weights' thread) are counted one os.write at a time
             staged.write_weights(
                 {k: TensorBytes("F32", tuple(t.shape), t.numpy()) for k, t in tensors.items()}, {"format": "pt"}
@@ -113,9 +128,10 @@ def _publish_in_place(
 
 
 def kill_at_every_step(
-    store: CheckpointStore, src: Path, *, from_memory: bool, durable: bool = True
+    store: CheckpointStore, src: Path, *, from_memory: bool, durable: bool = True, spare: bool = False
 ) -> Iterator[tuple[int, int]]:
-    """Publish ``src`` in place (:func:`_publish_in_place`, the weights ``from_memory`` or not) twice, counting the second's file-system calls,
+    """Publish ``src`` in place (:func:`_publish_in_place`, the weights ``from_memory`` or not,
+    over a spare or not) twice, counting the second's file-system calls,
     then once more per call with a SIGKILL just before it: yields ``(step, steps)`` after each
     killed publish ended. Children come from a fork server, as in :func:`kill_publishes`."""
     context = multiprocessing.get_context("forkserver")
@@ -125,7 +141,7 @@ def kill_at_every_step(
         ready, go, steps = context.Event(), context.Event(), context.Value("i", 0)
         process = context.Process(
             target=_publish_in_place,
-            args=(str(store.root), str(src), from_memory, kill_at, ready, go, steps, durable),
+            args=(str(store.root), str(src), from_memory, kill_at, ready, go, steps, durable, spare),
         )
         process.start()
         ready.wait(60)

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ def make_new_dir(path: Path) -> None:
     os.chmod(path, DIR_MODE)
 
 
-def _create(path: Path) -> int:
+def create_new_file(path: Path) -> int:
     """A new file's descriptor, for writing, with mode 0644 whatever the umask."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
     try:
@@ -64,19 +65,45 @@ def _create(path: Path) -> int:
 def write_new_file(path: Path, *parts: Any, sync: bool = True) -> int:
     """Write ``parts`` (buffers: bytes, memoryviews, numpy arrays) back to back to a file that
     must not exist yet (0644), fsync it unless ``sync`` is false, and return its size."""
-    fd = _create(path)
-    size = 0
+    fd = create_new_file(path)
     try:
-        for part in parts:
-            view = memoryview(part).cast("B")
-            size += len(view)
-            while view:
-                view = view[os.write(fd, view) :]
+        size = write_parts(fd, *parts)
         if sync:
             os.fsync(fd)
     finally:
         os.close(fd)
     return size
+
+
+def write_parts(fd: int, *parts: Any) -> int:
+    """Write ``parts`` (buffers) back to back at ``fd``'s offset; returns how many bytes."""
+    size = 0
+    for part in parts:
+        view = memoryview(part).cast("B")
+        size += len(view)
+        while view:
+            view = view[os.write(fd, view) :]
+    return size
+
+
+def write_over_file(spare: Path, path: Path, *parts: Any) -> bool:
+    """Write ``parts`` over ``spare``, a regular file of exactly their size, then rename it to
+    ``path`` (not synced): the bytes land in the pages the page cache holds for it. False, with
+    nothing written, if ``spare`` is missing or not such a file."""
+    size = sum(memoryview(part).nbytes for part in parts)
+    try:
+        fd = os.open(spare, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size or info.st_nlink != 1:
+            return False
+        write_parts(fd, *parts)
+    finally:
+        os.close(fd)
+    os.rename(spare, path)
+    return True
 
 
 def atomic_write(path: Path, data: bytes, *, sync: bool = True) -> None:
@@ -97,7 +124,7 @@ def copy_and_hash(src: Path, dst: Path) -> tuple[int, str]:
     """Copy ``src`` to the new file ``dst`` (fsynced); return its size and sha256."""
     digest = hashlib.sha256()
     size = 0
-    fd = _create(dst)
+    fd = create_new_file(dst)
     try:
         with open(src, "rb") as reader:
             while chunk := reader.read(_COPY_CHUNK):

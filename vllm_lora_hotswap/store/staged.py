@@ -12,11 +12,13 @@ A writer that has the tensors in memory hands them to
 :meth:`StagedVersion.write_weights` (``trl_callbacks.save_adapter`` does, for a
 staged version): a thread writes the safetensors file from the tensors' own
 memory (:mod:`.safetensors_layout`) while the calling thread hashes the same
-buffers for ``READY`` and checks their floats for NaN/inf, so the hash costs no
-time of its own; the thread then fsyncs the file while the writer goes on (the
-config, the commit's start), and the commit waits for that fsync instead of
-reading the file back. A file saved
-into :attr:`StagedVersion.path` by any other means (PEFT's ``save_pretrained``)
+buffers for ``READY``, so the hash costs no time of its own; the version's
+``on_written`` hook then runs (the publisher's notice: the engines start reading
+the file) and the floats are checked for NaN/inf; the thread fsyncs the file
+while the writer goes on (the commit's start), and the commit waits for that
+fsync instead of reading the file back. Over a spare staging directory
+(:mod:`.spare`) the file is written into pages the page cache holds already.
+A file saved into :attr:`StagedVersion.path` by any other means (PEFT's ``save_pretrained``)
 is read once at the commit, from the page cache it was just written to, and
 checked and hashed from that read. ``python -m benchmarks.publish_path trainer``
 measures both side by side. Then the same commit as a copied publish: metadata,
@@ -32,16 +34,18 @@ Durability, step by step (what a crash at each point can lose; docs/publishing.m
 2. commit: every file checked, hashed, made 0644 and fsynced, then
    ``metadata.json`` and ``READY`` written and fsynced, and the staging
    directory fsynced: still invisible, so a crash still loses only this version;
-3. the rename to ``<adapter>/<version>`` is the commit, and the adapter
-   directory is fsynced right after: from then on the version survives a power
-   loss whole (never a ``READY`` next to a short file);
-4. ``LATEST`` is rewritten atomically: a crash before it leaves it naming the
-   previous version, a hint only (readers list the version directories).
+3. the rename to ``<adapter>/<version>`` is the commit;
+4. ``LATEST`` is replaced by a rename (its bytes never fsynced: a hint only,
+   readers list the version directories), and the adapter directory is fsynced:
+   from then on the version survives a power loss whole (never a ``READY`` next
+   to a short file). A crash before ``LATEST``'s rename leaves it naming the
+   previous version.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import threading
@@ -69,11 +73,13 @@ from .checkpoint import (
     weight_specs,
 )
 from .errors import InvalidCheckpointError, StoreError
-from .files import FILE_MODE, ensure_inside, hash_file, make_dir, make_new_dir, write_new_file
+from .files import FILE_MODE, ensure_inside, hash_file, make_dir, make_new_dir, write_new_file, write_over_file
 from .layout import STAGING_DIR
 from .publish import CopiedVersion, check_metadata, commit
 from .safetensors_layout import TensorBytes, safetensors_layout
+from .spare import Spare
 
+logger = logging.getLogger("vllm.lora_hotswap")
 _SYNC_IN_THREAD_BYTES = 1 << 20
 _WRITE_IN_THREAD_BYTES = 1 << 20
 
@@ -123,6 +129,8 @@ class StagedVersion:
         versions: Callable[[], list[str]],
         *,
         durable: bool = True,
+        spare: Spare | None = None,
+        on_written: Callable[[StagedVersion], object] | None = None,
     ):
         self.adapter = adapter
         self.durable = durable
@@ -131,7 +139,14 @@ class StagedVersion:
         self._root, self._adapter_dir, self._clock, self._versions = root, adapter_dir, clock, versions
         self._metadata = check_metadata(metadata)
         self._done = False
-        self._written: _WrittenWeights | None = None
+        self._written: _WrittenWeights | None = None  # once write_weights checked the floats too
+        self._digest: FileDigest | None = None  # once write_weights wrote and hashed the file
+        self._on_written = on_written
+        # Made ahead (:mod:`.spare`): its file of zeros takes a weight file of its size in place.
+        self._spare = spare
+        if spare is not None:
+            self.path = spare.directory
+            return
         try:
             make_dir(adapter_dir)
             ensure_inside(root, adapter_dir)
@@ -145,9 +160,10 @@ class StagedVersion:
 
     @property
     def weights_digest(self) -> FileDigest | None:
-        """The weight file's size and sha256 once :meth:`write_weights` wrote it (None before):
-        what a notice of the written file tells the engines (``CommitNotifier.notify_written``)."""
-        return None if self._written is None else self._written.digest
+        """The weight file's size and sha256 once :meth:`write_weights` wrote and hashed it (None
+        before): what a notice of the written file tells the engines
+        (``CommitNotifier.notify_written``)."""
+        return self._digest
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -166,9 +182,11 @@ class StagedVersion:
     def write_weights(self, tensors: Mapping[str, TensorBytes], metadata: Mapping[str, str] | None = None) -> None:
         """Write ``tensors`` as this version's ``adapter_model.safetensors`` (with safetensors'
         ``metadata``), straight from their memory, while this thread hashes the same bytes for
-        ``READY`` and checks their floats for NaN/inf; the file's fsync goes on in the background
-        after this returns (a file under 1 MiB is fsynced by the commit), and the commit waits
-        for it instead of reading the file back. The
+        ``READY``; then the ``on_written`` hook given to ``open_version`` runs, and the floats
+        are checked for NaN/inf (a notice sent by the hook for a file that then fails the check
+        costs the engines one read of it: the version is never committed). The file's fsync
+        goes on in the background after this returns (a file under 1 MiB is fsynced by the
+        commit), and the commit waits for it instead of reading the file back. The
         buffers must not change until this returns. Raises :class:`InvalidCheckpointError` for
         NaN/inf, ValueError for a tensor whose size is not its shape's, :class:`StoreError` if
         the write fails; abort the version then (a ``with`` block does).
@@ -188,10 +206,13 @@ class StagedVersion:
         sync_errors: list[OSError] = []  # the fsync's (the commit raises it)
         written = threading.Event()
         in_thread = size >= _WRITE_IN_THREAD_BYTES  # a small file is written before a thread would start
+        spare, self._spare = self._spare, None
+        over = spare.file if spare is not None and spare.size == size else None
 
         def write() -> None:
             try:
-                write_new_file(path, *parts, sync=False)
+                if over is None or not write_over_file(over, path, *parts):
+                    write_new_file(path, *parts, sync=False)
             except BaseException as exc:  # noqa: BLE001 - raised by write_weights, on the caller's thread
                 errors.append(exc)
                 return
@@ -211,17 +232,24 @@ class StagedVersion:
             writer.run()
         try:
             digest = hashlib.sha256(header)
-            for name, view in buffers:
+            for _, view in buffers:
                 digest.update(view)  # releases the GIL: runs beside the writer
-                spec = specs[name]
-                check_finite_bytes(view, {name: TensorSpec(spec.dtype, spec.shape)}, path)
         finally:
             written.wait()
         if errors:
             reason = getattr(errors[0], "strerror", None) or errors[0]
             raise StoreError(f"writing {path} failed: {reason}") from errors[0]
+        self._digest = FileDigest(size, digest.hexdigest())
+        if self._on_written is not None:  # the engines read the file while the floats are checked
+            try:
+                self._on_written(self)
+            except Exception as exc:  # noqa: BLE001 - a notice is a hint; the write stands
+                logger.debug("hot-swap: the written hook of %s failed (%s)", self.path, exc)
+        for name, view in buffers:
+            spec = specs[name]
+            check_finite_bytes(view, {name: TensorSpec(spec.dtype, spec.shape)}, path)
         self._written = _WrittenWeights(
-            path, FileDigest(size, digest.hexdigest()), specs, writer if in_thread else None, sync_errors, self.durable
+            path, self._digest, specs, writer if in_thread else None, sync_errors, self.durable
         )
         self.timings["write+hash"] = time.perf_counter() - started
 

@@ -77,6 +77,7 @@ from .names import (
 )
 from .publish import CopiedVersion, commit, copy_in
 from .records import FailureRecord, InstanceRecord
+from .spare import Spares
 from .staged import StagedVersion
 
 
@@ -122,6 +123,7 @@ class CheckpointStore:
     def __init__(self, root: str | os.PathLike[str], *, clock: Callable[[], datetime] | None = None):
         self.root = Path(root)
         self._clock = clock or (lambda: datetime.now(UTC))
+        self._spares = Spares()  # staging directories made ahead by prepare_next
 
     # -- paths -------------------------------------------------------------------------
     def adapter_dir(self, adapter: str) -> Path:
@@ -321,7 +323,12 @@ class CheckpointStore:
         return published
 
     def open_version(
-        self, adapter: str, metadata: Mapping[str, Any] | None = None, *, durable: bool = True
+        self,
+        adapter: str,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        durable: bool = True,
+        on_written: Callable[[StagedVersion], object] | None = None,
     ) -> StagedVersion:
         """A new version of ``adapter`` to write in place, with no second copy: write the PEFT
         LoRA into ``.path``, then commit (see :class:`StagedVersion`)::
@@ -333,6 +340,10 @@ class CheckpointStore:
         killed publisher still never leaves a torn or half-visible version, but an OS crash
         or power loss may lose the last versions, or leave one whose files are short, which
         every engine refuses (its ``READY`` sha256 does not match); see docs/publishing.md.
+        ``on_written(staged)`` runs as soon as :meth:`StagedVersion.write_weights` has written
+        and hashed the weight file (``HotSwapCallback`` sends its written notice from it)::
+
+            store.open_version("policy", on_written=lambda s: notifier.notify_written("policy", s))
         """
         return StagedVersion(
             self.root,
@@ -342,7 +353,23 @@ class CheckpointStore:
             self._clock,
             lambda: self._version_names(adapter),
             durable=durable,
+            spare=self._spares.take(adapter),
+            on_written=on_written,
         )
+
+    def prepare_next(self, adapter: str, size: int) -> bool:
+        """Make ``adapter``'s next staging directory now, in the background at idle priority,
+        with a file of ``size`` zeros whose pages the page cache then holds: the next
+        :meth:`open_version` of ``adapter`` takes it, and a weight file of that size written by
+        :meth:`StagedVersion.write_weights` lands in those pages instead of new ones (see
+        :mod:`.spare`). False if one of that size is ready or being made already.
+
+        Example (``HotSwapCallback`` does this after each commit)::
+
+            version = staged.commit()
+            store.prepare_next("policy", staged.weights_digest.size)
+        """
+        return self._spares.prepare(self.adapter_dir(adapter) / STAGING_DIR, adapter, size)
 
     def _copy_in(
         self, adapter: str, src_dir: str | os.PathLike[str], metadata: Mapping[str, Any] | None
