@@ -27,15 +27,14 @@ LIMIT = 0.02
 def process_rss(server: Server) -> dict[str, int]:
     """RSS in bytes of each process of the server, by role."""
     assert server.process is not None
-    root = psutil.Process(server.process.pid)
     rss: dict[str, int] = {}
-    for process in [root, *root.children(recursive=True)]:
+    for process in server.processes():
         try:
             name = process.name()
             value = process.memory_info().rss
         except psutil.NoSuchProcess:
             continue
-        if process.pid == root.pid:
+        if process.pid == server.process.pid:
             role = "api_server"
         elif "EngineCore" in name:
             role = "engine_core"

@@ -10,7 +10,9 @@ from the new weights, as the next rollout batch needs:
   weights, as ``trl_callbacks.adapter_files.save_adapter`` writes them: the weights hashed while
   they are written, the engines told of them before their floats are checked) straight into the
   store's staging directory, over the spare one made after the step before
-  (``CheckpointStore.prepare_next``; a one-engine path without it runs beside), commit it,
+  (``CheckpointStore.prepare_next``, called when the step's first token is back, as
+  ``FleetRollout`` has the callback do once a batch is back, and waited for: in an RL loop it
+  is made while the trainer computes; a one-engine path without it runs beside), commit it,
   notify the engines (``POST /v1/lora/notify``), wait
   on each (``GET /v1/lora/wait?sampling=1``, as ``FleetRollout`` does), then one token from
   ``adapter@version`` through ``/api/v1/sample`` on each: a version still being probed answers
@@ -147,8 +149,6 @@ def ours(
             committed = time.perf_counter()
             notifier.notify(adapter, version)
             noticed = time.perf_counter()
-            if spare:  # as HotSwapCallback does next
-                store.prepare_next(adapter, staged.weights_digest.size)
             list(pool.map(lambda server, version=version: first_token_of(server, version), servers))
             seconds.append(time.perf_counter() - started)
             sealed = staged.timings["check+hash+fsync"]  # of the commit: the files checked, hashed, synced
@@ -163,6 +163,8 @@ def ours(
             )
             served = [_updated_event(server, adapter, version) for server in servers]
             engine_phases.append(max(served, key=lambda e: e["at"])["timings"])
+            if spare:  # as FleetRollout has the callback do once a batch is back
+                _make_spare(store, adapter, staged.weights_digest.size)
             yield
     notifier.close()
     return {
@@ -172,6 +174,15 @@ def ours(
         # Steps whose last engine adopted the adapter its read ahead built before the commit.
         "built_ahead_steps": sum("built_ahead" in phases for phases in engine_phases),
     }
+
+
+def _make_spare(store: CheckpointStore, adapter: str, size: int) -> None:
+    """The next version's spare staging directory, made before the next step of any path: in
+    an RL loop it is made while the trainer computes its step, which takes far longer."""
+    store.prepare_next(adapter, size)
+    deadline = time.monotonic() + 30
+    while not store.spare_ready(adapter) and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def _updated_event(server: Server, adapter: str, version: str) -> dict[str, Any]:

@@ -169,16 +169,23 @@ class VllmServer:
             f"vLLM server did not become healthy in {timeout:.0f}s (log: {self.log_path}):\n{self.log_tail()}"
         )
 
+    def processes(self) -> list[psutil.Process]:
+        """The API server and every process it started (engine core, worker, helpers); none if
+        it is not running."""
+        if self.process is None:
+            return []
+        try:
+            root = psutil.Process(self.process.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
         """Signal the API server and every process it started (its process group), and wait
         until they are gone, so that their memory and files are released."""
         if self.process is None or self.process.poll() is not None:
             return  # never started, or stopped (or exited) already: its group id may be another's now
-        try:
-            root = psutil.Process(self.process.pid)
-            members = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            members = []
+        members = self.processes()
         _signal_group(self.process.pid, sig)
         deadline = time.monotonic() + timeout
         while any(_running(member) for member in members) and time.monotonic() < deadline + 10:

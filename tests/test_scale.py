@@ -62,10 +62,8 @@ def _fill(store: CheckpointStore, adapter: str, template: Path, count: int, star
 
 def _cpu_seconds(engine: VllmServer) -> float:
     """CPU seconds used so far by the engine's processes (API server, engine core, worker)."""
-    assert engine.process is not None
-    root = psutil.Process(engine.process.pid)
     total = 0.0
-    for process in [root, *root.children(recursive=True)]:
+    for process in engine.processes():
         with contextlib.suppress(psutil.NoSuchProcess):
             times = process.cpu_times()
             total += times.user + times.system

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from hotswap_devkit.server import VllmServer
@@ -78,14 +77,8 @@ def soak_engine(
     server.stop()
 
 
-def _processes(server: VllmServer) -> list[psutil.Process]:
-    assert server.process is not None
-    root = psutil.Process(server.process.pid)
-    return [root, *root.children(recursive=True)]
-
-
 def _handles(server: VllmServer) -> dict[str, int]:
-    processes = _processes(server)
+    processes = server.processes()
     return {"fds": sum(p.num_fds() for p in processes), "threads": sum(p.num_threads() for p in processes)}
 
 
@@ -93,9 +86,9 @@ def _sample(part: SoakPart, server: VllmServer, swaps: int, *, last: bool = Fals
     assert server.process is not None
     mark = part.planned / 10
     window_starts = swaps >= mark and not any(sample.swaps >= mark for sample in part.samples)
-    part.sample(swaps, process_rss(server.process.pid), len(server.client.get("/metrics").content))
+    part.sample(swaps, process_rss(server), len(server.client.get("/metrics").content))
     if PROBE_DIR and (window_starts or last):
-        for process in _processes(server):
+        for process in server.processes():
             os.kill(process.pid, signal.SIGUSR2)
         time.sleep(5)  # the probes take a moment (a full gc in each process)
 

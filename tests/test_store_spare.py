@@ -46,7 +46,7 @@ def _publish(store: CheckpointStore, lora: Path) -> Any:
 def _wait_for_spare(store: CheckpointStore, adapter: str = "lora1") -> Path:
     spare = store._spares._spares[adapter]
     deadline = time.monotonic() + 120  # at idle priority: only when a core is free
-    while not spare.complete():
+    while not store.spare_ready(adapter):
         assert time.monotonic() < deadline, "the helper never wrote the spare"
         time.sleep(0.01)
     return spare.directory

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -580,3 +581,37 @@ def test_save_adapter_picks_the_tensors_peft_picks_after_updates_and_changes(
     model.add_adapter("other", LoraConfig(**{**LORA, "r": 4, "target_modules": ["k_proj"]}))
     agrees(model)
     agrees(model, "other")
+
+
+def _spare_made(store: Any, adapter: str = "lora1") -> bool:
+    deadline = time.monotonic() + 120  # the helper writes at idle priority: only on a free core
+    while not store.spare_ready(adapter):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_the_next_version_is_saved_over_a_spare_made_after_the_commit_or_once_the_rollout_asks(
+    tmp_path: Path, peft_model: PeftModel
+) -> None:
+    callback = HotSwapCallback(tmp_path / "a", "lora1", every_n_steps=1)
+    driver = Driver(callback, peft_model)
+    driver.step(0.5)
+    assert callback.flush(60) and _spare_made(callback.store)
+    spare = callback.store._spares._spares["lora1"].directory  # type: ignore[union-attr]
+    inode = os.stat(spare).st_ino
+    driver.step(0.6)
+    assert callback.flush(60) and callback.errors == []
+    second = callback.store.version_dir("lora1", callback.publications[-1].version)  # type: ignore[union-attr]
+    assert os.stat(second).st_ino == inode  # the spare staging directory became the version
+    callback.store.validate("lora1", second.name)  # type: ignore[union-attr]
+
+    # Under FleetRollout (which sets spare_after_rollout) nothing is made until the rollout asks.
+    later = HotSwapCallback(tmp_path / "b", "lora1", every_n_steps=1)
+    later.spare_after_rollout = True
+    driver = Driver(later, peft_model)
+    driver.step(0.5)
+    assert later.flush(60)
+    assert not later.store.spare_ready("lora1") and "lora1" not in later.store._spares._spares  # type: ignore
+    assert later.prepare_spare() and _spare_made(later.store)

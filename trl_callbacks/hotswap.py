@@ -234,6 +234,12 @@ class HotSwapCallback(TrainerCallback):
         self._pending: list[Future[None]] = []
         self.notifier = CommitNotifier(engines or (), api_key=api_key)
         self._committed = threading.Condition()  # notified when a publication is committed or failed
+        # Who has the next version's spare staging directory made, and when: the callback right
+        # after each commit, or (True) the rollout, once a batch's samples are back
+        # (FleetRollout sets it): the spare is then made while the trainer computes, not while
+        # the engines swap in the version just committed and answer its first batch.
+        self.spare_after_rollout = False
+        self._spare_size: int | None = None  # the last weight file's size, for the next spare
 
     # -- decisions ---------------------------------------------------------------------
     def improves(self, value: float) -> bool:
@@ -404,6 +410,20 @@ class HotSwapCallback(TrainerCallback):
         self.publications.append(publication)
         self._submit(publication, staged, metadata)
 
+    def prepare_spare(self) -> bool:
+        """Have the store make the next version's staging directory now, with a file the size of
+        the last weight file saved (``CheckpointStore.prepare_next``): the next save writes into
+        pages the page cache holds. The callback calls it after each commit; ``FleetRollout``
+        instead when a batch's samples are back (``spare_after_rollout``). False when there is
+        nothing to make (no weights saved yet) or one is ready or being made.
+
+        Example: ``hotswap.prepare_spare()`` from a custom rollout loop, once its batch is back.
+        """
+        size = self._spare_size
+        if size is None or self.store is None or self.adapter is None:
+            return False
+        return self.store.prepare_next(self.adapter, size)
+
     def _notify_written(self, staged: StagedVersion) -> None:
         assert self.adapter is not None  # check_setup
         self.notifier.notify_written(self.adapter, staged)
@@ -450,7 +470,9 @@ class HotSwapCallback(TrainerCallback):
             publication.version = staged.commit(metadata)  # on failure the staging directory is gone
             self.notifier.notify(self.adapter, publication.version)  # returns at once; never raises
             if staged.weights_digest is not None:  # the next save writes into pages already cached
-                self.store.prepare_next(self.adapter, staged.weights_digest.size)
+                self._spare_size = staged.weights_digest.size
+                if not self.spare_after_rollout:
+                    self.prepare_spare()
             logger.info(
                 "HotSwapCallback: published %s@%s (step %d, %s=%s, step blocked %.3fs)",
                 self.adapter,

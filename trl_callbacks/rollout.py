@@ -162,6 +162,7 @@ class FleetRollout:
         self.records: list[RolloutRecord] = []
         self.resent: list[tuple[str, int]] = []  # (engine that died mid-batch, prompts re-sent to others)
         publisher.notifier.add(self.urls, api_key=api_key)
+        publisher.spare_after_rollout = True  # made while the trainer computes: see __call__
 
     # -- the rollout_func --------------------------------------------------------------
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
@@ -188,6 +189,9 @@ class FleetRollout:
             except VersionRefused:  # it failed its probe: the batch is discarded, sampled again
                 self.refused.append(version)
         generate_seconds = time.monotonic() - started
+        # The engines are done with this version's swap and batch: the next version's spare staging
+        # directory is made now, while the trainer computes the step that publishes it.
+        self.publisher.prepare_spare()
         wrong = sorted({s["version"] for s in samples} - {version}, key=str)
         if wrong:
             raise RuntimeError(f"FleetRollout: asked for {self.adapter}@{version}, samples came from {wrong}")

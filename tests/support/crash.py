@@ -94,7 +94,7 @@ def _publish_in_place(
     if spare:  # made (and its zeros written) before the calls are counted, as between two steps
         store.prepare_next("lora1", os.path.getsize(os.path.join(src, "adapter_model.safetensors")))
         made = store._spares._spares["lora1"]
-        while not made.complete():
+        while not store.spare_ready("lora1"):
             time.sleep(0.01)
     count = 0
 

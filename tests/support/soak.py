@@ -14,21 +14,24 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from hotswap_devkit.server import VllmServer
+
 ROLES = ("api_server", "engine_core", "worker")
 
 
 _MARKS = (("engine_core", "EngineCore"), ("worker", "Worker"))  # vLLM's process titles
 
 
-def process_rss(pid: int) -> dict[str, int]:
-    """RSS in bytes of the server whose API server is ``pid``, by process role
-    (multiprocessing's resource tracker left out)."""
-    root = psutil.Process(pid)
+def process_rss(server: VllmServer) -> dict[str, int]:
+    """RSS in bytes of ``server``'s processes, by process role (multiprocessing's resource
+    tracker left out)."""
+    assert server.process is not None
     rss: dict[str, int] = {}
-    for process in [root, *root.children(recursive=True)]:
+    for process in server.processes():
         with contextlib.suppress(psutil.NoSuchProcess):
             title = process.name()
-            role = "api_server" if process.pid == pid else next((r for r, mark in _MARKS if mark in title), None)
+            api_server = process.pid == server.process.pid
+            role = "api_server" if api_server else next((r for r, mark in _MARKS if mark in title), None)
             if role is not None:
                 rss[role] = rss.get(role, 0) + process.memory_info().rss
     return rss

@@ -43,9 +43,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
-from ..store.checkpoint import READY_FILE, parse_ready
+from ..store.checkpoint import read_ready
 from ..store.errors import InvalidCheckpointError
-from ..store.names import is_version_name
+from ..store.store import version_names
 
 logger = logging.getLogger("vllm.lora_hotswap")
 MAX_BYTES = 4 << 30  # all reads ahead held at once, in bytes (a larger file is read at staging)
@@ -225,13 +225,10 @@ def _open_staging_or_committed(path: str, sha256: str) -> int:
         return os.open(staging, _DIRECTORY_FLAGS)
     except FileNotFoundError:
         adapter_dir = os.path.dirname(os.path.dirname(staging))
-        with os.scandir(adapter_dir) as entries:
-            names = sorted((e.name for e in entries if is_version_name(e.name)), reverse=True)
-        for name in names[:_LOOK_BACK]:
+        for name in reversed(version_names(adapter_dir)[-_LOOK_BACK:]):
             version = os.path.join(adapter_dir, name)
             try:
-                with open(os.path.join(version, READY_FILE), "rb") as reader:
-                    manifest = parse_ready(reader.read(1 << 20))
+                manifest = read_ready(version)
             except (OSError, InvalidCheckpointError):
                 continue
             digest = manifest.files.get(os.path.basename(path))
@@ -253,13 +250,19 @@ def read_regular_file(path: str, size: int, *, dir_fd: int | None = None) -> byt
     return data if done == size else None  # else it shrank while read
 
 
+# Bytes per read call. A kernel without preemption (PREEMPT_NONE, common on VMs) lets no other
+# task onto this core until a call returns, and a call that reads 10 MB into fresh pages takes
+# milliseconds: the engine's other processes (its API server noticing a commit) would wait.
+READ_CHUNK = 1 << 20
+
+
 def read_into_new_buffer(reader: BinaryIO, size: int) -> tuple[bytearray, int]:
     """Up to ``size`` bytes of ``reader`` (unbuffered) into one new writable buffer, and how many
-    came (fewer at the end of the file)."""
+    came (fewer at the end of the file), :data:`READ_CHUNK` bytes per call."""
     data = bytearray(size)
     view, done = memoryview(data), 0
     while done < size:
-        count = reader.readinto(view[done:])
+        count = reader.readinto(view[done : done + READ_CHUNK])
         if not count:
             break
         done += count

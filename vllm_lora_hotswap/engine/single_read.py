@@ -41,13 +41,12 @@ import torch
 
 from ..store.checkpoint import (
     CONFIG_FILE,
-    READY_FILE,
     SAFETENSORS_FILE,
     TORCH_DTYPE_NAMES,
     TensorSpec,
     find_weight_file,
-    parse_ready,
     parse_safetensors_header,
+    read_ready,
     verify_manifest,
 )
 from ..store.errors import InvalidCheckpointError
@@ -130,9 +129,7 @@ class SingleRead:
         self._digest: str | None = None  # sha256 of the bytes read (None: nothing to verify here)
 
     def __enter__(self) -> SingleRead:
-        ready = self.directory / READY_FILE
-        with open(ready, "rb") as reader:
-            manifest = parse_ready(reader.read(1 << 20), str(ready))
+        manifest = read_ready(self.directory)
         weights = find_weight_file(self.directory)
         self.weights = weights
         self._expected = manifest.files.get(weights.name)

@@ -28,6 +28,7 @@ BIN_FILE = "adapter_model.bin"
 WEIGHT_FILES = (SAFETENSORS_FILE, BIN_FILE)  # order = preference
 METADATA_FILE = "metadata.json"
 READY_FILE = "READY"
+MAX_READY_BYTES = 1 << 20  # a READY manifest is read up to this (a few hundred bytes in practice)
 MANIFEST_FORMAT = 1
 MAX_HEADER_BYTES = 64 << 20
 
@@ -340,6 +341,14 @@ class ReadyManifest:
             "files": {n: {"size": d.size, "sha256": d.sha256} for n, d in sorted(self.files.items())},
         }
         return (json.dumps(payload, indent=2) + "\n").encode()
+
+
+def read_ready(directory: str | os.PathLike[str]) -> ReadyManifest:
+    """``directory``'s ``READY`` manifest (its first MiB, parsed); the ``OSError`` of the open if
+    it cannot be read (``FileNotFoundError``: no ``READY``)."""
+    ready = os.path.join(directory, READY_FILE)
+    with open(ready, "rb") as reader:
+        return parse_ready(reader.read(MAX_READY_BYTES), ready)
 
 
 def parse_ready(data: bytes, where: str = READY_FILE) -> ReadyManifest:

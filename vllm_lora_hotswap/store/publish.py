@@ -150,12 +150,11 @@ def _rename_into_place(copied: CopiedVersion, clock: Callable[[], datetime], new
                 newest = version
                 continue
             raise
-        # LATEST is a hint (readers list the version directories; a poll compares its content),
-        # so its bytes are never fsynced: it is replaced before the adapter directory's one fsync,
-        # which makes the version's rename durable (and LATEST's with it).
-        atomic_write(adapter_dir / LATEST_FILE, version.encode(), sync=False)
         if durable:
             fsync_dir(adapter_dir)
+        # LATEST is a hint (readers list the version directories; a poll compares its content):
+        # neither its bytes nor its rename are fsynced.
+        atomic_write(adapter_dir / LATEST_FILE, version.encode(), sync=False)
         (adapter_dir / RETIRED_FILE).unlink(missing_ok=True)
         return version
     raise StoreError(f"could not allocate a version name under {adapter_dir}")

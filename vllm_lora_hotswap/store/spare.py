@@ -12,7 +12,8 @@ pays the same way (each new page is reclaimed first). An RL trainer writes its
 adapter, the same size every time, at every step, on the critical path of the
 step's policy sync.
 
-How: after a commit, :meth:`CheckpointStore.prepare_next` makes the adapter's
+How: between two publications (``HotSwapCallback`` after a commit, or once
+a rollout's batch is back), :meth:`CheckpointStore.prepare_next` makes the adapter's
 next staging directory and asks a helper process to write a file of zeros of
 the size just written into it (:data:`SPARE_FILE`, renamed into place once
 complete). The helper runs at idle priority (``SCHED_IDLE``: only on a core
@@ -185,6 +186,12 @@ class Spares:
         with self._lock:
             self._spares[adapter] = spare
         return True
+
+    def ready(self, adapter: str) -> bool:
+        """``adapter`` has a spare and its file is whole."""
+        with self._lock:
+            spare = self._spares.get(adapter)
+        return spare is not None and spare.complete()
 
     def take(self, adapter: str) -> Spare | None:
         """``adapter``'s spare if its file is whole and it is fresh (then it is this caller's

@@ -34,12 +34,12 @@ Durability, step by step (what a crash at each point can lose; docs/publishing.m
 2. commit: every file checked, hashed, made 0644 and fsynced, then
    ``metadata.json`` and ``READY`` written and fsynced, and the staging
    directory fsynced: still invisible, so a crash still loses only this version;
-3. the rename to ``<adapter>/<version>`` is the commit;
-4. ``LATEST`` is replaced by a rename (its bytes never fsynced: a hint only,
-   readers list the version directories), and the adapter directory is fsynced:
-   from then on the version survives a power loss whole (never a ``READY`` next
-   to a short file). A crash before ``LATEST``'s rename leaves it naming the
-   previous version.
+3. the rename to ``<adapter>/<version>`` is the commit, and the adapter
+   directory is fsynced right after: from then on the version survives a power
+   loss whole (never a ``READY`` next to a short file);
+4. ``LATEST`` is replaced by a rename, nothing fsynced (a hint only: readers list
+   the version directories): a crash before it leaves it naming the previous
+   version.
 """
 
 from __future__ import annotations

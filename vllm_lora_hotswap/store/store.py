@@ -40,8 +40,8 @@ from .checkpoint import (
     AdapterConfig,
     check_lora_shapes,
     find_weight_file,
-    parse_ready,
     read_adapter_config,
+    read_ready,
     verify_manifest,
     weight_specs,
 )
@@ -117,6 +117,16 @@ class GcReport:
     instances: list[str] = field(default_factory=list)  # records of instances gone for over ``grace``
 
 
+def version_names(adapter_dir: str | os.PathLike[str]) -> list[str]:
+    """The version directories of ``adapter_dir``, oldest first (symlinks are never versions);
+    none if it does not exist."""
+    try:
+        with os.scandir(adapter_dir) as entries:
+            return sorted(e.name for e in entries if is_version_name(e.name) and e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return []
+
+
 class CheckpointStore:
     """Versioned LoRA checkpoints under one root directory."""
 
@@ -153,11 +163,7 @@ class CheckpointStore:
 
     def _version_names(self, adapter: str) -> list[str]:
         """Version directories, oldest first; symlinks are never versions."""
-        try:
-            with os.scandir(self.adapter_dir(adapter)) as entries:
-                return sorted(e.name for e in entries if is_version_name(e.name) and e.is_dir(follow_symlinks=False))
-        except FileNotFoundError:
-            return []
+        return version_names(self.adapter_dir(adapter))
 
     def is_ready(self, adapter: str, version: str) -> bool:
         return (self.version_dir(adapter, version) / READY_FILE).is_file()
@@ -270,8 +276,7 @@ class CheckpointStore:
         directory = self.version_dir(adapter, version)
         ready = directory / READY_FILE
         try:
-            with open(ready, "rb") as reader:
-                manifest = parse_ready(reader.read(1 << 20), str(ready))
+            manifest = read_ready(directory)
             ready_at = os.stat(ready).st_mtime
         except FileNotFoundError:
             raise NotFoundError(f"{adapter}@{version}: no READY version at {directory}") from None
@@ -370,6 +375,11 @@ class CheckpointStore:
             store.prepare_next("policy", staged.weights_digest.size)
         """
         return self._spares.prepare(self.adapter_dir(adapter) / STAGING_DIR, adapter, size)
+
+    def spare_ready(self, adapter: str) -> bool:
+        """Whether ``adapter``'s next staging directory (:meth:`prepare_next`) is made and waits
+        for the next :meth:`open_version`."""
+        return self._spares.ready(adapter)
 
     def _copy_in(
         self, adapter: str, src_dir: str | os.PathLike[str], metadata: Mapping[str, Any] | None
