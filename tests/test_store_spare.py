@@ -44,12 +44,13 @@ def _publish(store: CheckpointStore, lora: Path) -> Any:
 
 
 def _wait_for_spare(store: CheckpointStore, adapter: str = "lora1") -> Path:
-    spare = store._spares._spares[adapter]
+    directory = store.spare_directory(adapter)
+    assert directory is not None, "no spare was asked for"
     deadline = time.monotonic() + 120  # at idle priority: only when a core is free
     while not store.spare_ready(adapter):
         assert time.monotonic() < deadline, "the helper never wrote the spare"
         time.sleep(0.01)
-    return spare.directory
+    return directory
 
 
 def test_the_next_weight_file_is_written_over_the_spare_and_the_version_is_the_same(
@@ -92,9 +93,9 @@ def test_a_spare_of_another_size_not_finished_or_removed_is_not_written_over(
     os.kill(HELPER.pid, signal.SIGSTOP)
     try:
         store.prepare_next("lora1", size)
-        waiting = store._spares._spares["lora1"].directory
+        waiting = store.spare_directory("lora1")
         staged = _publish(store, lora)
-        assert staged.path != waiting and store._spares._spares["lora1"].directory == waiting
+        assert staged.path != waiting and store.spare_directory("lora1") == waiting
     finally:
         os.kill(HELPER.pid, signal.SIGCONT)
     assert _wait_for_spare(store) == waiting and _publish(store, lora).path == waiting
@@ -127,4 +128,4 @@ def test_a_spare_unused_by_the_writer_is_dropped_and_spares_go_at_exit(store: Ch
     store.prepare_next("lora1", size)
     left = _wait_for_spare(store)
     spare_module._discard_all()  # what atexit runs
-    assert not left.exists() and not store._spares._spares
+    assert not left.exists() and store.spare_directory("lora1") is None

@@ -599,7 +599,7 @@ def test_the_next_version_is_saved_over_a_spare_made_after_the_commit_or_once_th
     driver = Driver(callback, peft_model)
     driver.step(0.5)
     assert callback.flush(60) and _spare_made(callback.store)
-    spare = callback.store._spares._spares["lora1"].directory  # type: ignore[union-attr]
+    spare = callback.store.spare_directory("lora1")  # type: ignore[union-attr]
     inode = os.stat(spare).st_ino
     driver.step(0.6)
     assert callback.flush(60) and callback.errors == []
@@ -607,11 +607,11 @@ def test_the_next_version_is_saved_over_a_spare_made_after_the_commit_or_once_th
     assert os.stat(second).st_ino == inode  # the spare staging directory became the version
     callback.store.validate("lora1", second.name)  # type: ignore[union-attr]
 
-    # Under FleetRollout (which sets spare_after_rollout) nothing is made until the rollout asks.
+    # Under FleetRollout (spares_when_asked) nothing is made until the rollout asks.
     later = HotSwapCallback(tmp_path / "b", "lora1", every_n_steps=1)
-    later.spare_after_rollout = True
+    later.make_spares_when_asked()
     driver = Driver(later, peft_model)
     driver.step(0.5)
     assert later.flush(60)
-    assert not later.store.spare_ready("lora1") and "lora1" not in later.store._spares._spares  # type: ignore
+    assert not later.store.spare_ready("lora1") and later.store.spare_directory("lora1") is None  # type: ignore[union-attr]
     assert later.prepare_spare() and _spare_made(later.store)

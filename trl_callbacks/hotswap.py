@@ -235,10 +235,8 @@ class HotSwapCallback(TrainerCallback):
         self.notifier = CommitNotifier(engines or (), api_key=api_key)
         self._committed = threading.Condition()  # notified when a publication is committed or failed
         # Who has the next version's spare staging directory made, and when: the callback right
-        # after each commit, or (True) the rollout, once a batch's samples are back
-        # (FleetRollout sets it): the spare is then made while the trainer computes, not while
-        # the engines swap in the version just committed and answer its first batch.
-        self.spare_after_rollout = False
+        # after each commit, or (True: make_spares_when_asked) the caller of prepare_spare.
+        self._spares_when_asked = False
         self._spare_size: int | None = None  # the last weight file's size, for the next spare
 
     # -- decisions ---------------------------------------------------------------------
@@ -410,12 +408,24 @@ class HotSwapCallback(TrainerCallback):
         self.publications.append(publication)
         self._submit(publication, staged, metadata)
 
+    def make_spares_when_asked(self) -> None:
+        """From now on, make the next version's spare staging directory only when
+        :meth:`prepare_spare` is called, not right after each commit. ``FleetRollout`` calls this
+        and asks once a batch's samples are back: the spare is then written while the trainer
+        computes, not while the engines swap in the version just committed and answer its first
+        batch on the same cores.
+
+        Example: ``hotswap.make_spares_when_asked()``, then ``hotswap.prepare_spare()`` from a
+        custom rollout loop once its batch is back.
+        """
+        self._spares_when_asked = True
+
     def prepare_spare(self) -> bool:
         """Have the store make the next version's staging directory now, with a file the size of
         the last weight file saved (``CheckpointStore.prepare_next``): the next save writes into
         pages the page cache holds. The callback calls it after each commit; ``FleetRollout``
-        instead when a batch's samples are back (``spare_after_rollout``). False when there is
-        nothing to make (no weights saved yet) or one is ready or being made.
+        instead when a batch's samples are back (see :meth:`make_spares_when_asked`). False when
+        there is nothing to make (no weights saved yet) or one is ready or being made.
 
         Example: ``hotswap.prepare_spare()`` from a custom rollout loop, once its batch is back.
         """
@@ -471,7 +481,7 @@ class HotSwapCallback(TrainerCallback):
             self.notifier.notify(self.adapter, publication.version)  # returns at once; never raises
             if staged.weights_digest is not None:  # the next save writes into pages already cached
                 self._spare_size = staged.weights_digest.size
-                if not self.spare_after_rollout:
+                if not self._spares_when_asked:
                     self.prepare_spare()
             logger.info(
                 "HotSwapCallback: published %s@%s (step %d, %s=%s, step blocked %.3fs)",

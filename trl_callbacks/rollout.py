@@ -162,7 +162,7 @@ class FleetRollout:
         self.records: list[RolloutRecord] = []
         self.resent: list[tuple[str, int]] = []  # (engine that died mid-batch, prompts re-sent to others)
         publisher.notifier.add(self.urls, api_key=api_key)
-        publisher.spare_after_rollout = True  # made while the trainer computes: see __call__
+        publisher.make_spares_when_asked()  # made while the trainer computes: see __call__
 
     # -- the rollout_func --------------------------------------------------------------
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:

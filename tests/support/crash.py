@@ -93,7 +93,7 @@ def _publish_in_place(
     config = json.loads(Path(src, "adapter_config.json").read_text())
     if spare:  # made (and its zeros written) before the calls are counted, as between two steps
         store.prepare_next("lora1", os.path.getsize(os.path.join(src, "adapter_model.safetensors")))
-        made = store._spares._spares["lora1"]
+        made = store.spare_directory("lora1")
         while not store.spare_ready("lora1"):
             time.sleep(0.01)
     count = 0
@@ -115,7 +115,7 @@ def _publish_in_place(
     ready.set()
     go.wait()
     with store.open_version("lora1", {"kill_at": kill_at}, durable=durable) as staged:
-        assert not spare or staged.path == made.directory, "the version was not opened over the spare"
+        assert not spare or staged.path == made, "the version was not opened over the spare"
         if from_memory:  # its writes (in write_weights' thread) are counted one os.write at a time
             staged.write_weights(
                 {k: TensorBytes("F32", tuple(t.shape), t.numpy()) for k, t in tensors.items()}, {"format": "pt"}

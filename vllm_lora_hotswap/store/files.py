@@ -51,7 +51,7 @@ def make_new_dir(path: Path) -> None:
     os.chmod(path, DIR_MODE)
 
 
-def create_new_file(path: Path) -> int:
+def _create(path: Path) -> int:
     """A new file's descriptor, for writing, with mode 0644 whatever the umask."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
     try:
@@ -65,7 +65,7 @@ def create_new_file(path: Path) -> int:
 def write_new_file(path: Path, *parts: Any, sync: bool = True) -> int:
     """Write ``parts`` (buffers: bytes, memoryviews, numpy arrays) back to back to a file that
     must not exist yet (0644), fsync it unless ``sync`` is false, and return its size."""
-    fd = create_new_file(path)
+    fd = _create(path)
     try:
         size = write_parts(fd, *parts)
         if sync:
@@ -86,11 +86,10 @@ def write_parts(fd: int, *parts: Any) -> int:
     return size
 
 
-def write_over_file(spare: Path, path: Path, *parts: Any) -> bool:
-    """Write ``parts`` over ``spare``, a regular file of exactly their size, then rename it to
-    ``path`` (not synced): the bytes land in the pages the page cache holds for it. False, with
-    nothing written, if ``spare`` is missing or not such a file."""
-    size = sum(memoryview(part).nbytes for part in parts)
+def write_over_file(spare: Path, path: Path, *parts: Any, size: int) -> bool:
+    """Write ``parts`` (``size`` bytes in all) over ``spare``, a regular file of exactly that
+    size, then rename it to ``path`` (not synced): the bytes land in the pages the page cache
+    holds for it. False, with nothing written, if ``spare`` is missing or not such a file."""
     try:
         fd = os.open(spare, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -124,7 +123,7 @@ def copy_and_hash(src: Path, dst: Path) -> tuple[int, str]:
     """Copy ``src`` to the new file ``dst`` (fsynced); return its size and sha256."""
     digest = hashlib.sha256()
     size = 0
-    fd = create_new_file(dst)
+    fd = _create(dst)
     try:
         with open(src, "rb") as reader:
             while chunk := reader.read(_COPY_CHUNK):

@@ -68,7 +68,7 @@ try:
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 except (AttributeError, OSError):
     os.nice(19)
-zeros = bytes(65536)
+zeros = memoryview(bytes(65536))
 for line in sys.stdin.buffer:
     size, path = line.split()
     path = bytes.fromhex(path.decode())
@@ -125,23 +125,48 @@ class _Helper:
 
     def write(self, path: Path, size: int) -> bool:
         request = f"{size} {os.fsencode(path).hex()}\n".encode()
-        with self._lock:
-            try:
-                if self._process is None or self._process.poll() is not None:
-                    self._process = subprocess.Popen(
-                        [sys.executable, "-I", "-c", _HELPER],
-                        stdin=subprocess.PIPE,
-                        stdout=subprocess.DEVNULL,
-                        close_fds=True,
-                    )
-                assert self._process.stdin is not None
-                self._process.stdin.write(request)  # a line: far below the pipe's buffer
-                self._process.stdin.flush()
-            except OSError as exc:
-                logger.debug("hot-swap: the spare writer is not available (%s)", exc)
-                self._process = None
-                return False
+        process = self._running()
+        if process is None:
+            return False
+        assert process.stdin is not None
+        try:
+            # One write call of a line far below PIPE_BUF: atomic against other threads' lines,
+            # and never blocks (the helper reads them as it goes).
+            os.write(process.stdin.fileno(), request)
+        except OSError as exc:
+            logger.debug("hot-swap: the spare writer is not available (%s)", exc)
+            with self._lock:
+                if self._process is process:
+                    self._process = None
+            return False
         return True
+
+    def _running(self) -> subprocess.Popen[bytes] | None:
+        """The helper, started if it is not running (the start outside the lock; of two threads
+        that start one at once, the later one's ends: its standard input closes)."""
+        with self._lock:
+            process = self._process
+        if process is not None and process.poll() is None:
+            return process
+        try:
+            started = subprocess.Popen(
+                [sys.executable, "-I", "-c", _HELPER],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                close_fds=True,
+                bufsize=0,
+            )
+        except OSError as exc:
+            logger.debug("hot-swap: the spare writer cannot start (%s)", exc)
+            return None
+        with self._lock:
+            if self._process is process:  # nobody replaced it meanwhile
+                self._process, started = started, None  # type: ignore[assignment]
+            current = self._process
+        if started is not None:  # another thread's helper is in place: this one ends
+            assert started.stdin is not None
+            started.stdin.close()
+        return current
 
     @property
     def pid(self) -> int | None:
@@ -186,6 +211,12 @@ class Spares:
         with self._lock:
             self._spares[adapter] = spare
         return True
+
+    def directory(self, adapter: str) -> Path | None:
+        """``adapter``'s spare staging directory, whole or still being written; None if none."""
+        with self._lock:
+            spare = self._spares.get(adapter)
+        return None if spare is None else spare.directory
 
     def ready(self, adapter: str) -> bool:
         """``adapter`` has a spare and its file is whole."""

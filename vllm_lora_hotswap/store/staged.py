@@ -211,7 +211,7 @@ class StagedVersion:
 
         def write() -> None:
             try:
-                if over is None or not write_over_file(over, path, *parts):
+                if over is None or not write_over_file(over, path, *parts, size=size):
                     write_new_file(path, *parts, sync=False)
             except BaseException as exc:  # noqa: BLE001 - raised by write_weights, on the caller's thread
                 errors.append(exc)

@@ -381,6 +381,11 @@ class CheckpointStore:
         for the next :meth:`open_version`."""
         return self._spares.ready(adapter)
 
+    def spare_directory(self, adapter: str) -> Path | None:
+        """``adapter``'s next staging directory (:meth:`prepare_next`), made or still being made,
+        which the next :meth:`open_version` takes once ready; None if there is none."""
+        return self._spares.directory(adapter)
+
     def _copy_in(
         self, adapter: str, src_dir: str | os.PathLike[str], metadata: Mapping[str, Any] | None
     ) -> CopiedVersion:
