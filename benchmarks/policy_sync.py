@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import time
@@ -82,6 +83,7 @@ MAX_TOKENS = 64
 # The engines' VLLM_HOTSWAP_IDLE_SPIN: the trainer shares the cores with the engines, whose
 # processes would otherwise busy-poll for a second after every step (engine/idle_spin.py).
 IDLE_SPIN = "0.005"
+MERGED_STEPS = 20  # the merged path's steps: seconds each, and compared with nothing of ours
 
 
 def _trainer_model(model_path: Path, adapter_dir: Path) -> Any:
@@ -339,13 +341,31 @@ def _summary(seconds: list[float]) -> dict[str, Any]:
     return {"seconds": seconds, "p50": statistics.median(ordered), "max": ordered[-1]}
 
 
+def ratio_interval(ours: list[float], trl: list[float], resamples: int = 4000) -> tuple[float, float]:
+    """95% bootstrap interval of median(ours) ÷ median(trl), resampling the interleaved rounds
+    (step ``i`` of both paths ran in the same round, so a round's pair is kept together)."""
+    rounds = min(len(ours), len(trl))
+    draw = random.Random(0)
+    ratios = []
+    for _ in range(resamples):
+        picked = [draw.randrange(rounds) for _ in range(rounds)]
+        ratios.append(statistics.median(ours[i] for i in picked) / statistics.median(trl[i] for i in picked))
+    ratios.sort()
+    return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
+
+
+def _interval_note(sync: dict[str, Any], key: str) -> str:
+    low, high = ratio_interval(sync[key]["seconds"], sync["trl_async_load_lora"]["seconds"])
+    return f"95% interval {low:.2f}–{high:.2f} over {len(sync[key]['seconds'])} interleaved rounds"
+
+
 def write(results: dict[str, Any], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "policy_sync.json").write_text(json.dumps(results, indent=2))
     sync, rollout = results["sync"], results["rollout"]
     lines = [
         f"Policy sync per step, {results['model']}, adapter {ADAPTER_SHAPE} ({results['adapter_bytes'] / 1e6:.1f} MB), "
-        f"{results['steps']} steps each (machine: {results['machine']['cpu_model']}, load {results['load_average']}"
+        f"{results['steps']} steps each ({results.get('merged_steps', results['steps'])} on the merged path; machine: {results['machine']['cpu_model']}, load {results['load_average']}"
         f"{', commit ' + results['machine']['commit'] if results['machine'].get('commit') else ''})",
         "",
         f"The engines run with `VLLM_HOTSWAP_IDLE_SPIN={IDLE_SPIN}` (both paths use the same engines), "
@@ -373,7 +393,8 @@ def write(results: dict[str, Any], out: Path) -> Path:
     two, one = sync["ours"]["p50"] / trl, sync["ours_one_engine"]["p50"] / trl
     lines += [
         "",
-        f"Ours ÷ TRL AsyncGRPO (p50): {two:.2f} on 2 engines (target ≤ 1.0), {one:.2f} on 1 engine (target ≤ 0.8); "
+        f"Ours ÷ TRL AsyncGRPO (p50): {two:.2f} on 2 engines ({_interval_note(sync, 'ours')}; target ≤ 1.0), "
+        f"{one:.2f} on 1 engine ({_interval_note(sync, 'ours_one_engine')}; target ≤ 0.8); "
         f"{sync['ours_vllm_spin']['p50'] / trl:.2f} on 2 engines with vLLM's own idle spin",
     ]
     if "ours_not_durable" in sync:
@@ -469,7 +490,7 @@ def _phase_table(sync: dict[str, Any]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.policy_sync", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="5 steps per path instead of 20, 2 rollout batches instead of 3"
+        "--quick", action="store_true", help="5 steps per path instead of 40, 2 rollout batches instead of 3"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="output directory (default: %(default)s)")
     parser.add_argument("--cache", type=Path, default=CACHE, help="benchmark model cache (default: %(default)s)")
@@ -498,7 +519,7 @@ def _engines(model: Path, root: Path, tmp: Path, idle_spin: str | None) -> tuple
 
 def run(out: Path, cache: Path = CACHE, *, quick: bool = False) -> Path:
     """Every path side by side in one run; writes ``out/policy_sync.json`` and ``.md`` (its path)."""
-    steps, repeats = (5, 2) if quick else (20, 3)
+    steps, repeats = (5, 2) if quick else (40, 3)
     tmp = out / "tmp" / "policy_sync"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -538,8 +559,9 @@ def run(out: Path, cache: Path = CACHE, *, quick: bool = False) -> Path:
             "engines": engine_rollout([first, second], repeats),
             "hf": hf_rollout(model, assets.model, repeats),
         }
-        stage(f"GRPOTrainer's merged path (gloo): {steps} steps on one engine")
-        sync["trl_merged_gloo"] = _summary(merged(model, assets.model, first, steps))
+        merged_steps = results["merged_steps"] = min(steps, MERGED_STEPS)
+        stage(f"GRPOTrainer's merged path (gloo): {merged_steps} steps on one engine")
+        sync["trl_merged_gloo"] = _summary(merged(model, assets.model, first, merged_steps))
     with ExitStack() as stack:
         stage(f"ours again, engines with vLLM's own idle spin: {steps} publications → both engines")
         default_spin = _engines(assets.model, root, tmp, None)

@@ -41,3 +41,19 @@ def test_a_phase_only_some_steps_have_is_the_median_of_those_steps() -> None:
 
     rows = [{"stage": 0.03}, {"stage": 0.01, "built_ahead": 0.02}, {"stage": 0.02, "built_ahead": 0.04}]
     assert _medians(rows) == {"stage": 0.02, "built_ahead": 0.03}
+
+
+def test_the_ratio_interval_holds_the_ratio_of_medians_and_narrows_with_more_rounds() -> None:
+    import random
+    import statistics
+
+    from benchmarks.policy_sync import ratio_interval
+
+    draw = random.Random(1)
+    ours = [0.18 + draw.gauss(0, 0.02) for _ in range(80)]
+    trl = [0.20 + draw.gauss(0, 0.02) for _ in range(80)]
+    low, high = ratio_interval(ours, trl)
+    assert low < statistics.median(ours) / statistics.median(trl) < high
+    assert ratio_interval(ours, trl) == (low, high)  # the same run gives the same interval
+    few_low, few_high = ratio_interval(ours[:10], trl[:10])
+    assert few_high - few_low > high - low

@@ -112,6 +112,24 @@ def test_non_finite_weights_of_every_float_dtype_are_found(
             check_finite(path)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_non_finite_value_deep_in_a_tensor_larger_than_the_checks_chunk_is_found(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    from safetensors.torch import save_file
+
+    from vllm_lora_hotswap.store.checkpoint import _FINITE_CHUNK_BYTES, check_finite
+
+    weights = torch.randn(3 * _FINITE_CHUNK_BYTES // 4 + 7)  # three chunks and more, as float32
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({"w": weights.to(dtype)}, path)
+    check_finite(path)
+    weights[-1] = float("nan")
+    save_file({"w": weights.to(dtype)}, path)
+    with pytest.raises(InvalidCheckpointError, match="tensor 'w' holds NaN or inf"):
+        check_finite(path)
+
+
 def test_publishing_a_safetensors_adapter_imports_neither_torch_nor_vllm(tmp_path: Path) -> None:
     import subprocess
     import sys
