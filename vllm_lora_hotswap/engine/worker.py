@@ -283,11 +283,19 @@ class WorkerHotSwap:
                     "error": f"adapter {lora_id} is in no slot: it is copied in the step",
                 }
             if not replace and lora_id not in manager.list_adapters() and len(manager) >= manager.capacity:
-                return {
-                    "ok": False,
-                    "capacity": True,
-                    "error": f"all {manager.capacity} LoRA slots (--max-cpu-loras) are in use",
-                }
+                # vLLM's cache is full. The adapters vLLM loaded itself (POST /v1/load_lora_adapter,
+                # --lora-modules; /v1/unload_lora_adapter leaves an adapter in this cache) are not
+                # pinned, and vLLM's own loads evict the least recently used of them: so does this
+                # install, between two steps (off the step one of them may be in the running
+                # batch). Ours are pinned: when only they are left, the version waits for a slot.
+                if off_step:
+                    return {"ok": False, "in_step": True, "error": "vLLM's adapter cache is full: evicted in the step"}
+                if not _evict_least_recently_used(manager):
+                    return {
+                        "ok": False,
+                        "capacity": True,
+                        "error": f"all {manager.capacity} LoRA slots (--max-cpu-loras) are in use",
+                    }
             if replace:
                 self.previous[lora_id] = self.installed.get(lora_id)
             slot, entry.slot = entry.slot, None
@@ -383,6 +391,15 @@ class WorkerHotSwap:
             "step_copies": self.step_copies,  # installs that copied in the step instead
             "slots_lost": self.slots.lost,  # reserved slots vLLM took back for a step
         }
+
+
+def _evict_least_recently_used(manager: Any) -> bool:
+    """Remove the least recently used adapter of vLLM's cache that is not pinned, as vLLM does to
+    load one into a full cache; False if every cached adapter is pinned (ours, installed)."""
+    try:
+        return bool(manager.remove_oldest_adapter())
+    except RuntimeError:  # vLLM's LRU cache: every item is pinned
+        return False
 
 
 def hotswap_of(worker: Any) -> WorkerHotSwap:
