@@ -190,7 +190,7 @@ def main() -> None:
     )
     load["ray_fleet"] = _loadavg()
     results["ray_fleet"] = ray_fleet.main(
-        ["--swaps", "3" if options.quick else "10", "--out", str(options.out / "ray_fleet.json")]
+        ["--swaps", "3" if options.quick else "20", "--out", str(options.out / "ray_fleet.json")]
     )
     stage("GPU: pinned vs pageable host-to-device copies")
     results["gpu_copy"] = gpu_copy.measure({label: assets.adapter_bytes(label) for label in assets.adapters})

@@ -1,7 +1,7 @@
 """The Ray fleet on a simulated two-node Ray cluster (loopback only): restart time and
 publish → served on both nodes.
 
-    python -m benchmarks.ray_fleet [--swaps 10]      # needs the [ray] extra; also run by make bench
+    python -m benchmarks.ray_fleet [--swaps 20]      # needs the [ray] extra; also run by make bench
 
 Two fleets of two CPU replicas of the benchmark Llama (the model, adapter shape and serving
 arguments of the single-machine publish → served benchmark), one per node, one after the other;
@@ -39,7 +39,7 @@ from vllm_lora_hotswap.store import CheckpointStore
 
 from .assets import prepare
 from .common import SERVER_ARGS
-from .publish_latency import ADAPTER_SHAPE
+from .publish_latency import ADAPTER_SHAPE, PHASES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The single-machine publish → served benchmark's model, adapter shape, serving arguments and
@@ -56,9 +56,9 @@ def _updated(url: str, adapter: str, version: str) -> dict[str, Any] | None:
 
 def publish_to_served(
     fleet: Any, store: CheckpointStore, adapter_dir: Path, notifier: CommitNotifier | None
-) -> tuple[float, float]:
+) -> tuple[float, dict[str, float]]:
     """Seconds from one commit to the later replica's ``updated`` event, and that replica's
-    detect phase (commit → its pipeline starts reading). The publisher knows the live replicas
+    phase timings (``detect``: commit → its pipeline starts reading). The publisher knows the live replicas
     before it publishes (as ``FleetRollout`` and the scheduler do), so the notice leaves right
     after the commit."""
     if notifier is not None:
@@ -75,7 +75,7 @@ def publish_to_served(
     last = max((_updated(u, "policy", version) for u in urls), key=lambda e: e["at"] if e else 0.0)
     assert last is not None
     time.sleep(1.5)  # a quiet gap between publications
-    return last["at"] - committed, last["timings"].get("detect", float("nan"))
+    return last["at"] - committed, last["timings"]
 
 
 def series(
@@ -130,7 +130,7 @@ def run_fleet(model: Path, store: CheckpointStore, env: dict[str, str], log_dir:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--swaps", type=int, default=10)
+    parser.add_argument("--swaps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS / "ray_fleet.json")
     args = parser.parse_args(argv)
 
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             publish_to_served(fleet, store, adapters[-1], None)  # untimed: the adapter's first load
             served = series(fleet, store, picks, None)
             results["events_publish_to_served_s"] = [s for s, _ in served]
-            results["events_detect_s"] = [d for _, d in served]
+            results["events_phases"] = [t for _, t in served]
+            results["events_detect_s"] = [t.get("detect", float("nan")) for _, t in served]
             results["restart"] = restart(fleet, store)
         finally:
             fleet.stop()
@@ -175,7 +176,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ]
             results["cross_node_without_notices_s"] = [without[0] for without, _ in pairs]
             results["cross_node_with_notices_s"] = [notified[0] for _, notified in pairs]
-            results["cross_node_with_notices_detect_s"] = [notified[1] for _, notified in pairs]
+            results["cross_node_without_notices_phases"] = [without[1] for without, _ in pairs]
+            results["cross_node_with_notices_phases"] = [notified[1] for _, notified in pairs]
+            results["cross_node_with_notices_detect_s"] = [
+                t.get("detect", float("nan")) for t in results["cross_node_with_notices_phases"]
+            ]
         finally:
             notifier.close()
             fleet.stop()
@@ -230,6 +235,16 @@ def _ms(seconds: float) -> str:
     return f"{1000 * seconds:.1f} ms"
 
 
+def _phases_key(series_key: str) -> str:
+    """Where a series' phase timings are: events_publish_to_served_s -> events_phases."""
+    return series_key.removesuffix("_publish_to_served_s").removesuffix("_s") + "_phases"
+
+
+def _phase_p50(results: dict[str, Any], key: str, phase: str) -> str:
+    values = [t[phase] for t in results.get(key, []) if phase in t]
+    return f"{1000 * statistics.median(values):.1f}" if values else "–"
+
+
 def markdown(results: dict[str, Any]) -> str:
     restart = results["restart"]
     rows = [
@@ -263,10 +278,17 @@ def markdown(results: dict[str, Any]) -> str:
                 for label, key in series
             ),
             "",
-            f"Detect (commit → the later replica's pipeline starts reading the version), p50: "
-            f"{_ms(results['events_detect_p50_s'])} with events, {_ms(results['cross_node_with_notices_detect_p50_s'])} "
-            "with the publisher's notice; the rest of publish → served is the engines' own work (validate, stage, "
-            "install, probe, switch) on cores shared with Ray and the driver.",
+            "Where the later replica's time goes (p50 of each phase, ms):",
+            "",
+            "| phase | " + " | ".join(label for label, _ in series) + " |",
+            "|---|" + "---|" * len(series),
+            *(
+                f"| {phase} | " + " | ".join(_phase_p50(results, _phases_key(key), phase) for _, key in series) + " |"
+                for phase in PHASES
+            ),
+            "",
+            "Detect is from the commit until the later replica's pipeline starts reading the version; the "
+            "other phases are the engines' own work, on cores shared with Ray and the driver.",
             "",
             "A replica's process killed (SIGKILL to its `vllm serve` process group): Ray restarts its actor "
             f"{'on another node' if restart['moved_node'] else 'on the same node'}; "
