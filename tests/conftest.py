@@ -103,15 +103,9 @@ def shared_store(shared_root: Path) -> Iterator[CheckpointStore]:
 
 @pytest.fixture(scope="session")
 def engine(toy_model: Path, shared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    """One real vLLM CPU engine with the plugin (versioned mode, prefix caching, probe on, vLLM's
-    own runtime LoRA routes on), shared by the tests; each test uses its own adapter names."""
+    """One real vLLM CPU engine with the plugin (versioned mode, prefix caching, probe on),
+    shared by the tests; each test uses its own adapter names."""
     log = tmp_path_factory.mktemp("logs") / "shared-engine.log"
-    server = VllmServer(
-        toy_model,
-        shared_root,
-        log,
-        args=["--enable-prefix-caching"],
-        env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"},
-    ).start()
+    server = VllmServer(toy_model, shared_root, log, args=["--enable-prefix-caching"]).start()
     yield server
     server.stop()

@@ -321,13 +321,14 @@ def test_on_cuda_the_copy_runs_on_a_side_stream_and_the_install_waits_for_it() -
 
 def worker_with(manager):
     """A worker's hot-swap state around ``manager``, with no vLLM worker behind it."""
+    from vllm_lora_hotswap.engine.cache_room import CacheRoom
     from vllm_lora_hotswap.engine.worker import WorkerHotSwap
 
     hotswap = WorkerHotSwap.__new__(WorkerHotSwap)
     hotswap.worker_manager = SimpleNamespace(_adapter_manager=manager)
     hotswap.staging, hotswap.installed, hotswap.previous = {}, {}, {}
     hotswap._lock, hotswap.channel, hotswap.step_copies = threading.Lock(), None, 0
-    hotswap.slots = SlotWriter(manager)
+    hotswap.slots, hotswap.cache_room = SlotWriter(manager), CacheRoom(manager)
     return hotswap
 
 

@@ -146,3 +146,68 @@ def test_idle_spin_lets_an_engine_sleep_between_steps(engine: VllmServer, inplac
     assert default > 0.2, f"vLLM's own spin was expected to use most of a core: {default:.3f} s in 0.5 s"
     assert short < 0.1, f"with VLLM_HOTSWAP_IDLE_SPIN=0.01 the engine used {short:.3f} s of CPU in 0.5 s idle"
     assert inplace_engine.complete(str(inplace_engine.model), "hello", max_tokens=2)["choices"][0]["token_ids"]
+
+
+@pytest.fixture(scope="module")
+def shared_cache_engine(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """Three entries in vLLM's adapter cache (--max-cpu-loras 3), shared with the adapters vLLM
+    loads itself through its runtime LoRA routes."""
+    root = tmp_path_factory.mktemp("shared-cache-store")
+    server = VllmServer(
+        toy_model,
+        root,
+        tmp_path_factory.mktemp("logs") / "shared-cache.log",
+        args=["--max-cpu-loras", "3"],
+        env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"},
+    ).start()
+    yield server
+    server.stop()
+
+
+def test_versions_share_vllms_adapter_cache_with_the_adapters_vllm_loads_itself(
+    shared_cache_engine: VllmServer, make_lora, reference
+) -> None:
+    """vLLM's ``/v1/unload_lora_adapter`` only forgets the name: the adapter stays in vLLM's cache
+    (TRL's AsyncGRPO path leaves one per step). A version published into a cache full of them is
+    installed at once, evicting the least recently used one as vLLM's own loads do. Our pinned
+    versions leave one entry to vLLM: its next load of an adapter of its own evicts that one. A
+    cache of pinned adapters only would stop vLLM's engine at its next load ("All items are
+    pinned"), from a request inside a step."""
+    engine = shared_cache_engine
+    store = CheckpointStore(engine.root)
+
+    def vllm_serves(index: int, *, load: bool = True, unload: bool = True) -> None:
+        name, lora = f"vllm-own-{index}", make_lora(100 + index)
+        if load:
+            body = {"lora_name": name, "lora_path": str(lora)}
+            engine.client.post("/v1/load_lora_adapter", json=body).raise_for_status()
+        assert engine.tokens(name, PROMPTS[0]) == (name, reference(lora, PROMPTS[0]))  # now in vLLM's cache
+        if unload:
+            engine.client.post("/v1/unload_lora_adapter", json={"lora_name": name}).raise_for_status()
+
+    for index in range(3):
+        vllm_serves(index, unload=index != 2)  # vllm-own-2 stays loaded, as --lora-modules would
+    assert len(engine.client.get("/v1/lora/workers").json()["workers"][0]["registered"]) == 3
+
+    loras = {name: make_lora(seed) for name, seed in (("a", 121), ("b", 122), ("c", 123))}
+    versions = {name: store.publish(name, loras[name]) for name in ("a", "b")}
+    for name in ("a", "b"):
+        engine.wait_served(name, versions[name], timeout=30)
+        assert engine.adapters()[name]["last_error"] is None  # it never waited for a slot
+
+    versions["c"] = store.publish("c", loras["c"])  # would pin the last entry: it waits, and says why
+    engine.wait_until(lambda: engine.adapters().get("c", {}).get("state") == "no-slot", 30, "c no-slot")
+    assert "less 1 kept for the adapters vLLM loads itself" in engine.adapters()["c"]["last_error"]
+
+    vllm_serves(2, load=False, unload=False)  # still cached
+    vllm_serves(3)  # evicts vllm-own-2, the one adapter of vLLM's cached
+    vllm_serves(2, load=False)  # loaded again by vLLM in the step, evicting vllm-own-3
+    for name in ("a", "b"):
+        assert engine.tokens(name, PROMPTS[1]) == (f"{name}@{versions[name]}", reference(loras[name], PROMPTS[1]))
+
+    store.retire("a")  # frees an entry: c is served
+    engine.wait_served("c", versions["c"], timeout=30)
+    assert engine.tokens("c", PROMPTS[0]) == (f"c@{versions['c']}", reference(loras["c"], PROMPTS[0]))
+    worker = engine.client.get("/v1/lora/workers").json()["workers"][0]
+    assert worker["disk_loads"] == 0  # vLLM's loads of its own adapters are not reads of the store
+    assert "from the store inside a step" not in engine.log_path.read_text()

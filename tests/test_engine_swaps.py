@@ -333,26 +333,3 @@ def test_a_pinned_version_in_use_is_staged_and_probed_once(
     engine.wait_until(
         lambda: engine.adapters()["pinned-use"]["installed_versions"] == [v2], 30, "v1 to retire once unused"
     )
-
-
-def test_adapters_vllm_loaded_itself_never_keep_a_published_version_out_of_its_cache(
-    engine: VllmServer, shared_store: CheckpointStore, make_lora, reference
-) -> None:
-    """vLLM's ``/v1/unload_lora_adapter`` only forgets the name: the adapter stays in vLLM's LoRA
-    cache (``--max-cpu-loras``), as TRL's AsyncGRPO path leaves one per step. A version published
-    once that cache is full of them is installed at once (the least recently used of them evicted,
-    as vLLM evicts for its own loads), never left waiting for a slot."""
-    capacity = 8  # the tests' --max-cpu-loras
-    for index in range(capacity):
-        name = f"vllm-own-{index}"
-        body = {"lora_name": name, "lora_path": str(make_lora(100 + index))}
-        engine.client.post("/v1/load_lora_adapter", json=body).raise_for_status()
-        engine.tokens(name, PROMPTS[0], max_tokens=1)  # in vLLM's cache from here on
-        engine.client.post("/v1/unload_lora_adapter", json={"lora_name": name}).raise_for_status()
-    assert len(engine.client.get("/v1/lora/workers").json()["workers"][0]["registered"]) == capacity
-
-    lora = make_lora(120)
-    version = shared_store.publish("after-vllm-own", lora)
-    engine.wait_served("after-vllm-own", version, timeout=30)
-    assert_serves(engine, "after-vllm-own", lora, reference, version)
-    assert engine.adapters()["after-vllm-own"]["last_error"] is None  # it never waited for a slot

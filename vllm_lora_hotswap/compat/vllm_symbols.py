@@ -106,7 +106,6 @@ SYMBOLS: tuple[Symbol, ...] = (
     _s(_LORA_MM, "LRUCacheLoRAModelManager.packed_modules", "attribute"),
     _s(_LORA_MM, "LRUCacheLoRAModelManager.modules", "attribute"),
     _s(_LORA_MM, "LRUCacheLoRAModelManager.deactivate_adapter", "method", "adapter_id"),
-    _s(_LORA_MM, "LRUCacheLoRAModelManager.remove_oldest_adapter", "method"),
     # the lock around vLLM's own changes to the LoRA manager (worker.py)
     _s("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.set_active_adapters", "method", "requests", "mapping"),
     _s("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.add_adapter", "method", "lora_request"),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -37,9 +38,11 @@ from typing import Any
 from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
 
+from ..store.checkpoint import READY_FILE
 from ..store.records import STAGE_PHASES
 from . import single_read
 from .adapter_checks import checked_for_slots
+from .cache_room import CacheRoom
 from .device_slots import DeviceSlotReservation, SlotWriter
 from .prepare_ahead import AdapterPreparer, PreparedAdapter
 from .read_ahead import READS_AHEAD
@@ -57,12 +60,15 @@ def _load_adapter(manager: WorkerLoRAManager, lora_request: LoRARequest):
         entry = hotswap.installed.get(lora_request.lora_int_id)
         if entry is not None and entry.lora is not None:
             return entry.lora
-        hotswap.disk_loads += 1  # a read of the store inside a step: counted, it should stay 0
-        logger.warning(
-            "hot-swap: vLLM loads %s from the store inside a step (not staged here): read without the "
-            "staging hash check",
-            lora_request.lora_name,
-        )
+        # vLLM's own adapters (--lora-modules, /v1/load_lora_adapter) are its business; a version
+        # directory of the store (it has READY) read here is ours, read without its hash check.
+        if os.path.isfile(os.path.join(lora_request.lora_path, READY_FILE)):
+            hotswap.disk_loads += 1  # counted: it should stay 0
+            logger.warning(
+                "hot-swap: vLLM loads %s from the store inside a step (not staged here): read without the "
+                "staging hash check",
+                lora_request.lora_name,
+            )
     return _original_load_adapter(manager, lora_request)
 
 
@@ -128,6 +134,7 @@ class WorkerHotSwap:
             self.slots,
         )
         self.prepared_ahead = 0  # stages that adopted an adapter built and put in a slot ahead of its commit
+        self.cache_room = CacheRoom(self.manager)
         _by_manager[self.worker_manager] = self
         self.channel: WorkerChannel | None = None
         parallel = worker.vllm_config.parallel_config
@@ -282,20 +289,10 @@ class WorkerHotSwap:
                     "in_step": True,
                     "error": f"adapter {lora_id} is in no slot: it is copied in the step",
                 }
-            if not replace and lora_id not in manager.list_adapters() and len(manager) >= manager.capacity:
-                # vLLM's cache is full. The adapters vLLM loaded itself (POST /v1/load_lora_adapter,
-                # --lora-modules; /v1/unload_lora_adapter leaves an adapter in this cache) are not
-                # pinned, and vLLM's own loads evict the least recently used of them: so does this
-                # install, between two steps (off the step one of them may be in the running
-                # batch). Ours are pinned: when only they are left, the version waits for a slot.
-                if off_step:
-                    return {"ok": False, "in_step": True, "error": "vLLM's adapter cache is full: evicted in the step"}
-                if not _evict_least_recently_used(manager):
-                    return {
-                        "ok": False,
-                        "capacity": True,
-                        "error": f"all {manager.capacity} LoRA slots (--max-cpu-loras) are in use",
-                    }
+            if not replace and lora_id not in manager.list_adapters():
+                refusal = self.cache_room.make_room(self.installed, off_step=off_step)
+                if refusal is not None:
+                    return refusal
             if replace:
                 self.previous[lora_id] = self.installed.get(lora_id)
             slot, entry.slot = entry.slot, None
@@ -391,15 +388,6 @@ class WorkerHotSwap:
             "step_copies": self.step_copies,  # installs that copied in the step instead
             "slots_lost": self.slots.lost,  # reserved slots vLLM took back for a step
         }
-
-
-def _evict_least_recently_used(manager: Any) -> bool:
-    """Remove the least recently used adapter of vLLM's cache that is not pinned, as vLLM does to
-    load one into a full cache; False if every cached adapter is pinned (ours, installed)."""
-    try:
-        return bool(manager.remove_oldest_adapter())
-    except RuntimeError:  # vLLM's LRU cache: every item is pinned
-        return False
 
 
 def hotswap_of(worker: Any) -> WorkerHotSwap:

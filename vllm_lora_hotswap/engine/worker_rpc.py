@@ -18,6 +18,7 @@ from ..pipeline.engine_api import (
     NoCapacity,
     StageStatus,
 )
+from .cache_room import runtime_lora_updating
 from .stage_channel import ServerChannel
 
 RPC_STATUS_INTERVAL_S = 0.02  # without a stage channel, how often a stage is asked about
@@ -67,6 +68,7 @@ class WorkerRpcEngine:
             max_lora_rank=lora.max_lora_rank,
             max_loras=lora.max_loras,
             max_cpu_loras=lora.max_cpu_loras or lora.max_loras,
+            kept_for_vllm=1 if runtime_lora_updating() else 0,  # .cache_room
             base_models=tuple(dict.fromkeys(names)),
         )
 

@@ -41,6 +41,17 @@ class EngineLimits:
     max_loras: int  # adapters one step can use (device slots)
     max_cpu_loras: int  # adapters kept loaded (host cache)
     base_models: tuple[str, ...]  # names/paths the served base model goes by
+    # host-cache entries left to the adapters vLLM loads itself (engine/cache_room.py)
+    kept_for_vllm: int = 0
+
+    @property
+    def cpu_loras_for_versions(self) -> int:
+        """Host-cache entries the plugin's versions may hold."""
+        return max(self.max_cpu_loras - self.kept_for_vllm, 0)
+
+    def no_capacity(self) -> str:
+        kept = f", less {self.kept_for_vllm} kept for the adapters vLLM loads itself" if self.kept_for_vllm else ""
+        return f"all {self.cpu_loras_for_versions} LoRA slots (--max-cpu-loras {self.max_cpu_loras}{kept}) are in use"
 
 
 @dataclass(frozen=True)

@@ -104,13 +104,13 @@ class SlotTable:
         state = self.state(adapter)
         in_place = make_current and state.current is not None
         if not (in_place and self.settings.mode == "inplace"):
-            if self.installed_count + len(self._reserved) < self.limits.max_cpu_loras:
+            if self.installed_count + len(self._reserved) < self.limits.cpu_loras_for_versions:
                 return self._new_slot(adapter, version, path, new_lora_id, make_current)
             idle = self.idle_versions()
             if evict and idle:
                 raise EvictionNeeded(idle)
             if not in_place:
-                raise NoCapacity(f"all {self.limits.max_cpu_loras} LoRA slots (--max-cpu-loras) are in use")
+                raise NoCapacity(self.limits.no_capacity())
             logger.warning(
                 "hot-swap: %s: no spare LoRA slot for a versioned swap; swapping %s in place "
                 "(raise --max-cpu-loras to keep versioned semantics)",
