@@ -341,22 +341,38 @@ def _summary(seconds: list[float]) -> dict[str, Any]:
     return {"seconds": seconds, "p50": statistics.median(ordered), "max": ordered[-1]}
 
 
-def ratio_interval(ours: list[float], trl: list[float], resamples: int = 4000) -> tuple[float, float]:
-    """95% bootstrap interval of median(ours) ÷ median(trl), resampling the interleaved rounds
-    (step ``i`` of both paths ran in the same round, so a round's pair is kept together)."""
-    rounds = min(len(ours), len(trl))
+def ratio_interval(
+    ours: list[float], trl: list[float], resamples: int = 4000, block: int = 5
+) -> tuple[float, float] | None:
+    """95% moving-block bootstrap interval of median(ours) ÷ median(trl) over the interleaved
+    rounds (step ``i`` of both paths ran in round ``i``, so a round's pair stays together).
+    Blocks of ``block`` consecutive rounds keep a drift of the machine over the run inside each
+    resample, which independent rounds would not; None with fewer than three blocks of rounds."""
+    if len(ours) != len(trl):
+        raise ValueError(f"{len(ours)} steps of ours against {len(trl)} of TRL's: the rounds do not pair up")
+    rounds = len(ours)
+    if rounds < 3 * block:
+        return None
     draw = random.Random(0)
     ratios = []
     for _ in range(resamples):
-        picked = [draw.randrange(rounds) for _ in range(rounds)]
+        picked: list[int] = []
+        while len(picked) < rounds:
+            start = draw.randrange(rounds - block + 1)
+            picked.extend(range(start, start + block))
+        picked = picked[:rounds]
         ratios.append(statistics.median(ours[i] for i in picked) / statistics.median(trl[i] for i in picked))
     ratios.sort()
     return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
 
 
 def _interval_note(sync: dict[str, Any], key: str) -> str:
-    low, high = ratio_interval(sync[key]["seconds"], sync["trl_async_load_lora"]["seconds"])
-    return f"95% interval {low:.2f}–{high:.2f} over {len(sync[key]['seconds'])} interleaved rounds"
+    steps = len(sync[key]["seconds"])
+    interval = ratio_interval(sync[key]["seconds"], sync["trl_async_load_lora"]["seconds"])
+    if interval is None:
+        return f"no interval from {steps} rounds"
+    low, high = interval
+    return f"95% interval {low:.2f}–{high:.2f} over {steps} interleaved rounds, in blocks of 5"
 
 
 def write(results: dict[str, Any], out: Path) -> Path:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
+import pytest
+
 from benchmarks.policy_sync import PHASE_ROWS, _phase_table, interleaved
 
 
@@ -52,8 +54,13 @@ def test_the_ratio_interval_holds_the_ratio_of_medians_and_narrows_with_more_rou
     draw = random.Random(1)
     ours = [0.18 + draw.gauss(0, 0.02) for _ in range(80)]
     trl = [0.20 + draw.gauss(0, 0.02) for _ in range(80)]
-    low, high = ratio_interval(ours, trl)
+    interval = ratio_interval(ours, trl)
+    assert interval is not None
+    low, high = interval
     assert low < statistics.median(ours) / statistics.median(trl) < high
     assert ratio_interval(ours, trl) == (low, high)  # the same run gives the same interval
-    few_low, few_high = ratio_interval(ours[:10], trl[:10])
-    assert few_high - few_low > high - low
+    few = ratio_interval(ours[:20], trl[:20])
+    assert few is not None and few[1] - few[0] > high - low
+    assert ratio_interval(ours[:10], trl[:10]) is None  # too few rounds for blocks of 5
+    with pytest.raises(ValueError, match="do not pair up"):
+        ratio_interval(ours, trl[:-1])

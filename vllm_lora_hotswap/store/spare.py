@@ -166,6 +166,10 @@ class _Helper:
         if started is not None:  # another thread's helper is in place: this one ends
             assert started.stdin is not None
             started.stdin.close()
+            try:
+                started.wait(timeout=5)  # reaped: it exits once its standard input closes
+            except subprocess.TimeoutExpired:
+                started.kill()
         return current
 
     @property
