@@ -235,11 +235,6 @@ def _ms(seconds: float) -> str:
     return f"{1000 * seconds:.1f} ms"
 
 
-def _phases_key(series_key: str) -> str:
-    """Where a series' phase timings are: events_publish_to_served_s -> events_phases."""
-    return series_key.removesuffix("_publish_to_served_s").removesuffix("_s") + "_phases"
-
-
 def _phase_p50(results: dict[str, Any], key: str, phase: str) -> str:
     values = [t[phase] for t in results.get(key, []) if phase in t]
     return f"{1000 * statistics.median(values):.1f}" if values else "–"
@@ -251,10 +246,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"| {r['name']} | {r['rule']} | {r['measured']} | {r['ratio']:.2f} | {'met' if r['met'] else '**missed**'} |"
         for r in results["targets"]
     ]
-    series = [
-        ("events (inotify), no notice", "events_publish_to_served_s"),
-        ("events off, 1 s poll, no notice", "cross_node_without_notices_s"),
-        ("events off, 1 s poll, the publisher's notice", "cross_node_with_notices_s"),
+    series = [  # label, publish → served key, phase timings key
+        ("events (inotify), no notice", "events_publish_to_served_s", "events_phases"),
+        ("events off, 1 s poll, no notice", "cross_node_without_notices_s", "cross_node_without_notices_phases"),
+        (
+            "events off, 1 s poll, the publisher's notice",
+            "cross_node_with_notices_s",
+            "cross_node_with_notices_phases",
+        ),
     ]
     return "\n".join(
         [
@@ -275,15 +274,15 @@ def markdown(results: dict[str, Any]) -> str:
             "|---|---|---|",
             *(
                 f"| {label} | {_ms(statistics.median(results[key]))} | {_ms(max(results[key]))} |"
-                for label, key in series
+                for label, key, _ in series
             ),
             "",
             "Where the later replica's time goes (p50 of each phase, ms):",
             "",
-            "| phase | " + " | ".join(label for label, _ in series) + " |",
+            "| phase | " + " | ".join(label for label, _, _ in series) + " |",
             "|---|" + "---|" * len(series),
             *(
-                f"| {phase} | " + " | ".join(_phase_p50(results, _phases_key(key), phase) for _, key in series) + " |"
+                f"| {phase} | " + " | ".join(_phase_p50(results, phases, phase) for _, _, phases in series) + " |"
                 for phase in PHASES
             ),
             "",

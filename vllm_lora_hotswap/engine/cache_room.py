@@ -31,6 +31,9 @@ import os
 from collections.abc import Container
 from typing import Any
 
+from ..pipeline.engine_api import no_capacity_message
+from .device_slots import adapters_the_last_step_read
+
 RUNTIME_LORA_UPDATING = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # vLLM's switch for its LoRA load routes
 
 
@@ -55,25 +58,21 @@ class CacheRoom:
         cache = manager._registered_adapters
         self.vllm_loads_its_own = self.vllm_loads_its_own or any(key not in ours for key in cache)
         if self.vllm_loads_its_own and len(cache.pinned_items) + 1 >= manager.capacity:
-            return _capacity(
-                f"all {manager.capacity - 1} LoRA slots (--max-cpu-loras {manager.capacity}, less 1 kept for the "
-                "adapters vLLM loads itself: its load into a cache of pinned adapters stops the engine) are in use"
-            )
+            return _capacity(no_capacity_message(manager.capacity, kept_for_vllm=1))
         if len(manager) < manager.capacity:
             return None
         if off_step:
             return {"ok": False, "in_step": True, "error": "vLLM's adapter cache is full: evicted in the step"}
         if evict_idle(manager):
             return None
-        return _capacity(f"all {manager.capacity} LoRA slots (--max-cpu-loras {manager.capacity}) are in use")
+        return _capacity(no_capacity_message(manager.capacity))
 
 
 def evict_idle(manager: Any) -> bool:
     """Remove the least recently used adapter of vLLM's cache that is neither pinned nor read by
     the last step (``_last_mapping``, set at its start); False when there is none."""
     cache = manager._registered_adapters
-    mapping = manager._last_mapping
-    busy = set(mapping.index_mapping) | set(mapping.prompt_mapping) if mapping is not None else set()
+    busy = adapters_the_last_step_read(manager)
     key = next((key for key in cache.order if key not in cache.pinned_items and key not in busy), None)
     return key is not None and bool(manager.remove_adapter(key))
 

@@ -249,8 +249,7 @@ class SlotWriter:
         """An adapter in a slot that the step running now does not read: its mapping was set
         at the step's start, under the lock this thread holds."""
         manager = self.manager
-        mapping = manager._last_mapping
-        busy = set(mapping.index_mapping) | set(mapping.prompt_mapping) if mapping is not None else set()
+        busy = adapters_the_last_step_read(manager)
         active = manager._active_adapters
         return next(
             (key for key in active.order if key > 0 and key not in busy and key not in active.pinned_items), None
@@ -326,3 +325,10 @@ def _write_module(manager: Any, lora: Any, module_name: str, module: Any, index:
         module.reset_lora(index)
     else:
         module.set_lora(index, weights.lora_a, weights.lora_b)
+
+
+def adapters_the_last_step_read(manager: Any) -> set[int]:
+    """The adapter ids the step that ran last mapped tokens or prompts to (its mapping is set at
+    its start); its requests may still be running."""
+    mapping = manager._last_mapping
+    return set(mapping.index_mapping) | set(mapping.prompt_mapping) if mapping is not None else set()

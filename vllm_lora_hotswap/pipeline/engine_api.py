@@ -50,8 +50,18 @@ class EngineLimits:
         return max(self.max_cpu_loras - self.kept_for_vllm, 0)
 
     def no_capacity(self) -> str:
-        kept = f", less {self.kept_for_vllm} kept for the adapters vLLM loads itself" if self.kept_for_vllm else ""
-        return f"all {self.cpu_loras_for_versions} LoRA slots (--max-cpu-loras {self.max_cpu_loras}{kept}) are in use"
+        return no_capacity_message(self.max_cpu_loras, kept_for_vllm=self.kept_for_vllm)
+
+
+def no_capacity_message(max_cpu_loras: int, *, kept_for_vllm: int = 0) -> str:
+    """Why a version waits for a host slot (the scheduler's and the worker's words alike)."""
+    kept = (
+        f", less {kept_for_vllm} kept for the adapters vLLM loads itself: its load into a cache of pinned "
+        "adapters stops the engine"
+        if kept_for_vllm
+        else ""
+    )
+    return f"all {max(max_cpu_loras - kept_for_vllm, 0)} LoRA slots (--max-cpu-loras {max_cpu_loras}{kept}) are in use"
 
 
 @dataclass(frozen=True)
